@@ -1,0 +1,46 @@
+"""Shared test utilities: tiny random models and the dense-forward oracle check."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import torch
+
+from vqt import Document, VQTConfig, VQTModel
+from vqt.quantize import nearest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, calibrate: bool = True, **overrides) -> VQTModel:
+    """A random tiny model whose codebooks are k-means fits to its own activations, so codes vary."""
+    torch.manual_seed(seed)
+    kw = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, codebook_size=16, max_len=96)
+    kw.update(overrides)
+    model = VQTModel(VQTConfig(**kw)).to(dtype).eval()
+    if calibrate and model.config.quantize:
+        rng = random.Random(seed)
+        model.calibrate_codebooks([rng.randrange(kw["vocab_size"]) for _ in range(256)], iters=5)
+    return model
+
+
+def assert_matches_dense(doc: Document, atol: float = 1e-9) -> None:
+    """Codes identical and hidden states allclose to a dense forward on the same tokens and positions."""
+    out = doc.model.forward_dense(doc.token_ids, doc.positions)
+    if doc.model.config.quantize:
+        assert torch.equal(out.codes, doc.codes), f"{int((out.codes != doc.codes).sum())} codes differ from the dense forward"
+    torch.testing.assert_close(doc.hidden, out.hidden, atol=atol, rtol=0)
+    torch.testing.assert_close(doc.pooled, out.hidden.mean(0) if len(doc) else torch.zeros_like(doc.pooled),
+                               atol=atol * 10, rtol=0)
+
+
+def assert_codes_certified(doc: Document) -> None:
+    """Every stored code equals a brute-force search on the engine's own current attention outputs."""
+    st = doc.state_dict()
+    cfg = doc.model.config
+    for li, block in enumerate(doc.model.blocks):
+        U, Z = st[f"layer{li}.U"], st[f"layer{li}.Z"]
+        a = (U / Z.unsqueeze(-1)).reshape(len(doc), cfg.n_groups, cfg.group_dim)
+        brute = nearest(a, block.quantizer.codebook).codes
+        assert torch.equal(brute, st[f"layer{li}.codes"]), f"layer {li}: a skipped code is stale"

@@ -1,0 +1,108 @@
+"""Model configuration: one dataclass that travels with every checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+Granularity = Literal["layer", "head", "product"]
+PosEncoding = Literal["rope", "none"]
+
+
+@dataclass
+class VQTConfig:
+    """Hyper-parameters of a VQT model (DESIGN.md section 1).
+
+    Defaults describe a small model that trains on a 2-core CPU in minutes.
+    """
+
+    vocab_size: int = 4096
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_kv_heads: Optional[int] = None  # None = n_heads (plain multi-head); fewer = GQA
+    d_ff: Optional[int] = None  # SwiGLU hidden width; None = 8/3 d rounded up to 8
+    max_len: int = 2048  # longest document a Document accepts (tokens)
+    pos_encoding: PosEncoding = "rope"
+    rope_theta: float = 10000.0
+    window: Optional[float] = None  # sliding window on positions: key j visible iff pos_i - w < pos_j <= pos_i
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    n_classes: int = 0  # >0 adds a classification head on mean-pooled final features
+
+    # Vector quantization of the attention output (DESIGN.md section 1).
+    quantize: bool = True  # False gives the dense twin: same block, W_o applied to the raw attention output
+    granularity: Granularity = "head"  # one codebook per layer, per head, or product (sub-codebooks per head)
+    n_subvectors: int = 2  # sub-codebooks per head when granularity == "product"
+    codebook_size: int = 64
+    commitment_weight: float = 0.25
+    ema_decay: float = 0.99  # EMA codebook updates in training; 0 disables EMA (codebook learnt by gradient)
+    dead_code_threshold: float = 1e-3  # a code whose EMA usage falls below this fraction of the mean is restarted
+
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form metadata (training command, metrics)
+
+    def __post_init__(self) -> None:
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.d_ff is None:
+            self.d_ff = 8 * ((8 * self.d_model // 3 + 7) // 8)
+        checks = [
+            (self.vocab_size > 0, "vocab_size must be positive"),
+            (self.d_model > 0 and self.n_layers >= 1 and self.n_heads > 0, "d_model, n_layers and n_heads must be positive"),
+            (self.d_model % self.n_heads == 0, f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}"),
+            (self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}"),
+            (self.pos_encoding in ("rope", "none"), f"unknown pos_encoding {self.pos_encoding!r} (use 'rope' or 'none')"),
+            (self.granularity in ("layer", "head", "product"), f"unknown granularity {self.granularity!r} (use 'layer', 'head' or 'product')"),
+            (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
+            (self.window is None or self.window > 0, f"window must be positive or None, got {self.window}"),
+            (self.max_len > 0, "max_len must be positive"),
+        ]
+        if self.pos_encoding == "rope":
+            checks.append((self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"))
+        if self.granularity == "product":
+            checks.append((self.head_dim % self.n_subvectors == 0,
+                           f"head_dim={self.head_dim} is not divisible by n_subvectors={self.n_subvectors}"))
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(msg)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def n_groups(self) -> int:
+        """Codes per position per layer."""
+        return {"layer": 1, "head": self.n_heads, "product": self.n_heads * self.n_subvectors}[self.granularity]
+
+    @property
+    def group_dim(self) -> int:
+        """Width of the vector each code quantizes."""
+        return self.n_heads * self.head_dim // self.n_groups
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "VQTConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown VQTConfig keys {unknown}; is this a VQT checkpoint of a newer version?")
+        return cls(**d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "VQTConfig":
+        try:
+            d = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ValueError(f"{path} does not hold a JSON object")
+        return cls.from_dict(d)

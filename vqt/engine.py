@@ -1,0 +1,433 @@
+"""The incremental engine: a document's cached state, updated exactly after token edits (DESIGN.md section 2).
+
+State is stored by *slot*: every token owns one row in every per-layer tensor for as long
+as it lives, an order list says which slot comes where, and deleted slots go to a free
+list. An insertion or a deletion therefore moves no large arrays.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Optional, Sequence, Union
+
+import torch
+
+from .macs import MacCounter, dense_macs, prefix_reuse_macs, visible_counts, visible_pairs
+from .model import VQTModel
+from .ops import get_backend
+from .positions import PositionMode, SpacingPolicy, plan_positions
+
+TokenIds = Union[Sequence[int], torch.Tensor]
+
+
+@dataclass
+class EditStats:
+    """What one update cost and touched. Ratios compare MACs counted by vqt.macs."""
+
+    macs: int  # MACs the incremental update spent
+    dense_macs: int  # MACs of a dense forward of the edited document
+    prefix_macs: int  # MACs of common-prefix KV-cache reuse on the same edit
+    n_tokens: int  # document length after the edit
+    dirty_per_layer: list[int]  # positions recomputed in full at each layer (D_l)
+    affected_per_layer: list[int]  # clean positions whose attention was delta-updated
+    flips_per_layer: list[int]  # of those, positions whose code changed (F_l)
+    certified_skips: int  # code searches skipped by the certified radius
+    searches: int  # code searches performed (group vectors)
+    refreshes: int  # rows recomputed by the cancellation guard
+    renumbered: int  # kept tokens whose position was renumbered
+    seconds: float
+    macs_by_kind: dict[str, int] = field(default_factory=dict)
+    full_recompute: bool = False  # True when the state could not be reused
+    reason: str = ""
+
+    @property
+    def ratio(self) -> float:
+        """Ops reduction: dense MACs / incremental MACs (inf when the edit cost nothing)."""
+        return self.dense_macs / self.macs if self.macs else float("inf")
+
+    @property
+    def prefix_ratio(self) -> float:
+        """Ops reduction of prefix reuse alone."""
+        return self.dense_macs / self.prefix_macs if self.prefix_macs else float("inf")
+
+    def summary(self) -> str:
+        return (f"n={self.n_tokens} macs={self.macs:.3g} ratio={self.ratio:.1f}x (prefix {self.prefix_ratio:.1f}x) "
+                f"dirty={self.dirty_per_layer} flips={self.flips_per_layer} skips={self.certified_skips} "
+                f"refresh={self.refreshes} {self.seconds * 1e3:.1f}ms" + (" FULL RECOMPUTE" if self.full_recompute else ""))
+
+
+@dataclass
+class LayerCache:
+    """Per-slot rows of one layer (capacity C)."""
+
+    x: torch.Tensor  # (C, d) layer input
+    q: torch.Tensor  # (C, H, hd)
+    k: torch.Tensor  # (C, Hkv, hd)
+    v: torch.Tensor  # (C, Hkv, hd)
+    U: torch.Tensor  # (C, H, hd)
+    Z: torch.Tensor  # (C, H)
+    M: torch.Tensor  # (C, H)
+    a_ref: torch.Tensor  # (C, G, gd) where each code was last searched (dense twin: the current output)
+    codes: torch.Tensor  # (C, G)
+    radius: torch.Tensor  # (C, G) certified radius around a_ref
+
+    def grow(self, extra: int) -> None:
+        for name, t in vars(self).items():
+            setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+
+
+Edit = tuple[int, int, TokenIds]
+
+
+def _model_key(model: VQTModel) -> tuple:
+    """Changes whenever any parameter or buffer is replaced or modified in place."""
+    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+
+
+class Document:
+    """A document's incremental state under a frozen VQT model.
+
+    ``replace``/``apply_edits`` update it after token edits so that it always equals a dense
+    forward of the same model on the current tokens and positions (codes identical in
+    float64; see DESIGN.md section 2 for the float32 contract).
+    """
+
+    def __init__(self, model: VQTModel, token_ids: TokenIds = (), position_mode: PositionMode = "stable",
+                 backend: str = "reference", positions: Optional[Sequence[float]] = None,
+                 tau: Optional[float] = None, spacing: SpacingPolicy = SpacingPolicy()) -> None:
+        if not isinstance(model, VQTModel):
+            raise TypeError(f"model must be a VQTModel, got {type(model).__name__}")
+        if model.training:
+            raise ValueError("the model is in training mode: call model.eval() first (cached codes need frozen codebooks)")
+        if position_mode not in ("stable", "canonical"):
+            raise ValueError(f"unknown position_mode {position_mode!r} (use 'stable' or 'canonical')")
+        self.model, self.cfg = model, model.config
+        self.position_mode: PositionMode = position_mode
+        self.spacing = spacing
+        self.ops = get_backend(backend, model.device)
+        self.backend = self.ops.name
+        # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
+        self.tau = tau if tau is not None else (1e-4 if model.dtype == torch.float64 else 1e-2)
+        # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
+        self._pos_matters = self.cfg.pos_encoding == "rope" or self.cfg.window is not None
+        tok = self._check_tokens(token_ids, "token_ids")
+        self._check_length(len(tok))
+        self._build(tok, positions)
+
+    # ----------------------------------------------------------------- views
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @property
+    def _order_t(self) -> torch.Tensor:
+        return torch.tensor(self._order, dtype=torch.long, device=self.model.device)
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self._tokens[self._order_t].tolist()
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """(n,) float64 positions in document order."""
+        return self._pos[self._order_t].clone()
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """(L, n, G) current codes in document order."""
+        o = self._order_t
+        return torch.stack([c.codes[o] for c in self._layers]) if self._layers else torch.zeros(0, len(o), self.cfg.n_groups, dtype=torch.long)
+
+    @property
+    def hidden(self) -> torch.Tensor:
+        """(n, d) final hidden states (after the final norm) in document order."""
+        return self._hidden[self._order_t].clone()
+
+    @property
+    def pooled(self) -> torch.Tensor:
+        """(d,) mean of the final hidden states, maintained incrementally."""
+        return self._pooled_sum / max(len(self), 1)
+
+    def classify(self) -> torch.Tensor:
+        """Class logits from the pooled features (needs a model with a classification head)."""
+        with torch.no_grad():
+            return self.model.classify(self.pooled)
+
+    def logits(self, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """LM logits computed now, only for the requested token indices (default: all)."""
+        idx = self._order_t if indices is None else self._order_t[torch.as_tensor(indices, dtype=torch.long)]
+        with torch.no_grad():
+            return self.model.logits(self._hidden[idx])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every cached tensor in document order (for comparisons and tests)."""
+        o = self._order_t
+        out = {"tokens": self._tokens[o], "positions": self._pos[o], "hidden": self._hidden[o],
+               "residual": self._resid[o], "pooled_sum": self._pooled_sum}
+        for li, c in enumerate(self._layers):
+            for name, t in vars(c).items():
+                out[f"layer{li}.{name}"] = t[o]
+        return {k: v.clone() for k, v in out.items()}
+
+    # ---------------------------------------------------------------- checks
+    def _check_tokens(self, token_ids: TokenIds, what: str) -> torch.Tensor:
+        if isinstance(token_ids, torch.Tensor):
+            if token_ids.device != self.model.device:
+                raise ValueError(f"{what} are on {token_ids.device} but the model is on {self.model.device}")
+            if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
+                raise TypeError(f"{what} must be integers, got a {token_ids.dtype} tensor")
+            tok = token_ids.reshape(-1).long()
+        elif isinstance(token_ids, (str, bytes)):
+            raise TypeError(f"{what} must be a sequence of token ids, not {type(token_ids).__name__} (use TextDocument for text)")
+        else:
+            vals = list(token_ids)
+            for t in vals:
+                if isinstance(t, bool) or not isinstance(t, int):
+                    raise TypeError(f"{what} must be ints, got {t!r} ({type(t).__name__})")
+            tok = torch.tensor(vals, dtype=torch.long, device=self.model.device)
+        self.model.check_inputs(tok)
+        return tok
+
+    def _check_length(self, n: int) -> None:
+        if n > self.cfg.max_len:
+            raise ValueError(f"document of {n} tokens exceeds the model's max_len={self.cfg.max_len}")
+
+    def _normalize_edits(self, edits: Sequence[Edit]) -> list[tuple[int, int, torch.Tensor]]:
+        n = len(self)
+        out = []
+        prev_end = 0
+        for e in edits:
+            if not isinstance(e, (tuple, list)) or len(e) != 3:
+                raise TypeError(f"an edit is (start, end, new_token_ids), got {e!r}")
+            start, end, ids = e
+            for name, v in (("start", start), ("end", end)):
+                if isinstance(v, bool) or not isinstance(v, int):
+                    raise TypeError(f"edit {name} must be an int, got {v!r}")
+            if not 0 <= start <= end <= n:
+                raise ValueError(f"invalid token range [{start}, {end}) for a document of {n} tokens")
+            if start < prev_end:
+                raise ValueError(f"edits must be sorted and non-overlapping: [{start}, {end}) starts before {prev_end}")
+            prev_end = end
+            out.append((start, end, self._check_tokens(ids, "new_token_ids")))
+        new_len = n + sum(len(t) - (e - s) for s, e, t in out)
+        self._check_length(new_len)
+        return out
+
+    # ----------------------------------------------------------------- build
+    def _build(self, tok: torch.Tensor, positions: Optional[Sequence[float]]) -> None:
+        """Dense pass over the whole document; allocates the slot table."""
+        cfg, model = self.cfg, self.model
+        n = tok.numel()
+        if positions is None:
+            positions = [float(i) for i in range(n)]
+        out = model.forward_dense(tok, positions)
+        cap = max(16, 2 * n)
+        dev, dt = model.device, model.dtype
+        pad = lambda t: torch.cat([t, t.new_zeros((cap - n, *t.shape[1:]))])  # noqa: E731
+        self._layers = []
+        for s in out.layers:
+            a_ref = s.a
+            codes = s.codes if s.codes is not None else torch.zeros(n, cfg.n_groups, dtype=torch.long, device=dev)
+            radius = s.radius if s.radius is not None else torch.zeros(n, cfg.n_groups, dtype=dt, device=dev)
+            self._layers.append(LayerCache(*(pad(t) for t in (s.x, s.q, s.k, s.v, s.U, s.Z, s.M, a_ref, codes, radius))))
+        self._tokens = pad(tok)
+        self._pos = pad(torch.as_tensor(positions, dtype=torch.float64, device=dev).reshape(-1))
+        self._resid = pad(out.residual)
+        self._hidden = pad(out.hidden)
+        self._pooled_sum = out.hidden.sum(0)
+        self._order = list(range(n))
+        self._free = list(range(cap - 1, n - 1, -1))  # pop() hands out the lowest free slot
+        self._model_key = _model_key(model)
+
+    def _alloc(self, count: int) -> list[int]:
+        if len(self._free) < count:
+            old = self._tokens.shape[0]
+            extra = max(old, count - len(self._free) + 16)
+            for c in self._layers:
+                c.grow(extra)
+            for name in ("_tokens", "_pos", "_resid", "_hidden"):
+                t = getattr(self, name)
+                setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+            self._free = list(range(old + extra - 1, old - 1, -1)) + self._free
+        return [self._free.pop() for _ in range(count)]
+
+    # ---------------------------------------------------------------- edits
+    def replace(self, start: int, end: int, new_token_ids: TokenIds) -> EditStats:
+        """Replace tokens [start, end) by new_token_ids (insert: start == end; delete: empty ids)."""
+        return self.apply_edits([(start, end, new_token_ids)])
+
+    def insert(self, index: int, new_token_ids: TokenIds) -> EditStats:
+        return self.replace(index, index, new_token_ids)
+
+    def delete(self, start: int, end: int) -> EditStats:
+        return self.replace(start, end, [])
+
+    def apply_edits(self, edits: Sequence[Edit]) -> EditStats:
+        """Apply several token edits in one update. Ranges refer to the document before the
+        update, must be sorted and must not overlap. On any error the document is unchanged."""
+        t0 = time.perf_counter()
+        norm = self._normalize_edits(edits)
+        if self.model.training:
+            raise ValueError("the model was put in training mode: call model.eval() before editing")
+        if _model_key(self.model) != self._model_key:
+            return self._full_recompute(norm, t0, "the model's parameters changed since this document was built")
+        order = self._order_t
+        tokens, pos = self._tokens[order], self._pos[order]
+        try:
+            with torch.no_grad():
+                return self._update(norm, t0)
+        except BaseException:
+            # Inputs were validated above, so this is an internal failure or an interrupt:
+            # rebuild the pre-edit state densely rather than leave a half-updated one.
+            self._build(tokens, pos.tolist())
+            raise
+
+    def _full_recompute(self, norm, t0: float, reason: str) -> EditStats:
+        warnings.warn(f"VQT: full recompute ({reason})", stacklevel=3)
+        tokens = self.token_ids
+        for s, e, ids in reversed(norm):
+            tokens[s:e] = ids.tolist()
+        tok = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
+        self._build(tok, None)
+        pos = self._pos[: len(tokens)]
+        dm = dense_macs(self.cfg, pos)
+        L = self.cfg.n_layers
+        return EditStats(dm, dm, dm, len(tokens), [len(tokens)] * L, [0] * L, [0] * L, 0, 0, 0, 0,
+                         time.perf_counter() - t0, full_recompute=True, reason=reason)
+
+    def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
+        cfg, model, ops = self.cfg, self.model, self.ops
+        dev = model.device
+        macs = MacCounter(cfg)
+
+        # 1. New order: kept slots and new tokens; old positions for kept ones.
+        old_order = self._order
+        new_entries: list[Optional[int]] = []  # slot of a kept token, None for a new one
+        new_tokens: list[torch.Tensor] = []
+        deleted: list[int] = []
+        cur = 0
+        for s, e, ids in norm:
+            new_entries.extend(old_order[cur:s])
+            deleted.extend(old_order[s:e])
+            new_entries.extend([None] * ids.numel())
+            new_tokens.append(ids)
+            cur = e
+        new_entries.extend(old_order[cur:])
+        first_changed = norm[0][0] if norm else len(old_order)
+
+        kept_pos = [None if s is None else float(self._pos[s]) for s in new_entries]
+        new_pos = plan_positions(kept_pos, self.position_mode, self.spacing)
+
+        new_slots = self._alloc(sum(t.numel() for t in new_tokens))
+        it = iter(new_slots)
+        order = [next(it) if s is None else s for s in new_entries]
+        order_t = torch.tensor(order, dtype=torch.long, device=dev)
+        new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
+        del_t = torch.tensor(deleted, dtype=torch.long, device=dev)
+
+        renumbered = [s for s, old, p in zip(new_entries, kept_pos, new_pos) if s is not None and old != p]
+        old_pos_all = self._pos.clone()
+        self._pos[order_t] = torch.tensor(new_pos, dtype=torch.float64, device=dev)
+        if new_t.numel():
+            self._tokens[new_t] = torch.cat(new_tokens)
+        forced = torch.tensor(new_slots + (renumbered if self._pos_matters else []), dtype=torch.long, device=dev)
+        is_new = torch.zeros(self._tokens.shape[0], dtype=torch.bool, device=dev)
+        is_new[new_t] = True
+
+        if new_t.numel():
+            self._layers[0].x[new_t] = model.embed(self._tokens[new_t])
+        pos = self._pos
+        pos_order = pos[order_t]  # sorted
+        dirty = forced
+        stats_dirty, stats_aff, stats_flip = [], [], []
+        skips = searches = refreshes = 0
+
+        for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
+            old_dirty = dirty[~is_new[dirty]]
+            # 2. Removed keys: deleted tokens and the old entries of dirty existing tokens.
+            rem = torch.cat([del_t, old_dirty])
+            k_rem, v_rem, pos_rem = c.k[rem].clone(), c.v[rem].clone(), old_pos_all[rem]
+            # Recompute q, k, v of dirty rows; they become the added keys.
+            q, k, v = block.qkv(c.x[dirty], pos[dirty])
+            c.q[dirty], c.k[dirty], c.v[dirty] = q, k, v
+            macs.qkv(dirty.numel())
+            pos_add = pos[dirty]
+
+            # 3. Clean queries whose visible key set changed get an exact delta update.
+            in_dirty = torch.zeros_like(is_new)
+            in_dirty[dirty] = True
+            clean = order_t[~in_dirty[order_t]]
+            pos_rem_sorted, pos_add_sorted = torch.sort(pos_rem).values, torch.sort(pos_add).values
+            hits = visible_counts(old_pos_all[clean], pos_rem_sorted, cfg.window) \
+                + visible_counts(pos[clean], pos_add_sorted, cfg.window)
+            aff = clean[hits > 0]
+            refresh = torch.zeros(0, dtype=torch.long, device=dev)
+            if aff.numel():
+                pa, pa_old = pos[aff], old_pos_all[aff]
+                U, Z, M, ref_mask = ops.attention_delta(c.q[aff], pa_old, pa, c.U[aff], c.Z[aff], c.M[aff],
+                                                        k_rem, v_rem, pos_rem, c.k[dirty], c.v[dirty], pos_add,
+                                                        cfg.window, block.scale, self.tau)
+                c.U[aff], c.Z[aff], c.M[aff] = U, Z, M
+                macs.attention(visible_pairs(pa_old, pos_rem_sorted, cfg.window)
+                               + visible_pairs(pa, pos_add_sorted, cfg.window), "attention_delta")
+                refresh = aff[ref_mask]
+                refreshes += refresh.numel()
+
+            # Full rows: dirty queries and guarded refreshes, against every current key.
+            full = torch.cat([dirty, refresh])
+            if full.numel():
+                pf = pos[full]
+                U, Z, M = ops.attention_rows(c.q[full], pf, c.k[order_t], c.v[order_t], pos_order,
+                                             cfg.window, block.scale)
+                c.U[full], c.Z[full], c.M[full] = U, Z, M
+                macs.attention(visible_pairs(pf, pos_order, cfg.window))
+
+            # 4. Re-quantize every row whose attention output changed.
+            rows = torch.cat([dirty, aff])
+            a = (c.U[rows] / c.Z[rows].unsqueeze(-1)).reshape(rows.numel(), cfg.n_groups, cfg.group_dim)
+            if block.quantizer is not None:
+                old_codes = c.codes[rows].clone()
+                c.radius[new_t] = float("-inf")  # new rows have no reference point: always searched
+                codes, a_ref, radius, searched = ops.requantize(a, block.quantizer.codebook, c.codes[rows],
+                                                                c.a_ref[rows], c.radius[rows])
+                c.codes[rows], c.a_ref[rows], c.radius[rows] = codes, a_ref, radius
+                existing = ~is_new[rows]
+                macs.quantize_skip(int(existing.sum()) * cfg.n_groups)
+                macs.quantize_search(int(searched.sum()))
+                searches += int(searched.sum())
+                skips += int((~searched[existing]).sum())
+                flipped = aff[(codes[dirty.numel():] != old_codes[dirty.numel():]).any(-1)]
+            else:
+                c.a_ref[rows] = a
+                flipped = aff  # without codes, every updated output moved
+            stats_dirty.append(dirty.numel())
+            stats_aff.append(aff.numel())
+            stats_flip.append(flipped.numel())
+
+            # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
+            post = torch.cat([dirty, flipped])
+            src = c.codes[post] if block.quantizer is not None else c.a_ref[post]
+            x_next = block.finish(c.x[post], block.attn_output(src))
+            macs.output(post.numel())
+            macs.mlp(post.numel())
+            target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
+            moved = (x_next != target[post]).any(-1) | is_new[post]
+            target[post] = x_next
+            dirty = torch.unique(torch.cat([forced, post[moved]]))
+
+        # Final norm and pooled sum for rows whose output changed.
+        out_rows = dirty
+        old_rows = out_rows[~is_new[out_rows]]
+        self._pooled_sum -= self._hidden[del_t].sum(0) + self._hidden[old_rows].sum(0)
+        self._hidden[out_rows] = model.norm(self._resid[out_rows])
+        self._pooled_sum += self._hidden[out_rows].sum(0)
+
+        self._order = order
+        self._free.extend(reversed(deleted))
+        return EditStats(
+            macs=macs.total, dense_macs=dense_macs(cfg, pos_order),
+            prefix_macs=prefix_reuse_macs(cfg, torch.arange(len(order), dtype=torch.float64), first_changed),
+            n_tokens=len(order), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
+            certified_skips=skips, searches=searches, refreshes=refreshes, renumbered=len(renumbered),
+            seconds=time.perf_counter() - t0, macs_by_kind=dict(macs.by_kind))

@@ -1,0 +1,339 @@
+"""The VQT model: a Llama-style decoder whose attention outputs are vector-quantized (DESIGN.md section 1).
+
+Read top to bottom: norm, rotary embedding, block, model. Everything after a block's
+quantizer is per token and depends only on (x_i, c_i), which is what lets an edit's
+cascade stop. ``forward`` is the batched training path; ``forward_dense`` is the
+single-document oracle the incremental engine must reproduce, built from the same
+operators the engine uses.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .config import VQTConfig
+from .ops import reference as ops
+from .quantize import VectorQuantizer, nearest
+
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate x (..., n, heads, hd) by real-valued positions pos (..., n), rotate-half convention.
+
+    Angles are formed in float64 whatever x's dtype, so a position always gets the same rotation.
+    """
+    hd = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)  # (hd/2,)
+    ang = pos.to(torch.float64).unsqueeze(-1) * inv_freq  # (..., n, hd/2)
+    cos = torch.cat([ang.cos(), ang.cos()], -1).unsqueeze(-2).to(x.dtype)  # (..., n, 1, hd)
+    sin = torch.cat([ang.sin(), ang.sin()], -1).unsqueeze(-2).to(x.dtype)
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+class Block(nn.Module):
+    """RMSNorm -> GQA attention -> quantizer -> lookup-table output -> SwiGLU MLP."""
+
+    def __init__(self, cfg: VQTConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.cfg, self.layer_idx = cfg, layer_idx
+        d, hd = cfg.d_model, cfg.head_dim
+        self.attn_norm = RMSNorm(d, cfg.norm_eps)
+        self.wq = nn.Linear(d, cfg.n_heads * hd, bias=False)
+        self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.quantizer = VectorQuantizer(cfg) if cfg.quantize else None
+        self.mlp_norm = RMSNorm(d, cfg.norm_eps)
+        self.w_gate = nn.Linear(d, cfg.d_ff, bias=False)
+        self.w_up = nn.Linear(d, cfg.d_ff, bias=False)
+        self.w_down = nn.Linear(cfg.d_ff, d, bias=False)
+        self._table: Optional[torch.Tensor] = None
+        self._table_key: tuple = ()
+
+    @property
+    def scale(self) -> float:
+        return 1.0 / math.sqrt(self.cfg.head_dim)
+
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied."""
+        h = self.attn_norm(x)
+        hd = self.cfg.head_dim
+        q = rearrange(self.wq(h), "... n (h d) -> ... n h d", d=hd)
+        k = rearrange(self.wk(h), "... n (h d) -> ... n h d", d=hd)
+        v = rearrange(self.wv(h), "... n (h d) -> ... n h d", d=hd)
+        if self.cfg.pos_encoding == "rope":
+            q, k = rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta)
+        return q, k, v
+
+    def lookup_table(self) -> torch.Tensor:
+        """T (G, K, d) with T[g, c] = W_o[:, group g] @ E[g, c], cached until either weight changes."""
+        assert self.quantizer is not None
+        E, W = self.quantizer.codebook, self.wo.weight
+        key = (E._version, W._version, E.data_ptr(), W.data_ptr(), E.dtype, E.device)
+        if self._table is None or self._table_key != key:
+            G, gd = self.cfg.n_groups, self.cfg.group_dim
+            w = rearrange(W.detach(), "d (g e) -> g e d", g=G, e=gd)
+            self._table = torch.einsum("gke,ged->gkd", E.detach(), w)
+            self._table_key = key
+        return self._table
+
+    def attn_output(self, a_or_codes: torch.Tensor) -> torch.Tensor:
+        """Attention contribution to the residual: table lookup of codes (m, G), or W_o a (dense twin)."""
+        if self.quantizer is not None:
+            return ops.lookup(self.lookup_table(), a_or_codes)
+        return self.wo(a_or_codes.flatten(1))
+
+    def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """y = x + attn_out; x' = y + SwiGLU(RMSNorm(y)). Per token."""
+        y = x + attn_out
+        h = self.mlp_norm(y)
+        return y + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """Batched training path: x (B, T, d), pos (B, T). Returns (x', VQ loss, extras)."""
+        q, k, v = self.qkv(x, pos)
+        rep = self.cfg.n_heads // self.cfg.n_kv_heads
+        mask = ops.visible(pos, pos, self.cfg.window).unsqueeze(-3)  # (B, 1, T, T)
+        a = F.scaled_dot_product_attention(
+            rearrange(q, "b n h d -> b h n d"),
+            rearrange(k, "b n h d -> b h n d").repeat_interleave(rep, 1),
+            rearrange(v, "b n h d -> b h n d").repeat_interleave(rep, 1),
+            attn_mask=mask)
+        a = rearrange(a, "b h n d -> b n (h d)")
+        loss = x.new_zeros(())
+        extras: dict = {"attn": a}
+        if self.quantizer is not None:
+            aq, codes, loss = self.quantizer(self.quantizer.split(a).flatten(0, 1))
+            extras["codes"] = codes.view(*a.shape[:2], -1)
+            a = aq.view_as(a)
+        return self.finish(x, self.wo(a)), loss, extras
+
+
+@dataclass
+class LayerState:
+    """What a dense pass computes at one layer, for every position (the engine's initial state)."""
+
+    x: torch.Tensor  # (n, d) layer input
+    q: torch.Tensor  # (n, H, hd)
+    k: torch.Tensor  # (n, Hkv, hd)
+    v: torch.Tensor  # (n, Hkv, hd)
+    U: torch.Tensor  # (n, H, hd) attention numerator
+    Z: torch.Tensor  # (n, H) denominator
+    M: torch.Tensor  # (n, H) stabilizer (row max of scores)
+    a: torch.Tensor  # (n, G, gd) attention output, split into code groups
+    codes: Optional[torch.Tensor]  # (n, G), None for the dense twin
+    radius: Optional[torch.Tensor]  # (n, G) certified radius around a
+    gap: Optional[torch.Tensor]  # (n, G) d2 - d1
+
+
+@dataclass
+class DenseOutput:
+    """Result of ``VQTModel.forward_dense`` on one document."""
+
+    codes: Optional[torch.Tensor]  # (L, n, G) long
+    gaps: Optional[torch.Tensor]  # (L, n, G) distance gap d2 - d1 of each code
+    hidden: torch.Tensor  # (n, d) final hidden states (after the final norm)
+    residual: torch.Tensor  # (n, d) last block's output, before the final norm
+    layers: list[LayerState]
+
+
+class VQTModel(nn.Module):
+    """Token embedding, ``n_layers`` blocks, final RMSNorm, LM head, optional pooled classifier."""
+
+    def __init__(self, cfg: VQTConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.classifier = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes > 0 else None
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    # ----------------------------------------------------------------- heads
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """LM logits from final hidden states (..., d) -> (..., vocab)."""
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return hidden @ w.T
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        if self.classifier is None:
+            raise ValueError("this model has no classification head (config.n_classes == 0)")
+        return self.classifier(pooled)
+
+    # ---------------------------------------------------------- training path
+    def forward(self, tokens: torch.Tensor, positions: Optional[torch.Tensor] = None,
+                targets: Optional[torch.Tensor] = None) -> dict:
+        """Batched forward for training. tokens (B, T); positions (B, T) float, default 0..T-1.
+
+        Returns a dict with ``logits`` (B, T, V), ``vq_loss``, per-layer ``attn`` and ``codes``,
+        ``hidden`` (B, T, d) and, given targets, ``lm_loss`` (next-token cross-entropy; -100 ignored).
+        """
+        B, T = tokens.shape
+        if positions is None:
+            positions = torch.arange(T, dtype=torch.float64, device=tokens.device).expand(B, T)
+        x = self.embed(tokens)
+        vq_loss = x.new_zeros(())
+        attn, codes = [], []
+        for block in self.blocks:
+            x, loss, extras = block(x, positions)
+            vq_loss = vq_loss + loss
+            attn.append(extras["attn"])
+            codes.append(extras.get("codes"))
+        hidden = self.norm(x)
+        out = {"hidden": hidden, "vq_loss": vq_loss, "attn": attn, "codes": codes}
+        out["logits"] = self.logits(hidden)
+        if targets is not None:
+            out["lm_loss"] = F.cross_entropy(out["logits"].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return out
+
+    # ---------------------------------------------------------- dense oracle
+    def check_inputs(self, token_ids: torch.Tensor) -> None:
+        """Raise a clear error for token ids outside the vocabulary."""
+        if token_ids.numel() and (int(token_ids.min()) < 0 or int(token_ids.max()) >= self.config.vocab_size):
+            bad = token_ids[(token_ids < 0) | (token_ids >= self.config.vocab_size)][0]
+            raise ValueError(f"token id {int(bad)} is outside the vocabulary [0, {self.config.vocab_size})")
+
+    @torch.no_grad()
+    def forward_dense(self, token_ids: Sequence[int] | torch.Tensor,
+                      positions: Optional[Sequence[float] | torch.Tensor] = None) -> DenseOutput:
+        """Run one document densely; returns per-layer codes and gaps and the final hidden states.
+
+        positions: strictly increasing reals (default 0..n-1). Uses the engine's operators,
+        so this is the reference the incremental engine is compared with.
+        """
+        tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
+        self.check_inputs(tok)
+        n = tok.numel()
+        pos = (torch.arange(n, dtype=torch.float64, device=self.device) if positions is None
+               else torch.as_tensor(positions, dtype=torch.float64, device=self.device).reshape(-1))
+        if pos.numel() != n:
+            raise ValueError(f"{n} tokens but {pos.numel()} positions")
+        if n > 1 and not bool((pos[1:] > pos[:-1]).all()):
+            raise ValueError("positions must be strictly increasing")
+        cfg = self.config
+        x = self.embed(tok)
+        layers = []
+        for block in self.blocks:
+            q, k, v = block.qkv(x, pos)
+            U, Z, M = ops.attention_rows(q, pos, k, v, pos, cfg.window, block.scale)
+            a = (U / Z.unsqueeze(-1)).reshape(n, cfg.n_groups, cfg.group_dim)
+            codes = radius = gap = None
+            if block.quantizer is not None:
+                res = nearest(a, block.quantizer.codebook)
+                codes, radius, gap = res.codes, res.radius, res.gap
+            layers.append(LayerState(x, q, k, v, U, Z, M, a, codes, radius, gap))
+            x = block.finish(x, block.attn_output(codes if codes is not None else a))
+        hidden = self.norm(x)
+        codes = gaps = None
+        if cfg.quantize:
+            shape = (0, n, cfg.n_groups)
+            codes = torch.stack([s.codes for s in layers]) if layers else torch.zeros(shape, dtype=torch.long)
+            gaps = torch.stack([s.gap for s in layers]) if layers else torch.zeros(shape, dtype=self.dtype)
+        return DenseOutput(codes, gaps, hidden, x, layers)
+
+    # ----------------------------------------------------------- calibration
+    @torch.no_grad()
+    def calibrate_codebooks(self, token_ids: Sequence[int] | torch.Tensor, iters: int = 20, seed: int = 0) -> None:
+        """Initialise every codebook by k-means on this model's own attention outputs over token_ids.
+
+        Layer by layer: layer l's codebooks are fitted on activations computed with layers < l
+        already quantized, so each codebook sees the inputs it will quantize.
+        """
+        if not self.config.quantize:
+            raise ValueError("calibrate_codebooks needs a quantized model (config.quantize=True)")
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
+        pos = torch.arange(tok.numel(), dtype=torch.float64, device=self.device)
+        x = self.embed(tok)
+        for block in self.blocks:
+            q, k, v = block.qkv(x, pos)
+            U, Z, _ = ops.attention_rows(q, pos, k, v, pos, self.config.window, block.scale)
+            a = (U / Z.unsqueeze(-1)).reshape(tok.numel(), self.config.n_groups, self.config.group_dim)
+            block.quantizer.init_kmeans(a, iters=iters, generator=g)
+            x = block.finish(x, block.attn_output(nearest(a, block.quantizer.codebook).codes))
+
+    # ------------------------------------------------------------ checkpoints
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json and model.safetensors into ``directory``."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        self.config.save(d / CONFIG_FILE)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "vqt", "version": "1"})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "VQTModel":
+        """Load a checkpoint written by ``save_pretrained``; the model comes back in eval mode."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not d.is_dir():
+            raise FileNotFoundError(f"checkpoint directory {d} does not exist")
+        for name in (CONFIG_FILE, WEIGHTS_FILE):
+            if not (d / name).is_file():
+                raise FileNotFoundError(f"checkpoint {d} has no {name} (expected {CONFIG_FILE} and {WEIGHTS_FILE})")
+        cfg = VQTConfig.load(d / CONFIG_FILE)
+        try:
+            state = load_file(str(d / WEIGHTS_FILE), device=str(map_location))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+        model = cls(cfg)
+        expected = model.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"checkpoint {d} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"checkpoint {d}: {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
+        dtype = next(iter(state.values())).dtype if state else torch.float32
+        model = model.to(dtype)
+        model.load_state_dict(state)
+        return model.to(map_location).eval()
+
+    def describe(self) -> str:
+        c = self.config
+        n = sum(p.numel() for p in self.parameters())
+        q = (f"VQ {c.granularity} x{c.n_groups} K={c.codebook_size}" if c.quantize else "dense twin (no VQ)")
+        return (f"VQT {c.n_layers}L d={c.d_model} H={c.n_heads}/{c.n_kv_heads} {c.pos_encoding} "
+                f"window={c.window} {q}, {n / 1e6:.2f}M params, {self.dtype}")
+

@@ -1,0 +1,127 @@
+"""Reference backend: the sparse-recomputation operators in plain PyTorch.
+
+This is the oracle the fused backends are tested against, and the dense forward uses
+the same functions, so a dense pass and an incremental update differ only by the
+order of floating-point operations. Shapes: m query rows, r keys, H query heads,
+Hkv key/value heads, hd head width, G code groups of width gd, K codewords.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from ..quantize import nearest
+
+name = "reference"
+_ROW_CHUNK = 256  # query rows per block in full attention, to bound the (H, m, r) score memory
+
+
+def visible(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> torch.Tensor:
+    """(..., m, r) bool: key j is visible to query i iff pos_i - window < pos_j <= pos_i."""
+    pq, pk = pos_q.unsqueeze(-1), pos_k.unsqueeze(-2)
+    mask = pk <= pq
+    if window is not None:
+        mask &= pk > pq - window
+    return mask
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:
+    """q (m, H, hd), k (r, Hkv, hd) -> scores (H, m, r); query head h reads kv head h // (H / Hkv)."""
+    rep = q.shape[1] // k.shape[1]
+    return torch.einsum("mhd,rhd->hmr", q, k.repeat_interleave(rep, dim=1)) * scale
+
+
+def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """p (H, m, r), v (r, Hkv, hd) -> (m, H, hd)."""
+    rep = p.shape[0] // v.shape[1]
+    return torch.einsum("hmr,rhd->mhd", p, v.repeat_interleave(rep, dim=1))
+
+
+def attention_rows(q: torch.Tensor, pos_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor,
+                   window: Optional[float], scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full attention rows as accumulators (U (m, H, hd), Z (m, H), M (m, H)); output = U / Z.
+
+    Every query must see at least one key (itself, in a document).
+    """
+    us, zs, ms = [], [], []
+    for lo in range(0, q.shape[0], _ROW_CHUNK):
+        qc, pc = q[lo:lo + _ROW_CHUNK], pos_q[lo:lo + _ROW_CHUNK]
+        s = _scores(qc, k, scale).masked_fill(~visible(pc, pos_k, window), float("-inf"))
+        m = s.amax(-1)  # (H, mc)
+        p = torch.exp(s - m.unsqueeze(-1))
+        us.append(_weighted_values(p, v))
+        zs.append(p.sum(-1).T)
+        ms.append(m.T)
+    if not us:
+        e = q.new_zeros(0, q.shape[1])
+        return q.new_zeros(q.shape), e, e.clone()
+    return torch.cat(us), torch.cat(zs), torch.cat(ms)
+
+
+def attention_delta(q: torch.Tensor, pos_q_old: torch.Tensor, pos_q: torch.Tensor,
+                    U: torch.Tensor, Z: torch.Tensor, M: torch.Tensor,
+                    k_rem: torch.Tensor, v_rem: torch.Tensor, pos_rem: torch.Tensor,
+                    k_add: torch.Tensor, v_add: torch.Tensor, pos_add: torch.Tensor,
+                    window: Optional[float], scale: float, tau: float
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Exact update of attention accumulators when keys leave and join (DESIGN.md section 2, step 3).
+
+    Removed keys are subtracted at the row's current stabilizer M; then added keys are
+    folded in, raising M (and rescaling U, Z) where a new score exceeds it. Visibility of a
+    removed key is judged at the query's old position, of an added key at its new one (they
+    differ only for queries renumbered without effect on their values, as under NoPE). Returns the new
+    (U, Z, M) and a (m,) bool ``refresh`` mask: rows whose denominator fell below
+    ``tau`` times its value before the removals (a cancellation the caller must fix by
+    recomputing the row from scratch).
+    """
+    U, Z, M = U.clone(), Z.clone(), M.clone()
+    z_before = Z.clone()
+    if k_rem.shape[0]:
+        s = _scores(q, k_rem, scale)  # (H, m, r)
+        mask = visible(pos_q_old, pos_rem, window)
+        p = torch.where(mask, torch.exp(s - M.T.unsqueeze(-1)), s.new_zeros(()))
+        U -= _weighted_values(p, v_rem)
+        Z -= p.sum(-1).T
+    refresh = (Z < tau * z_before).any(-1)
+    if k_add.shape[0]:
+        s = _scores(q, k_add, scale).masked_fill(~visible(pos_q, pos_add, window), float("-inf"))
+        m_new = torch.maximum(M, s.amax(-1).T)  # (m, H)
+        rescale = torch.exp(M - m_new)
+        U *= rescale.unsqueeze(-1)
+        Z *= rescale
+        p = torch.exp(s - m_new.T.unsqueeze(-1))
+        U += _weighted_values(p, v_add)
+        Z += p.sum(-1).T
+        M = m_new
+    return U, Z, M, refresh
+
+
+def requantize(a: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, a_ref: torch.Tensor,
+               radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Re-quantize a (m, G, gd) with the certified skip (DESIGN.md section 2, step 4).
+
+    A group whose vector stays within ``radius`` of the reference point where its code was
+    last searched keeps that code without a search (triangle inequality). Other groups are
+    searched and get a new reference point and radius. Returns (codes, a_ref, radius,
+    searched (m, G) bool).
+    """
+    codes, a_ref, radius = codes.clone(), a_ref.clone(), radius.clone()
+    searched = ~((a - a_ref).pow(2).sum(-1).sqrt() < radius)  # NaN-safe: anything uncertain is searched
+    for g in range(a.shape[1]):
+        rows = searched[:, g].nonzero().squeeze(1)
+        if rows.numel():
+            res = nearest(a[rows, g:g + 1], codebook[g:g + 1])
+            codes[rows, g] = res.codes[:, 0]
+            a_ref[rows, g] = a[rows, g]
+            radius[rows, g] = res.radius[:, 0]
+    return codes, a_ref, radius, searched
+
+
+def lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """Lookup-table output projection: table (G, K, d), codes (m, G) -> sum_g table[g, codes[:, g]] (m, d)."""
+    out = table[0, codes[:, 0]]
+    for g in range(1, table.shape[0]):
+        out = out + table[g, codes[:, g]]
+    return out

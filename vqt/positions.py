@@ -1,0 +1,93 @@
+"""Token positions that do not shift under edits (DESIGN.md section 3).
+
+``stable`` mode: kept tokens keep their positions, inserted tokens are spread evenly
+between their neighbours, deletions leave gaps; where spacing gets tighter than
+``min_spacing`` or wider than ``max_spacing`` a window of tokens around the spot is
+renumbered evenly (those tokens are recomputed). ``canonical`` mode renumbers 0..n-1
+after every edit: exact against the standard model, and as costly as prefix reuse.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence
+
+PositionMode = Literal["stable", "canonical"]
+
+
+@dataclass(frozen=True)
+class SpacingPolicy:
+    """When and how stable positions are renumbered."""
+
+    min_spacing: float = 1 / 32  # tighter than this -> renumber a window
+    max_spacing: float = 32.0  # a gap wider than this (after deletions) -> renumber a window
+    target_low: float = 0.5  # a renumbered window ends with a spacing inside [target_low, target_high]
+    target_high: float = 4.0
+
+
+def _respace(pos: list[Optional[float]], a: int, b: int, policy: SpacingPolicy) -> None:
+    """Reassign pos[a..b] (inclusive), growing the window until its spacing is acceptable."""
+    n = len(pos)
+    grow_left = True
+    while True:
+        left = pos[a - 1] if a > 0 else None
+        right = pos[b + 1] if b + 1 < n else None
+        if left is None or right is None:
+            break  # an open end: spacing 1 towards it is always acceptable
+        spacing = (right - left) / (b - a + 2)
+        if policy.target_low <= spacing <= policy.target_high:
+            break
+        if grow_left:
+            a -= 1
+        else:
+            b += 1
+        grow_left = not grow_left
+    count = b - a + 1
+    for i in range(count):
+        if left is None and right is None:
+            pos[a + i] = float(i)
+        elif left is None:
+            pos[a + i] = right - (count - i)
+        elif right is None:
+            pos[a + i] = left + (i + 1)
+        else:
+            pos[a + i] = left + (right - left) * (i + 1) / (count + 1)
+
+
+def plan_positions(kept: Sequence[Optional[float]], mode: PositionMode,
+                   policy: SpacingPolicy = SpacingPolicy()) -> list[float]:
+    """Positions for the edited document.
+
+    kept: one entry per token of the new document in order: the token's old position if it
+    was kept, None if it is new. Returns the new positions (strictly increasing). A kept
+    token whose returned position differs from its old one was renumbered.
+    """
+    if mode == "canonical":
+        return [float(i) for i in range(len(kept))]
+    if mode != "stable":
+        raise ValueError(f"unknown position mode {mode!r} (use 'stable' or 'canonical')")
+    pos = list(kept)
+    n = len(pos)
+    i = 0
+    while i < n:  # place each run of new tokens between its kept neighbours
+        if pos[i] is not None:
+            i += 1
+            continue
+        j = i
+        while j < n and pos[j] is None:
+            j += 1
+        _respace_run(pos, i, j - 1)
+        i = j
+    # repair spacing that got too tight (insertions) or too wide (deletions)
+    i = 0
+    while i + 1 < n:
+        gap = pos[i + 1] - pos[i]
+        if gap < policy.min_spacing or gap > policy.max_spacing:
+            _respace(pos, i, i + 1, policy)
+        i += 1
+    return pos  # type: ignore[return-value]
+
+
+def _respace_run(pos: list[Optional[float]], a: int, b: int) -> None:
+    """Evenly place new tokens a..b between their neighbours (spacing 1 towards an open end)."""
+    _respace(pos, a, b, SpacingPolicy(target_low=0.0, target_high=float("inf")))

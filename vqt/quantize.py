@@ -1,0 +1,142 @@
+"""Vector quantization of attention outputs: codebooks, nearest-code search with margins, training losses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import VQTConfig
+
+
+@dataclass
+class Nearest:
+    """Result of a codebook search over vectors shaped (n, G, gd)."""
+
+    codes: torch.Tensor  # (n, G) long: nearest codeword per group
+    d1: torch.Tensor  # (n, G) Euclidean distance to the nearest codeword
+    d2: torch.Tensor  # (n, G) distance to the second nearest
+    radius: torch.Tensor  # (n, G) certified radius: (d2 - d1) / 2 minus a float safety margin (may be < 0)
+
+    @property
+    def gap(self) -> torch.Tensor:
+        return self.d2 - self.d1
+
+
+def nearest(a: torch.Tensor, codebook: torch.Tensor) -> Nearest:
+    """Nearest and second-nearest codewords of each group vector.
+
+    a: (n, G, gd); codebook: (G, K, gd). Candidates come from the expanded form
+    |a|^2 - 2 a.e + |e|^2 (one matmul); the two winners' distances are then recomputed
+    directly, so d1 and d2 carry no cancellation error. A near-tie in the expanded form
+    can still pick the wrong runner-up, so the radius subtracts sqrt(32 eps (|a|^2 + max|e|^2)),
+    a bound on how far that can move a distance. Every code assignment in the project,
+    dense or incremental, goes through this function.
+    """
+    n, g, gd = a.shape
+    k = codebook.shape[1]
+    e2 = codebook.pow(2).sum(-1)  # (G, K)
+    a2 = a.pow(2).sum(-1)  # (n, G)
+    d2_all = a2.unsqueeze(-1) - 2 * torch.einsum("ngd,gkd->ngk", a, codebook) + e2  # (n, G, K)
+    if k >= 2:
+        top = d2_all.topk(2, dim=-1, largest=False).indices  # (n, G, 2)
+    else:  # pragma: no cover - config forbids K < 2
+        top = torch.zeros(n, g, 2, dtype=torch.long, device=a.device)
+    gidx = torch.arange(g, device=a.device).expand(n, g)
+    cand = codebook[gidx.unsqueeze(-1), top]  # (n, G, 2, gd)
+    dist = (a.unsqueeze(2) - cand).pow(2).sum(-1).sqrt()  # (n, G, 2)
+    swap = dist[..., 1] < dist[..., 0]
+    codes = torch.where(swap, top[..., 1], top[..., 0])
+    d1 = torch.minimum(dist[..., 0], dist[..., 1])
+    d2 = torch.maximum(dist[..., 0], dist[..., 1])
+    eps = torch.finfo(a.dtype).eps
+    margin = (32 * eps * (a2 + e2.max(-1).values)).sqrt()
+    return Nearest(codes, d1, d2, (d2 - d1) / 2 - margin)
+
+
+class VectorQuantizer(nn.Module):
+    """One layer's codebooks (G of them, K codewords of width gd each).
+
+    Training: straight-through estimator, commitment loss, EMA codebook updates and
+    dead-code restarts. Eval (or ``frozen``): the codebook never changes, which is what
+    makes cached codes valid.
+    """
+
+    def __init__(self, cfg: VQTConfig) -> None:
+        super().__init__()
+        self.n_groups, self.group_dim, self.size = cfg.n_groups, cfg.group_dim, cfg.codebook_size
+        self.commitment_weight = cfg.commitment_weight
+        self.ema_decay = cfg.ema_decay
+        self.dead_code_threshold = cfg.dead_code_threshold
+        self.frozen = False
+        use_ema = cfg.ema_decay > 0
+        self.codebook = nn.Parameter(torch.randn(self.n_groups, self.size, self.group_dim) * 0.1,
+                                     requires_grad=not use_ema)
+        if use_ema:
+            self.register_buffer("ema_count", torch.ones(self.n_groups, self.size))
+            self.register_buffer("ema_sum", self.codebook.detach().clone())
+
+    def split(self, a: torch.Tensor) -> torch.Tensor:
+        """(..., n_heads * head_dim) -> (..., G, gd)."""
+        return a.reshape(*a.shape[:-1], self.n_groups, self.group_dim)
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (n, G) -> quantized vectors (n, G, gd)."""
+        return self.codebook[torch.arange(self.n_groups, device=codes.device), codes]
+
+    def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantize a (N, G, gd). Returns (straight-through output, codes (N, G), VQ loss)."""
+        res = nearest(a.detach(), self.codebook.detach())
+        q = self.decode(res.codes)
+        loss = self.commitment_weight * (a - q.detach()).pow(2).mean()
+        if self.codebook.requires_grad:
+            loss = loss + (a.detach() - q).pow(2).mean()
+        if self.training and not self.frozen and self.ema_decay > 0:
+            self._ema_update(a.detach(), res.codes)
+        return a + (q - a).detach(), res.codes, loss
+
+    @torch.no_grad()
+    def _ema_update(self, a: torch.Tensor, codes: torch.Tensor) -> None:
+        onehot = torch.nn.functional.one_hot(codes, self.size).to(a.dtype)  # (N, G, K)
+        count = onehot.sum(0)  # (G, K)
+        total = torch.einsum("ngk,ngd->gkd", onehot, a)
+        d = self.ema_decay
+        self.ema_count.mul_(d).add_(count, alpha=1 - d)
+        self.ema_sum.mul_(d).add_(total, alpha=1 - d)
+        n = self.ema_count.sum(-1, keepdim=True)
+        smoothed = (self.ema_count + 1e-5) / (n + self.size * 1e-5) * n  # Laplace smoothing
+        self.codebook.data.copy_(self.ema_sum / smoothed.unsqueeze(-1))
+        dead = self.ema_count < self.dead_code_threshold * n / self.size
+        if dead.any():
+            flat = a.reshape(-1, self.n_groups, self.group_dim)
+            pick = torch.randint(0, flat.shape[0], (int(dead.sum()),), device=a.device)
+            gidx = dead.nonzero()[:, 0]
+            self.codebook.data[dead] = flat[pick, gidx]
+            self.ema_sum[dead] = flat[pick, gidx]
+            self.ema_count[dead] = 1.0
+
+    @torch.no_grad()
+    def init_kmeans(self, a: torch.Tensor, iters: int = 20, generator: Optional[torch.Generator] = None) -> None:
+        """Set every codebook by k-means (k-means++ seeding) on sample vectors a (N, G, gd)."""
+        n = a.shape[0]
+        for g in range(self.n_groups):
+            x = a[:, g].to(self.codebook.dtype)
+            cent = x[torch.randint(0, n, (1,), generator=generator)]
+            while cent.shape[0] < self.size:  # k-means++ seeding
+                dmin = torch.cdist(x, cent).min(1).values.pow(2)
+                if float(dmin.sum()) <= 0:
+                    idx = torch.randint(0, n, (1,), generator=generator)
+                else:
+                    idx = torch.multinomial(dmin / dmin.sum(), 1, generator=generator)
+                cent = torch.cat([cent, x[idx]])
+            for _ in range(iters):
+                assign = torch.cdist(x, cent).argmin(1)
+                sums = torch.zeros_like(cent).index_add_(0, assign, x)
+                counts = torch.bincount(assign, minlength=self.size).unsqueeze(1)
+                cent = torch.where(counts > 0, sums / counts.clamp(min=1), cent)
+            self.codebook.data[g] = cent
+            if self.ema_decay > 0:
+                self.ema_sum[g] = cent
+                self.ema_count[g] = 1.0
