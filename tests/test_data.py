@@ -73,7 +73,9 @@ def test_xml_matches_whole_document_parse() -> None:
     assert len({r["doc_id"] for r in revisions}) == 2
 
 
-@pytest.mark.parametrize("compress", [bz2.compress, lzma.compress, gzip.compress, lambda raw: raw])
+@pytest.mark.parametrize(
+    "compress", [bz2.compress, lzma.compress, gzip.compress, bytes], ids=["bz2", "xz", "gz", "plain"]
+)
 @pytest.mark.parametrize("name", ["history.xml", "history.dat"])
 def test_xml_opener_by_extension_or_magic(tmp_path: Path, compress, name: str) -> None:
     raw = gzip.decompress(TINY.read_bytes())
@@ -84,7 +86,8 @@ def test_xml_opener_by_extension_or_magic(tmp_path: Path, compress, name: str) -
 
 def _export(ns: str, pages: str) -> str:
     xmlns = f' xmlns="{ns}"' if ns else ""
-    return f'<?xml version="1.0"?>\n<mediawiki{xmlns} version="x">\n<siteinfo><sitename>W</sitename></siteinfo>\n{pages}</mediawiki>\n'
+    siteinfo = "<siteinfo><sitename>W</sitename></siteinfo>"
+    return f'<?xml version="1.0"?>\n<mediawiki{xmlns} version="x">\n{siteinfo}\n{pages}</mediawiki>\n'
 
 
 PAGES = """<page><title>First</title><ns>0</ns><id>7</id>
@@ -200,7 +203,7 @@ def test_api_full_response(tmp_path: Path, pages_as: str, slots: bool) -> None:
     source = API_FILES[0]
     raw = json.loads(lzma.decompress(source.read_bytes()))
     if slots:  # formatversion=2 with rvslots=main
-        raw = [{**{k: v for k, v in r.items() if k != "*"}, "slots": {"main": {"content": r["*"]}}} for r in raw]
+        raw = [{"revid": r["revid"], "slots": {"main": {"content": r["*"]}}} for r in raw]
     page = {"pageid": 4242, "ns": 0, "title": "Some Title", "revisions": raw}
     pages = {"4242": page} if pages_as == "dict" else [page]
     path = tmp_path / "response.json.gz"
@@ -244,16 +247,18 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
 def test_jsonl_defaults_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "doc.jsonl"
     path.write_text('{"text": "one"}\n{"text": "two", "rev_id": 9, "parent_id": 0}\n')
+    empty = {"doc_id": "doc", "title": "", "timestamp": "", "comment": "", "sha1": ""}
     assert list(iter_jsonl(path)) == [
-        {"doc_id": "doc", "title": "", "rev_id": 0, "parent_id": -1, "timestamp": "", "text": "one", "comment": "", "sha1": ""},
-        {"doc_id": "doc", "title": "", "rev_id": 9, "parent_id": 0, "timestamp": "", "text": "two", "comment": "", "sha1": ""},
+        {**empty, "rev_id": 0, "parent_id": -1, "text": "one"},
+        {**empty, "rev_id": 9, "parent_id": 0, "text": "two"},
     ]
     path.write_text('{"text": "one"}\n{"rev_id": 2}\n')
     with pytest.raises(HistoryFormatError, match=re.escape(str(path)) + r".*line 2"):
         list(iter_jsonl(path))
     bad = '{"text": "two",}'  # the parser stops at the closing brace
     path.write_text(f'{{"text": "one"}}\n\n{bad}\n')
-    with pytest.raises(HistoryFormatError, match=re.escape(str(path)) + f".*line 3, column {bad.index('}') + 1}:"):
+    column = bad.index("}") + 1
+    with pytest.raises(HistoryFormatError, match=re.escape(str(path)) + f".*line 3, column {column}:"):
         list(iter_jsonl(path))
 
 
@@ -312,20 +317,30 @@ def test_git_history_follows_renames(tmp_path: Path) -> None:
     _commit(repo, "move to docs", "2020-01-04T10:00:00+00:00")
     (repo / "docs" / "guide.txt").write_text("zeroth\nfirst\nsecond ü\n")
     _commit(repo, "prepend", "2020-01-05T10:00:00+02:00")
+    (repo / "docs" / "guide.txt").unlink()
+    _commit(repo, "remove", "2020-01-06T10:00:00+00:00")
+    (repo / "docs" / "guide.txt").write_text("back\n")
+    _commit(repo, "restore", "2020-01-07T10:00:00+00:00")
 
     revisions = list(iter_git_history(repo, "docs/guide.txt"))
-    assert [r["text"] for r in revisions] == ["first\n", "first\nsecond ü\n", "first\nsecond ü\n", "zeroth\nfirst\nsecond ü\n"]
-    assert [r["comment"] for r in revisions] == ["add notes", "extend notes", "move to docs", "prepend"]
-    assert [(r["rev_id"], r["parent_id"]) for r in revisions] == [(0, -1), (1, 0), (2, 1), (3, 2)]
+    assert [r["text"] for r in revisions] == [
+        "first\n", "first\nsecond ü\n", "first\nsecond ü\n", "zeroth\nfirst\nsecond ü\n", "", "back\n"
+    ]
+    assert [r["comment"] for r in revisions] == [
+        "add notes", "extend notes", "move to docs", "prepend", "remove", "restore"
+    ]
+    assert [(r["rev_id"], r["parent_id"]) for r in revisions] == [(i, i - 1) for i in range(6)]
     assert [r["timestamp"] for r in revisions] == [
         "2020-01-01T10:00:00+00:00", "2020-01-02T10:00:00+00:00",
         "2020-01-04T10:00:00+00:00", "2020-01-05T10:00:00+02:00",
+        "2020-01-06T10:00:00+00:00", "2020-01-07T10:00:00+00:00",
     ]
     head_blob = subprocess.run(
         ["git", "rev-parse", "HEAD:docs/guide.txt"], cwd=repo, capture_output=True, text=True, check=True
     ).stdout.strip()
     assert revisions[-1]["sha1"] == head_blob
     assert revisions[1]["sha1"] == revisions[2]["sha1"]  # a pure rename keeps the blob
+    assert revisions[4]["sha1"] == ""  # the file is deleted in that commit
     assert load_history(repo, file_path="docs/guide.txt", cache_dir=tmp_path / "cache").to_list() == revisions
     with pytest.raises(ValueError, match="no history"):
         list(iter_git_history(repo, "missing.txt"))

@@ -59,13 +59,13 @@ class HistoryFormatError(ValueError):
 
 
 # Openers by file extension; magic bytes decide when the extension says nothing.
-_OPENERS: dict[str, Callable[[Path], BinaryIO]] = {
+_OPENERS: dict[str, Callable[..., BinaryIO]] = {
     ".gz": gzip.open,
     ".bz2": bz2.open,
     ".xz": lzma.open,
     ".lzma": lzma.open,
 }
-_MAGIC: list[tuple[bytes, Callable[[Path], BinaryIO]]] = [
+_MAGIC: list[tuple[bytes, Callable[..., BinaryIO]]] = [
     (b"\x1f\x8b", gzip.open),
     (b"BZh", bz2.open),
     (b"\xfd7zXZ\x00", lzma.open),
@@ -119,15 +119,20 @@ class _Source(io.RawIOBase):
         super().close()
 
 
-def _int(value: Any, default: int = -1) -> int:
-    """Parse an id; absent, empty and 0 (MediaWiki's "no parent") become `default`."""
-    return int(value) if value not in (None, "", 0, "0") else default
+def _int(value: Any) -> int:
+    """Parse an id; absent, empty and 0 (MediaWiki's "no parent") become -1."""
+    return int(value) if value not in (None, "", 0, "0") else -1
+
+
+def _stem(path: Path) -> str:
+    """The file name without any extension: `japan_cup.json.xz` -> `japan_cup`."""
+    return path.name.split(".")[0]
 
 
 def _title_from_filename(path: Path) -> str:
     """`japan_cup.json.xz` -> `Japan cup` (MediaWiki titles start upper-case)."""
-    stem = path.name.split(".")[0].replace("_", " ")
-    return stem[:1].upper() + stem[1:]
+    title = _stem(path).replace("_", " ")
+    return title[:1].upper() + title[1:]
 
 
 # --------------------------------------------------------------------------- MediaWiki XML
@@ -211,15 +216,7 @@ def iter_mediawiki_json(path: str | Path) -> Iterator[Revision]:
     path = Path(path)
     with _Source.open(path) as source:
         raw = source.read()
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as exc:
-        raise HistoryFormatError(
-            f"{path}: malformed JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}"
-        ) from exc
-    except UnicodeDecodeError as exc:
-        raise HistoryFormatError(f"{path}: invalid UTF-8 at byte {exc.start}") from exc
-    stem = path.name.split(".")[0]
+    data = _parse_json(raw, path)
     if isinstance(data, list):
         pages = [{"revisions": data}]
     elif isinstance(data, dict) and isinstance(data.get("query"), dict):
@@ -230,7 +227,7 @@ def iter_mediawiki_json(path: str | Path) -> Iterator[Revision]:
             f"{path}: expected a list of revisions or an API response with query.pages"
         )
     for page in pages:
-        doc_id = str(page.get("pageid", stem))
+        doc_id = str(page.get("pageid", _stem(path)))
         title = page.get("title") or _title_from_filename(path)
         for index, rev in enumerate(page.get("revisions", [])):
             if not isinstance(rev, dict):
@@ -245,6 +242,18 @@ def iter_mediawiki_json(path: str | Path) -> Iterator[Revision]:
                 comment=rev.get("comment", ""),
                 sha1=rev.get("sha1", ""),
             )
+
+
+def _parse_json(raw: str | bytes, path: Path, first_line: int = 1) -> Any:
+    """`json.loads` whose errors name the file and the line and column (`raw` starts at `first_line`)."""
+    try:
+        return json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise HistoryFormatError(
+            f"{path}: malformed JSON at line {first_line + exc.lineno - 1}, column {exc.colno}: {exc.msg}"
+        ) from exc
+    except UnicodeDecodeError as exc:
+        raise HistoryFormatError(f"{path}: invalid UTF-8 at byte {exc.start}") from exc
 
 
 def _api_text(rev: dict[str, Any]) -> str:
@@ -271,12 +280,8 @@ def iter_jsonl(path: str | Path) -> Iterator[Revision]:
         try:
             for lineno, line in enumerate(lines, start=1):
                 if line.strip():
-                    yield _jsonl_revision(json.loads(line.rstrip("\r\n")), index, path, lineno)
+                    yield _jsonl_revision(_parse_json(line.rstrip("\r\n"), path, lineno), index, path, lineno)
                     index += 1
-        except json.JSONDecodeError as exc:
-            raise HistoryFormatError(
-                f"{path}: malformed JSON at line {lineno}, column {exc.colno}: {exc.msg}"
-            ) from exc
         except UnicodeDecodeError as exc:
             raise HistoryFormatError(f"{path}: invalid UTF-8 after line {lineno}") from exc
 
@@ -285,7 +290,7 @@ def _jsonl_revision(obj: Any, index: int, path: Path, lineno: int) -> Revision:
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
         raise HistoryFormatError(f"{path}: line {lineno} is not an object with a string 'text'")
     return Revision(
-        doc_id=str(obj.get("doc_id", path.name.split(".")[0])),
+        doc_id=str(obj.get("doc_id", _stem(path))),
         title=obj.get("title", ""),
         rev_id=int(obj.get("rev_id", index)),
         parent_id=int(obj.get("parent_id", -1)),
@@ -315,8 +320,8 @@ def iter_git_history(repo_dir: str | Path, file_path: str) -> Iterator[Revision]
     for record in log.split(b"\x1e")[1:]:
         header, _, changes = record.partition(b"\0")
         commit, date, subject = header.decode("utf-8", "replace").split("\x1f", 2)
-        status, *names = changes.strip(b"\n").split(b"\0")
-        names = [name.decode("utf-8", "surrogateescape") for name in names if name]
+        status, *fields = changes.strip(b"\n").split(b"\0")
+        names = [name.decode("utf-8", "surrogateescape") for name in fields if name]
         if names:  # one path, or the old and the new path of a rename; a merge lists none
             path = names[-1]
         commits.append((commit, date, subject, None if status == b"D" else path))

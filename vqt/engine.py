@@ -28,7 +28,7 @@ class EditStats:
 
     macs: int  # MACs the incremental update spent
     dense_macs: int  # MACs of a dense forward of the edited document
-    prefix_macs: int  # MACs of common-prefix KV-cache reuse on the same edit
+    prefix_macs: int  # MACs of common-prefix KV-cache reuse on the same edit (same positions)
     n_tokens: int  # document length after the edit
     dirty_per_layer: list[int]  # positions recomputed in full at each layer (D_l)
     affected_per_layer: list[int]  # clean positions whose attention was delta-updated
@@ -427,7 +427,7 @@ class Document:
         self._free.extend(reversed(deleted))
         return EditStats(
             macs=macs.total, dense_macs=dense_macs(cfg, pos_order),
-            prefix_macs=prefix_reuse_macs(cfg, torch.arange(len(order), dtype=torch.float64), first_changed),
+            prefix_macs=prefix_reuse_macs(cfg, pos_order, first_changed),
             n_tokens=len(order), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
             certified_skips=skips, searches=searches, refreshes=refreshes, renumbered=len(renumbered),
             seconds=time.perf_counter() - t0, macs_by_kind=dict(macs.by_kind))

@@ -1,0 +1,92 @@
+"""Text-level documents with the project's real tokenizer."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from helpers import assert_matches_dense, tiny_model
+from vqt import TextDocument
+from vqt.text import token_diff
+from vqt.tokenizer import Tokenizer
+
+TOKENIZER = Tokenizer.default()
+MODEL = tiny_model(vocab_size=TOKENIZER.vocab_size, max_len=160, window=16.0)
+BASE = ("Anarchism is a political philosophy that is skeptical of authority. "
+        "Café owners in Zürich — and 東京 — met on a Tuesday 😀.")
+TEXT = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
+
+
+def apply_hunks(old, hunks):
+    out = list(old)
+    for s, e, ids in reversed(hunks):
+        out[s:e] = ids
+    return out
+
+
+@given(st.lists(st.integers(0, 5), max_size=30), st.lists(st.integers(0, 5), max_size=30))
+def test_token_diff_reconstructs(old, new):
+    hunks = token_diff(old, new)
+    assert apply_hunks(old, hunks) == new
+    assert all(a[1] <= b[0] for a, b in zip(hunks, hunks[1:]))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_character_edits_follow_the_text(data):
+    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    for _ in range(12):
+        n = len(doc.text)
+        s = data.draw(st.integers(0, n))
+        e = data.draw(st.integers(s, min(n, s + 15)))
+        rep = data.draw(TEXT)
+        if len(TOKENIZER.encode(doc.text[:s] + rep + doc.text[e:])) > MODEL.config.max_len:
+            continue
+        expected = doc.text[:s] + rep + doc.text[e:]
+        doc.edit(s, e, rep)
+        assert doc.text == expected
+        assert doc.doc.token_ids == TOKENIZER.encode(expected)
+        assert_matches_dense(doc.doc)
+
+
+def test_multi_edit_and_offsets_are_code_points():
+    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    i = doc.text.index("😀")
+    doc.apply_text_edits([(0, 9, "Mutualism"), (i, i + 1, "🙂🙂")])
+    assert doc.text.startswith("Mutualism is") and doc.text.endswith("🙂🙂.")
+    assert doc.token_offsets[-1] == (len(doc.text) - 1, len(doc.text))
+    assert_matches_dense(doc.doc)
+
+
+def snapshot(doc: TextDocument):
+    return doc.text, list(doc.doc.token_ids), {k: v.clone() for k, v in doc.doc.state_dict().items()}
+
+
+@pytest.mark.parametrize("args, exc, match", [
+    ((5, 2, "x"), ValueError, r"invalid character range \[5, 2\)"),
+    ((0, 10_000, "x"), ValueError, "invalid character range"),
+    ((0, 1, b"bytes"), TypeError, "got bytes: decode it first"),
+    ((0, 1, 42), TypeError, "must be str"),
+    ((0, 1, "bad \ud800 surrogate"), ValueError, "lone surrogate"),
+    ((0, 1, "word " * 400), ValueError, "exceeds the model's max_len"),
+    (("0", 1, "x"), TypeError, "code-point offset"),
+])
+def test_bad_text_edits_leave_everything_unchanged(args, exc, match):
+    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    before = snapshot(doc)
+    with pytest.raises(exc, match=match):
+        doc.edit(*args)
+    after = snapshot(doc)
+    assert before[:2] == after[:2]
+    assert all((before[2][k] == after[2][k]).all() for k in before[2])
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Tokenizer.from_file(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a tokenizers JSON file"):
+        Tokenizer.from_file(tmp_path / "bad.json")
+    with pytest.raises(ValueError, match="tokenizer has 4096 tokens but the model only 61"):
+        TextDocument(tiny_model(), TOKENIZER, "hi")
