@@ -13,7 +13,7 @@ from vqt.data import iter_history
 from vqt.edits import (
     MAX_DIFF_LINES,
     Edit,
-    EditStats,
+    RevisionStats,
     apply_edits,
     atomic_edits,
     revision_edits,
@@ -63,7 +63,7 @@ def test_round_trip_first_500_anarchism_revisions() -> None:
 def test_revision_edits_replay_anarchism() -> None:
     revisions = list(iter_history(_wiki("enwiki-anarchism-history.xml.lzma"), max_revisions=500))
     text_of = {r["rev_id"]: r["text"] for r in revisions}
-    stats = EditStats()
+    stats = RevisionStats()
     records = list(revision_edits(revisions, stats=stats))
     identical = sum(a["text"] == b["text"] for a, b in zip(revisions, revisions[1:]))
     assert stats.pairs == 499 and stats.identical == identical and len(records) == 499 - identical
@@ -126,14 +126,14 @@ def _revs(*texts: str, doc_id: str = "d", sha1: bool = False) -> list[dict]:
 def test_revision_edit_flags(sha1: bool) -> None:
     base = "alpha\n" * 20
     texts = (base, base + "beta\n", base + "beta\n", base, "", base, base + "x" * 300)
-    stats = EditStats()
+    stats = RevisionStats()
     records = list(revision_edits(_revs(*texts, sha1=sha1), max_edit_chars=200, stats=stats))
     assert [(r.parent_rev_id, r.rev_id) for r in records] == [(0, 1), (2, 3), (3, 4), (4, 5), (5, 6)]
     assert [r.flags.revert for r in records] == [False, True, False, True, False]
     assert [r.flags.blanking for r in records] == [False, False, True, False, False]
     assert [r.flags.oversize for r in records] == [False, False, False, False, True]
     assert records[-1].edits == ()
-    assert stats == EditStats(pairs=6, identical=1, reverts=2, blankings=1, oversize=1)
+    assert stats == RevisionStats(pairs=6, identical=1, reverts=2, blankings=1, oversize=1)
 
 
 def test_revision_edits_keeps_identical_on_request_and_restarts_per_document() -> None:

@@ -44,6 +44,75 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all_exact else 1
 
 
+SHIPPED_MODEL = "vqt-small"
+
+
+def load_model(spec: Optional[str], tokenizer, dtype: torch.dtype):
+    """'demo' -> the built-in random demo model; a directory -> a checkpoint; None -> the shipped
+    model in data/ when present, else the demo model."""
+    from .demo import demo_model
+    from .model import VQTModel
+    from .tokenizer import DATA_DIR
+
+    if spec is None:
+        spec = str(DATA_DIR / SHIPPED_MODEL) if (DATA_DIR / SHIPPED_MODEL / "config.json").is_file() else "demo"
+    if spec == "demo":
+        return demo_model(tokenizer, dtype=dtype), "built-in demo model (untrained, k-means codebooks)"
+    return VQTModel.from_pretrained(spec, dtype=dtype), spec
+
+
+def _replay(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    from .data import iter_history
+    from .demo import demo_history
+    from .replay import format_summary, replay, summarize
+    from .tokenizer import Tokenizer
+
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    tok = Tokenizer.default() if args.tokenizer is None else Tokenizer.from_file(args.tokenizer)
+    model, name = load_model(args.model, tok, dtype)
+    print(f"model: {name}: {model.describe()}")
+
+    def revisions():
+        if not args.data:
+            yield from demo_history()
+        for path in args.data:
+            yield from iter_history(path, max_revisions=args.max_revisions)
+
+    print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; window {args.window} tokens, "
+          f"positions {args.positions}, backend {args.backend}")
+    records = []
+    out = open(args.jsonl, "w") if args.jsonl else None
+    with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
+        for rec in replay(model, revisions(), tok, window_tokens=args.window, max_edits=args.max_edits,
+                          baselines=not args.no_baselines, verify=args.verify, position_mode=args.positions,
+                          backend=args.backend):
+            records.append(rec)
+            if out:
+                out.write(json.dumps(rec.to_json()) + "\n")
+            bar.update(1)
+            bar.set_postfix(ratio=f"{rec.ratio:.1f}x", ms=f"{rec.seconds * 1e3:.1f}")
+    if out:
+        out.close()
+    if not records:
+        print("no edit touched the window")
+        return 1
+    print(format_summary(summarize(records), len(records)))
+    if args.verify:
+        bad = sum(not r.exact for r in records)
+        print("verify: every edit matched the dense forward" if not bad else f"verify: {bad} edits DIFFER from dense")
+    if args.plot:
+        from .plots import plot_replay
+
+        plot_replay(records, Path(args.plot))
+        print(f"plots written to {args.plot}")
+    return 0 if not args.verify or all(r.exact for r in records) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqt", description="Incremental Transformer inference with vector-quantized attention.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -53,6 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dense comparison")
     d.set_defaults(func=_demo)
+
+    r = sub.add_parser("replay", help="replay revision histories edit by edit and report what VQT saved")
+    r.add_argument("--data", nargs="*", default=[], help="histories: MediaWiki XML (.xml[.gz|.bz2|.xz|.lzma]), "
+                   "API JSON, JSONL (default: the built-in demo history)")
+    r.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
+    r.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
+    r.add_argument("--window", type=int, default=1024, help="tokens of each document replayed (the first N)")
+    r.add_argument("--max-edits", type=int, default=None)
+    r.add_argument("--max-revisions", type=int, default=None, help="read at most this many revisions per file")
+    r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
+    r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
+    r.add_argument("--positions", choices=["stable", "canonical"], default="stable")
+    r.add_argument("--backend", default="reference")
+    r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    r.add_argument("--jsonl", default=None, help="write one JSON record per edit here")
+    r.add_argument("--plot", default=None, help="write PNG plots into this folder")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+    r.set_defaults(func=_replay)
     return p
 
 

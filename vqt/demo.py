@@ -47,6 +47,13 @@ def demo_revisions() -> Iterator[tuple[str, str]]:
         yield what, text
 
 
+def demo_history() -> list[dict]:
+    """The scripted revisions as revision records (the columns of vqt.data loaders)."""
+    return [{"doc_id": "demo", "title": "Northern Cape Light", "rev_id": i, "parent_id": i - 1,
+             "timestamp": f"2026-01-{i + 1:02d}T00:00:00Z", "text": text, "comment": what, "sha1": ""}
+            for i, (what, text) in enumerate(demo_revisions())]
+
+
 def demo_model(tokenizer: Tokenizer, dtype: torch.dtype = torch.float64, seed: int = 0) -> VQTModel:
     """A small random VQT model whose codebooks are k-means fits to its own activations on the demo text.
 

@@ -133,7 +133,7 @@ class RevisionEdits:
 
 
 @dataclass
-class EditStats:
+class RevisionStats:
     """Counts kept by `revision_edits` over the pairs it has seen."""
 
     pairs: int = 0
@@ -147,7 +147,7 @@ def revision_edits(
     revisions: Iterable[Mapping[str, Any]],
     max_edit_chars: int | None = None,
     skip_identical: bool = True,
-    stats: EditStats | None = None,
+    stats: RevisionStats | None = None,
 ) -> Iterator[RevisionEdits]:
     """Yield the atomic edits between consecutive revisions (dicts like `vqt.data.Revision`).
 
@@ -161,7 +161,7 @@ def revision_edits(
     consecutive revisions are skipped unless `skip_identical` is False.
     `stats`, when given, is updated with the counts.
     """
-    stats = EditStats() if stats is None else stats
+    stats = RevisionStats() if stats is None else stats
     prev: Mapping[str, Any] | None = None
     seen_text: set[bytes] = set()  # revisions before `prev` of the current document
     seen_sha1: set[str] = set()

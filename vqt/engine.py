@@ -33,11 +33,15 @@ class EditStats:
     dirty_per_layer: list[int]  # positions recomputed in full at each layer (D_l)
     affected_per_layer: list[int]  # clean positions whose attention was delta-updated
     flips_per_layer: list[int]  # of those, positions whose code changed (F_l)
+    code_flips_per_layer: list[int]  # individual codes that changed among those positions
     certified_skips: int  # code searches skipped by the certified radius
     searches: int  # code searches performed (group vectors)
     refreshes: int  # rows recomputed by the cancellation guard
     renumbered: int  # kept tokens whose position was renumbered
     seconds: float
+    first_changed: int = 0  # index of the first changed token (where prefix reuse starts)
+    inserted: int = 0  # new tokens
+    deleted: int = 0  # removed tokens
     macs_by_kind: dict[str, int] = field(default_factory=dict)
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
@@ -293,7 +297,7 @@ class Document:
         pos = self._pos[: len(tokens)]
         dm = dense_macs(self.cfg, pos)
         L = self.cfg.n_layers
-        return EditStats(dm, dm, dm, len(tokens), [len(tokens)] * L, [0] * L, [0] * L, 0, 0, 0, 0,
+        return EditStats(dm, dm, dm, len(tokens), [len(tokens)] * L, [0] * L, [0] * L, [0] * L, 0, 0, 0, 0,
                          time.perf_counter() - t0, full_recompute=True, reason=reason)
 
     def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
@@ -326,7 +330,9 @@ class Document:
         new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
         del_t = torch.tensor(deleted, dtype=torch.long, device=dev)
 
-        renumbered = [s for s, old, p in zip(new_entries, kept_pos, new_pos) if s is not None and old != p]
+        moved = [i for i, (s, old, p) in enumerate(zip(new_entries, kept_pos, new_pos)) if s is not None and old != p]
+        renumbered = [new_entries[i] for i in moved]
+        first_changed = min([first_changed] + moved[:1])
         old_pos_all = self._pos.clone()
         self._pos[order_t] = torch.tensor(new_pos, dtype=torch.float64, device=dev)
         if new_t.numel():
@@ -340,7 +346,7 @@ class Document:
         pos = self._pos
         pos_order = pos[order_t]  # sorted
         dirty = forced
-        stats_dirty, stats_aff, stats_flip = [], [], []
+        stats_dirty, stats_aff, stats_flip, stats_code_flip = [], [], [], []
         skips = searches = refreshes = 0
 
         for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
@@ -397,10 +403,13 @@ class Document:
                 macs.quantize_search(int(searched.sum()))
                 searches += int(searched.sum())
                 skips += int((~searched[existing]).sum())
-                flipped = aff[(codes[dirty.numel():] != old_codes[dirty.numel():]).any(-1)]
+                code_changed = codes[dirty.numel():] != old_codes[dirty.numel():]
+                flipped = aff[code_changed.any(-1)]
+                stats_code_flip.append(int(code_changed.sum()))
             else:
                 c.a_ref[rows] = a
                 flipped = aff  # without codes, every updated output moved
+                stats_code_flip.append(aff.numel())
             stats_dirty.append(dirty.numel())
             stats_aff.append(aff.numel())
             stats_flip.append(flipped.numel())
@@ -429,5 +438,6 @@ class Document:
             macs=macs.total, dense_macs=dense_macs(cfg, pos_order),
             prefix_macs=prefix_reuse_macs(cfg, pos_order, first_changed),
             n_tokens=len(order), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
-            certified_skips=skips, searches=searches, refreshes=refreshes, renumbered=len(renumbered),
-            seconds=time.perf_counter() - t0, macs_by_kind=dict(macs.by_kind))
+            code_flips_per_layer=stats_code_flip, certified_skips=skips, searches=searches, refreshes=refreshes,
+            renumbered=len(renumbered), seconds=time.perf_counter() - t0, first_changed=first_changed,
+            inserted=len(new_slots), deleted=len(deleted), macs_by_kind=dict(macs.by_kind))

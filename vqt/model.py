@@ -122,7 +122,7 @@ class Block(nn.Module):
         a = rearrange(a, "b h n d -> b n (h d)")
         loss = x.new_zeros(())
         extras: dict = {"attn": a}
-        if self.quantizer is not None:
+        if self.quantizer is not None and self.quantizer.enabled:
             aq, codes, loss = self.quantizer(self.quantizer.split(a).flatten(0, 1))
             extras["codes"] = codes.view(*a.shape[:2], -1)
             a = aq.view_as(a)
@@ -231,11 +231,14 @@ class VQTModel(nn.Module):
 
     @torch.no_grad()
     def forward_dense(self, token_ids: Sequence[int] | torch.Tensor,
-                      positions: Optional[Sequence[float] | torch.Tensor] = None) -> DenseOutput:
+                      positions: Optional[Sequence[float] | torch.Tensor] = None,
+                      cache: Optional[DenseOutput] = None, start: int = 0) -> DenseOutput:
         """Run one document densely; returns per-layer codes and gaps and the final hidden states.
 
         positions: strictly increasing reals (default 0..n-1). Uses the engine's operators,
-        so this is the reference the incremental engine is compared with.
+        so this is the reference the incremental engine is compared with. With ``cache`` (the
+        dense output of a document sharing tokens and positions [0, start)), only rows
+        [start, n) are computed against the cached prefix keys: common-prefix KV-cache reuse.
         """
         tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         self.check_inputs(tok)
@@ -246,25 +249,38 @@ class VQTModel(nn.Module):
             raise ValueError(f"{n} tokens but {pos.numel()} positions")
         if n > 1 and not bool((pos[1:] > pos[:-1]).all()):
             raise ValueError("positions must be strictly increasing")
+        if cache is None:
+            start = 0
+        elif not 0 <= start <= min(n, cache.hidden.shape[0]):
+            raise ValueError(f"prefix start {start} is outside [0, {min(n, cache.hidden.shape[0])}]")
         cfg = self.config
-        x = self.embed(tok)
+        rows, pr = slice(start, n), slice(0, start)
+        x = self.embed(tok[rows])
         layers = []
-        for block in self.blocks:
-            q, k, v = block.qkv(x, pos)
-            U, Z, M = ops.attention_rows(q, pos, k, v, pos, cfg.window, block.scale)
-            a = (U / Z.unsqueeze(-1)).reshape(n, cfg.n_groups, cfg.group_dim)
+        for li, block in enumerate(self.blocks):
+            q, k, v = block.qkv(x, pos[rows])
+            if cache is not None:
+                c = cache.layers[li]
+                k, v = torch.cat([c.k[pr], k]), torch.cat([c.v[pr], v])
+            U, Z, M = ops.attention_rows(q, pos[rows], k, v, pos, cfg.window, block.scale)
+            a = (U / Z.unsqueeze(-1)).reshape(n - start, cfg.n_groups, cfg.group_dim)
             codes = radius = gap = None
             if block.quantizer is not None:
                 res = nearest(a, block.quantizer.codebook)
                 codes, radius, gap = res.codes, res.radius, res.gap
-            layers.append(LayerState(x, q, k, v, U, Z, M, a, codes, radius, gap))
+            state = LayerState(x, q, k[rows], v[rows], U, Z, M, a, codes, radius, gap)
+            if cache is not None:
+                state = LayerState(*(None if new is None else torch.cat([old[pr], new])
+                                     for old, new in zip(vars(cache.layers[li]).values(), vars(state).values())))
+            layers.append(state)
             x = block.finish(x, block.attn_output(codes if codes is not None else a))
         hidden = self.norm(x)
+        if cache is not None:
+            x, hidden = torch.cat([cache.residual[pr], x]), torch.cat([cache.hidden[pr], hidden])
         codes = gaps = None
         if cfg.quantize:
-            shape = (0, n, cfg.n_groups)
-            codes = torch.stack([s.codes for s in layers]) if layers else torch.zeros(shape, dtype=torch.long)
-            gaps = torch.stack([s.gap for s in layers]) if layers else torch.zeros(shape, dtype=self.dtype)
+            codes = torch.stack([s.codes for s in layers])
+            gaps = torch.stack([s.gap for s in layers])
         return DenseOutput(codes, gaps, hidden, x, layers)
 
     # ----------------------------------------------------------- calibration
@@ -300,8 +316,10 @@ class VQTModel(nn.Module):
         save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "vqt", "version": "1"})
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu") -> "VQTModel":
-        """Load a checkpoint written by ``save_pretrained``; the model comes back in eval mode."""
+    def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
+                        dtype: Optional[torch.dtype] = None) -> "VQTModel":
+        """Load a checkpoint written by ``save_pretrained``; the model comes back in eval mode,
+        in ``dtype`` (default: the dtype it was saved in)."""
         from safetensors import SafetensorError
         from safetensors.torch import load_file
 
@@ -328,7 +346,7 @@ class VQTModel(nn.Module):
         dtype = next(iter(state.values())).dtype if state else torch.float32
         model = model.to(dtype)
         model.load_state_dict(state)
-        return model.to(map_location).eval()
+        return model.to(device=map_location, dtype=dtype or model.dtype).eval()
 
     def describe(self) -> str:
         c = self.config

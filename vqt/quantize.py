@@ -70,7 +70,8 @@ class VectorQuantizer(nn.Module):
         self.commitment_weight = cfg.commitment_weight
         self.ema_decay = cfg.ema_decay
         self.dead_code_threshold = cfg.dead_code_threshold
-        self.frozen = False
+        self.frozen = False  # True: never update the codebook, even in training mode
+        self.enabled = True  # False: pass activations through unquantized (the dense warm-up phase)
         use_ema = cfg.ema_decay > 0
         self.codebook = nn.Parameter(torch.randn(self.n_groups, self.size, self.group_dim) * 0.1,
                                      requires_grad=not use_ema)

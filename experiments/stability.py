@@ -1,0 +1,88 @@
+"""How well do a checkpoint's codes stay put under real Wikipedia edits?
+
+    python experiments/stability.py runs/w32-layer-k256/model --twin runs/w32-twin/model --plot runs/plots
+
+Replays consecutive revisions of the held-out MediaWiki API articles in ../shared/data
+(1024-token windows, edits as atomic diff hunks) and prints the per-code flip rate at
+layer 1, the dirty fraction (median/p90), the MAC ratio vs dense (median/p10/p90), and
+held-out perplexity next to the dense twin's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from vqt.corpus import HELDOUT, heldout_tokens  # noqa: E402
+from vqt.data import iter_history  # noqa: E402
+from vqt.model import VQTModel  # noqa: E402
+from vqt.stability import perplexity, stability_report  # noqa: E402
+from vqt.tokenizer import Tokenizer  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("checkpoints", nargs="+", help="model directories")
+    p.add_argument("--twin", default=None, help="dense twin checkpoint for the perplexity comparison")
+    p.add_argument("--data", nargs="*", default=None, help="histories (default: the held-out API-JSON articles)")
+    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--max-edits", type=int, default=200, help="per checkpoint, over all histories")
+    p.add_argument("--json", default=None, help="append one JSON line per checkpoint here")
+    p.add_argument("--plot", default=None, help="folder for dirty_per_layer.png")
+    a = p.parse_args()
+    torch.set_grad_enabled(False)
+    tok = Tokenizer.default()
+    paths = a.data or [str(x) for x in HELDOUT]
+    held = heldout_tokens(tok)
+    twin_ppl = perplexity(VQTModel.from_pretrained(a.twin, dtype=torch.float32), held) if a.twin else None
+    rows = []
+    for ck in a.checkpoints:
+        model = VQTModel.from_pretrained(ck, dtype=torch.float32)
+        revs = (rev for path in paths for rev in iter_history(path))
+        with tqdm(total=a.max_edits, desc=Path(ck).parent.name or ck, unit="edit") as bar:
+            rep, _ = stability_report(model, revs, tok, a.window, a.max_edits, progress=bar)
+        rep["checkpoint"], rep["model"] = ck, model.describe()
+        rep["perplexity"] = perplexity(model, held)
+        rep["twin_perplexity"] = twin_ppl
+        rows.append(rep)
+        if a.json:
+            with open(a.json, "a") as f:
+                f.write(json.dumps(rep) + "\n")
+    print(f"\n{'checkpoint':<34} {'edits':>5} {'flip@L1':>8} {'dirty med':>9} {'dirty p90':>9} "
+          f"{'MAC med':>8} {'p10':>6} {'p90':>7} {'prefix':>7} {'ppl':>7} {'twin':>7}")
+    for r in rows:
+        q, d = r["mac_ratio"], r["dirty_fraction"]
+        twin = f"{r['twin_perplexity']:.2f}" if r["twin_perplexity"] else "-"
+        print(f"{r['checkpoint'][-34:]:<34} {r['edits']:>5} {r['layer1_flip_rate']:>8.4f} {d['median']:>9.4f} "
+              f"{d['p90']:>9.4f} {q['median']:>7.1f}x {q['p10']:>5.1f}x {q['p90']:>6.1f}x "
+              f"{r['prefix_mac_ratio']['median']:>6.1f}x {r['perplexity']:>7.2f} {twin:>7}")
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for r in rows:
+            ax.plot(range(1, len(r["dirty_fraction_per_layer"]) + 1), r["dirty_fraction_per_layer"], marker="o",
+                    label=Path(r["checkpoint"]).parent.name or r["checkpoint"])
+        ax.set_xlabel("layer")
+        ax.set_ylabel("median dirty fraction")
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        Path(a.plot).mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(Path(a.plot) / "dirty_per_layer.png", dpi=120)
+        print(f"plot: {Path(a.plot) / 'dirty_per_layer.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Fused CPU backend: the reference operators in C++ with OpenMP (vqt/csrc/vqt_ops_cpu.cpp).
+
+The extension is compiled just in time on first use (ninja, cached under ``$VQT_BUILD_DIR`` or
+``~/.cache/vqt/torch_extensions``). Inference only: the results carry no autograd history.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Callable, Optional
+
+import torch
+
+from . import reference
+
+name = "cpu"
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def build_directory(extension: str) -> Path:
+    """Where the JIT build of ``extension`` lives (one folder per extension, reused across runs)."""
+    root = os.environ.get("VQT_BUILD_DIR") or Path.home() / ".cache" / "vqt" / "torch_extensions"
+    path = Path(root) / extension
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def jit_load(extension: str, sources: list[str], **kwargs) -> tuple[Optional[ModuleType], str]:
+    """Build (or reuse) a torch extension; returns (module, "") or (None, why it could not be built)."""
+    try:
+        from torch.utils.cpp_extension import load
+
+        module = load(name=extension, sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC)],
+                      build_directory=str(build_directory(extension)), verbose=False, **kwargs)
+    except Exception as exc:  # a missing compiler, ninja or header: the reason is reported, not raised
+        return None, f"building {extension} failed: {type(exc).__name__}: {str(exc).strip()[-2000:]}"
+    return module, ""
+
+
+@functools.lru_cache(maxsize=None)
+def _build() -> tuple[Optional[ModuleType], str]:
+    return jit_load("vqt_ops_cpu", ["vqt_ops_cpu.cpp"], extra_cflags=["-O3", "-fopenmp"],
+                    extra_ldflags=["-fopenmp"], with_cuda=False)
+
+
+def available() -> tuple[bool, str]:
+    """(True, "") when the extension builds (the first call compiles it), else (False, the reason)."""
+    module, why = _build()
+    return module is not None, why
+
+
+def fused_ops(build: Callable[[], tuple[Optional[ModuleType], str]]) -> tuple[Callable, ...]:
+    """The four operators with the reference signatures, forwarding to the extension that ``build`` returns.
+
+    Inputs may have any layout (they are made contiguous) and may require grad (they are detached).
+    """
+
+    def extension() -> ModuleType:
+        module, why = build()
+        if module is None:
+            raise RuntimeError(why)
+        return module
+
+    def dense(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.detach().contiguous() for t in tensors]
+
+    def width(window) -> Optional[float]:
+        return None if window is None else float(window)
+
+    @functools.wraps(reference.attention_rows)
+    def attention_rows(q, pos_q, k, v, pos_k, window, scale):
+        return extension().attention_rows(*dense(q, pos_q, k, v, pos_k), width(window), float(scale))
+
+    @functools.wraps(reference.attention_delta)
+    def attention_delta(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add, pos_add, window, scale, tau):
+        return extension().attention_delta(*dense(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add,
+                                                  pos_add), width(window), float(scale), float(tau))
+
+    @functools.wraps(reference.requantize)
+    def requantize(a, codebook, codes, a_ref, radius):
+        return extension().requantize(*dense(a, codebook, codes, a_ref, radius))
+
+    @functools.wraps(reference.lookup)
+    def lookup(table, codes):
+        return extension().lookup(*dense(table, codes))
+
+    return attention_rows, attention_delta, requantize, lookup
+
+
+attention_rows, attention_delta, requantize, lookup = fused_ops(_build)
