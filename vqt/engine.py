@@ -43,6 +43,7 @@ class EditStats:
     inserted: int = 0  # new tokens
     deleted: int = 0  # removed tokens
     macs_by_kind: dict[str, int] = field(default_factory=dict)
+    recomputed: Optional[torch.Tensor] = field(default=None, repr=False)  # (n,) layers that recomputed each token
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
 
@@ -163,6 +164,16 @@ class Document:
         idx = self._order_t if indices is None else self._order_t[torch.as_tensor(indices, dtype=torch.long)]
         with torch.no_grad():
             return self.model.logits(self._hidden[idx])
+
+    def state_bytes_per_token(self) -> int:
+        """Bytes of cached state per token (every per-slot row of every layer, plus the output rows)."""
+        rows = [t for c in self._layers for t in vars(c).values()] + [self._tokens, self._pos, self._resid, self._hidden]
+        return sum(t[0].numel() * t.element_size() for t in rows)
+
+    def kv_cache_bytes_per_token(self) -> int:
+        """Bytes per token of a plain KV cache of the same model (keys and values of every layer)."""
+        c = self.cfg
+        return c.n_layers * 2 * c.n_kv_heads * c.head_dim * self._layers[0].k.element_size()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every cached tensor in document order (for comparisons and tests)."""
@@ -347,6 +358,7 @@ class Document:
         pos_order = pos[order_t]  # sorted
         dirty = forced
         stats_dirty, stats_aff, stats_flip, stats_code_flip = [], [], [], []
+        recomputed = torch.zeros(self._tokens.shape[0], dtype=torch.int32, device=dev)
         skips = searches = refreshes = 0
 
         for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
@@ -416,6 +428,7 @@ class Document:
 
             # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
             post = torch.cat([dirty, flipped])
+            recomputed[post] += 1
             src = c.codes[post] if block.quantizer is not None else c.a_ref[post]
             x_next = block.finish(c.x[post], block.attn_output(src))
             macs.output(post.numel())
@@ -440,4 +453,5 @@ class Document:
             n_tokens=len(order), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
             code_flips_per_layer=stats_code_flip, certified_skips=skips, searches=searches, refreshes=refreshes,
             renumbered=len(renumbered), seconds=time.perf_counter() - t0, first_changed=first_changed,
-            inserted=len(new_slots), deleted=len(deleted), macs_by_kind=dict(macs.by_kind))
+            inserted=len(new_slots), deleted=len(deleted), macs_by_kind=dict(macs.by_kind),
+            recomputed=recomputed[order_t].cpu())

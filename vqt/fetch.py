@@ -373,11 +373,15 @@ def fetch_wiki_command(args: argparse.Namespace) -> int:
         try:
             page = fetch_page(args.title, args.limit, client=client, batch_size=args.batch_size,
                               progress=bar.update)
-        except FetchError as exc:
+        except (FetchError, ValueError) as exc:
             bar.close()
             print(f"vqt fetch-wiki: {exc}", file=sys.stderr)
             return 1
-    write_revisions(page.revisions, out, title=page.title, pageid=page.pageid)
+    try:
+        write_revisions(page.revisions, out, title=page.title, pageid=page.pageid)
+    except OSError as exc:
+        print(f"vqt fetch-wiki: cannot write {out}: {exc}", file=sys.stderr)
+        return 1
     span = (f", revisions {page.revisions[0].get('revid')}..{page.revisions[-1].get('revid')} "
             f"({page.revisions[0].get('timestamp', '')} to {page.revisions[-1].get('timestamp', '')})"
             if page.revisions else "")

@@ -156,6 +156,18 @@ class DenseOutput:
     residual: torch.Tensor  # (n, d) last block's output, before the final norm
     layers: list[LayerState]
 
+    def codes_agree(self, codes: torch.Tensor) -> bool:
+        """The exactness contract for codes: identical, except where this forward's own distance gap
+        is within float noise (a few times the search's float margin; in float64 that never happens)."""
+        if self.codes is None:
+            return True
+        diff = self.codes != codes
+        if not bool(diff.any()):
+            return True
+        radius = torch.stack([s.radius for s in self.layers])
+        margin = self.gaps / 2 - radius  # the float margin nearest() subtracted
+        return bool((self.gaps[diff] <= 4 * margin[diff]).all())
+
 
 class VQTModel(nn.Module):
     """Token embedding, ``n_layers`` blocks, final RMSNorm, LM head, optional pooled classifier."""

@@ -150,8 +150,8 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                     rec.prefix_seconds = time.perf_counter() - t0
                 if verify:
                     atol = 1e-9 if model.dtype == torch.float64 else 1e-4
-                    codes_ok = new_dense.codes is None or torch.equal(new_dense.codes, doc.doc.codes)
-                    rec.exact = bool(codes_ok and torch.allclose(new_dense.hidden, doc.doc.hidden, atol=atol))
+                    rec.exact = new_dense.codes_agree(doc.doc.codes) and bool(
+                        torch.allclose(new_dense.hidden, doc.doc.hidden, atol=atol))
                 dense = new_dense
             count += 1
             yield rec

@@ -1,0 +1,90 @@
+"""Wall-clock benchmark on real edits: dense forward vs prefix reuse vs VQT (every available backend).
+
+    python experiments/bench.py                       # shipped model, windows 512/1024/2048
+    python experiments/bench.py --model runs/X/model --windows 1024 --max-edits 50
+
+All baselines run in this process on the same edits. Prints medians and per-edit ratio
+distributions (median, p10, p90), MAC ratios, p95 latency of single-token edits, and the
+document-state memory per token next to a plain KV cache's. Timings are noisy on shared
+machines: compare ratios, not absolute numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from vqt.cli import load_model  # noqa: E402
+from vqt.corpus import HELDOUT  # noqa: E402
+from vqt.data import iter_history  # noqa: E402
+from vqt.ops import BACKENDS, get_backend  # noqa: E402
+from vqt.replay import quantiles, replay  # noqa: E402
+from vqt.text import TextDocument  # noqa: E402
+
+
+def available_backends() -> list[str]:
+    out = []
+    for name in BACKENDS:
+        try:
+            get_backend(name, "cpu")
+            out.append(name)
+        except (RuntimeError, ValueError) as e:
+            print(f"backend {name}: unavailable ({e})")
+    return out
+
+
+def fmt(q: dict) -> str:
+    return f"median {q['median']:8.3g}  p10 {q['p10']:8.3g}  p90 {q['p90']:8.3g}"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--data", nargs="*", default=None, help="histories (default: the held-out API-JSON articles)")
+    p.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
+    p.add_argument("--max-edits", type=int, default=40)
+    p.add_argument("--threads", type=int, default=0)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.set_grad_enabled(False)
+    model, name, tok = load_model(a.model, torch.float32)
+    print(f"model: {name}: {model.describe()}; torch threads {torch.get_num_threads()}")
+    backends = available_backends()
+    paths = a.data or [str(x) for x in HELDOUT]
+    for window in a.windows:
+        if window > model.config.max_len:
+            print(f"\nwindow {window}: skipped (model max_len {model.config.max_len})")
+            continue
+        runs = {}
+        for be in backends:
+            revs = (r for path in paths for r in iter_history(path))
+            runs[be] = list(replay(model, revs, tok, window_tokens=window, max_edits=a.max_edits,
+                                   baselines=(be == backends[0]), backend=be))
+        base = runs[backends[0]]
+        print(f"\n=== window {window} tokens: {len(base)} real edits (median doc {quantiles([r.n_tokens for r in base])['median']:.0f} tokens)")
+        print(f"MAC ratio vs dense        {fmt(quantiles([r.ratio for r in base]))}")
+        print(f"MAC ratio prefix reuse    {fmt(quantiles([r.prefix_ratio for r in base]))}")
+        print(f"dense forward ms          {fmt(quantiles([r.dense_seconds * 1e3 for r in base]))}")
+        print(f"prefix reuse ms           {fmt(quantiles([r.prefix_seconds * 1e3 for r in base]))}")
+        for be, recs in runs.items():
+            ms = [r.seconds * 1e3 for r in recs]
+            single = [r.seconds * 1e3 for r in recs if r.inserted_tokens <= 1 and r.deleted_tokens <= 1]
+            print(f"VQT {be:<10} ms         {fmt(quantiles(ms))}" +
+                  (f"  p95 single-token {sorted(single)[int(0.95 * (len(single) - 1))]:.1f} ms (n={len(single)})" if single else ""))
+            print(f"  speedup vs dense        {fmt(quantiles([d.dense_seconds / r.seconds for d, r in zip(base, recs)]))}")
+            print(f"  speedup vs prefix reuse {fmt(quantiles([d.prefix_seconds / r.seconds for d, r in zip(base, recs)]))}")
+            if be != "reference":
+                print(f"  speedup vs reference    {fmt(quantiles([d.seconds / r.seconds for d, r in zip(runs['reference'], recs)]))}")
+    doc = TextDocument(model, tok, "memory probe " * 50).doc
+    print(f"\ndocument state {doc.state_bytes_per_token()} B/token vs plain KV cache {doc.kv_cache_bytes_per_token()} B/token "
+          f"({doc.state_bytes_per_token() / doc.kv_cache_bytes_per_token():.1f}x)")
+
+
+if __name__ == "__main__":
+    main()
