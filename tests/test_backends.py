@@ -84,7 +84,7 @@ def assert_no_worse(fused32, ref32, oracle, what: str):
     err_f = float((fused32.double() - oracle).abs().max())
     err_r = float((ref32.double() - oracle).abs().max())
     floor = 4 * EPS32 * float(oracle.abs().max())
-    assert err_f <= 2 * err_r + floor, f"{what}: fused error {err_f:.3g} > 2 x reference error {err_r:.3g} + {floor:.3g}"
+    assert err_f <= 2 * err_r + floor, f"{what}: fused error {err_f:.3g} > 2 x reference's {err_r:.3g} + {floor:.3g}"
 
 
 def normalized(U, Z, M):
@@ -150,9 +150,12 @@ def test_attention_delta_float64(fused, heads, window):
     assert_same(ops.attention_delta(*args), ref.attention_delta(*args))
 
 
-def test_attention_delta_float32_no_worse_than_reference(fused):
+# Seed 29 has a row keeping 1.2% of its mass, just above tau: a cancellation that amplifies any float32
+# rounding in the removed terms (a fused backend computing scores in float32 failed here by 4x).
+@pytest.mark.parametrize("seed", [4, 29])
+def test_attention_delta_float32_no_worse_than_reference(fused, seed):
     ops, dev = fused
-    args = delta_case(torch.Generator().manual_seed(4), F32, dev, "gqa", 6.0, m=64, n_old=150, n_rem=20, n_add=20,
+    args = delta_case(torch.Generator().manual_seed(seed), F32, dev, "gqa", 6.0, m=64, n_old=150, n_rem=20, n_add=20,
                       tau=1e-2)
     oracle = ref.attention_delta(*[a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args])
     got, want = ops.attention_delta(*args), ref.attention_delta(*args)
@@ -322,7 +325,7 @@ def doc_model(name: str):
 
 
 @pytest.mark.parametrize("name", list(DOC_CONFIGS))
-@settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
                                                                   HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_document_edits_cpu_match_reference(fused, name, data):

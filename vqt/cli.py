@@ -186,6 +186,27 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_replay)
 
+    def _lsp(args: argparse.Namespace) -> int:
+        from .lsp import main as lsp_main  # pygls is imported only when the server runs
+
+        return lsp_main(args)
+
+    s = sub.add_parser("lsp", help="language server over stdio: next-token completions, edit-cost hovers and "
+                       "classification diagnostics for the open documents")
+    s.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
+    s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
+    s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    s.add_argument("--positions", choices=["stable", "canonical"], default="stable")
+    s.add_argument("--backend", default="reference")
+    s.add_argument("--max-live", type=int, default=8, help="documents whose model state stays in memory; "
+                   "the least recently used others wait on disk")
+    s.add_argument("--state-dir", default=None, help="where evicted states are saved (default: a temporary folder)")
+    s.add_argument("--completions", type=int, default=10, help="completion items per request")
+    s.add_argument("--dense", action="store_true", help="recompute every document densely after each change "
+                   "(the baseline)")
+    s.add_argument("--log", default=None, help="log file (default: stderr)")
+    s.set_defaults(func=_lsp)
+
     from .fetch import DEFAULT_API_URL, fetch_wiki_command
 
     w = sub.add_parser("fetch-wiki", help="download the revision history of one page from a MediaWiki API "

@@ -429,8 +429,11 @@ class Document:
             # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
             post = torch.cat([dirty, flipped])
             recomputed[post] += 1
-            src = c.codes[post] if block.quantizer is not None else c.a_ref[post]
-            x_next = block.finish(c.x[post], block.attn_output(src))
+            if block.quantizer is not None:
+                attn_out = ops.lookup(block.lookup_table(), c.codes[post])
+            else:
+                attn_out = block.attn_output(c.a_ref[post])
+            x_next = block.finish(c.x[post], attn_out)
             macs.output(post.numel())
             macs.mlp(post.numel())
             target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid

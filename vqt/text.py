@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import difflib
-from typing import Optional, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
 
+import torch
+
+from . import persist
+from .editor import ChangedRange, LineIndex, PositionEncoding, apply_content_changes, check_encoding, merge_spans, \
+    utf8_to_offset
 from .engine import Document, EditStats
 from .model import VQTModel
 from .tokenizer import Tokenizer, check_text
@@ -28,6 +35,33 @@ def token_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int, l
     return [(p + i1, p + i2, list(b[j1:j2])) for tag, i1, i2, j1, j2 in ops if tag != "equal"]
 
 
+def changed_tokens(old_ids: Sequence[int], old_hidden: torch.Tensor, new_ids: Sequence[int],
+                   new_hidden: torch.Tensor) -> list[int]:
+    """Indices of new tokens whose final hidden state differs from the one they had before
+    (inserted tokens always count). Kept tokens are matched with ``token_diff``, as the engine does."""
+    changed = torch.ones(len(new_ids), dtype=torch.bool)
+    old_i = new_i = 0
+    for s, e, rep in token_diff(old_ids, new_ids) + [(len(old_ids), len(old_ids), [])]:
+        k = s - old_i  # kept tokens old[old_i:s] are new[new_i:new_i + k]
+        changed[new_i:new_i + k] = (new_hidden[new_i:new_i + k] != old_hidden[old_i:s]).any(-1)
+        old_i, new_i = e, new_i + k + len(rep)
+    return changed.nonzero().flatten().tolist()
+
+
+@dataclass(frozen=True)
+class TextSnapshot:
+    """Everything a TextDocument holds, copied: ``TextDocument.restore`` brings it back."""
+
+    text: str
+    offsets: list[tuple[int, int]]
+    version: Optional[int]
+    position_encoding: PositionEncoding
+    last_stats: Optional[EditStats]
+    changed: Optional[list[int]]  # tokens whose outputs changed with the last tracked update
+    tokenizer: str  # fingerprint of the tokenizer
+    state: persist.DocumentState
+
+
 class TextDocument:
     """A text whose model state follows character edits.
 
@@ -35,7 +69,14 @@ class TextDocument:
     Each edit re-tokenizes the text, diffs the token sequences (several hunks are
     allowed) and applies the diff to the underlying ``Document`` in one update. A failed
     edit leaves text, tokens and state unchanged.
+
+    The editor API (``update``, ``apply_changes``, ``edit_bytes``, ``changed_ranges``, snapshots
+    and saved states) adds an editor's version number and LSP position encodings on top.
     """
+
+    version: Optional[int] = None  # the editor's version of the text: each versioned update must raise it
+    _position_encoding: PositionEncoding = "utf-16"
+    _changed: Optional[tuple[EditStats, list[int]]] = None  # (the last tracked update, its changed tokens)
 
     def __init__(self, model: VQTModel, tokenizer: Optional[Tokenizer] = None, text: str = "", **doc_kwargs) -> None:
         check_text(text, "text")
@@ -91,3 +132,133 @@ class TextDocument:
         stats = self.doc.apply_edits(token_diff(self.doc.token_ids, ids))
         self._text, self._offsets, self.last_stats = new_text, offsets, stats
         return stats
+
+    # --------------------------------------------------------------- editor API
+    @property
+    def position_encoding(self) -> PositionEncoding:
+        """How LSP positions count a line's characters: "utf-16" (the LSP default), "utf-8" or "utf-32"."""
+        return self._position_encoding
+
+    @position_encoding.setter
+    def position_encoding(self, encoding: str) -> None:
+        self._position_encoding = check_encoding(encoding)
+
+    def _check_version(self, version: Optional[int]) -> None:
+        if version is None:
+            return
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise TypeError(f"version must be an int, got {version!r}")
+        if self.version is not None and version <= self.version:
+            raise ValueError(f"stale version {version}: the document is at version {self.version} "
+                             f"and versions must increase")
+
+    def update(self, new_text: str, version: Optional[int] = None) -> EditStats:
+        """``set_text`` for editors: checks that ``version`` (when given) increases and records which
+        tokens' outputs changed, for ``changed_ranges``. On any error nothing changes."""
+        self._check_version(version)
+        old_ids, old_hidden = self.doc.token_ids, self.doc.hidden
+        stats = self.set_text(new_text)
+        self._changed = (stats, changed_tokens(old_ids, old_hidden, self.doc.token_ids, self.doc.hidden))
+        if version is not None:
+            self.version = version
+        return stats
+
+    def apply_changes(self, changes: Sequence[Mapping[str, Any]], version: Optional[int]) -> EditStats:
+        """Apply LSP TextDocumentContentChangeEvents in order, as ONE engine update.
+
+        A change is ``{"range": {"start": {"line", "character"}, "end": {...}}, "text": ...}`` with
+        characters counted in ``position_encoding`` units, or ``{"text": ...}`` for the whole text.
+        ``version`` must exceed the current one (None skips the check). On any error (a stale
+        version, a position inside a character, a text too long for the model) nothing changes.
+        """
+        self._check_version(version)
+        return self.update(apply_content_changes(self._text, changes, self._position_encoding), version)
+
+    def edit_bytes(self, start_byte: int, old_end_byte: int, new_end_byte: int, new_text: str | bytes,
+                   version: Optional[int] = None) -> EditStats:
+        """tree-sitter's edit: UTF-8 bytes [start_byte, old_end_byte) become ``new_text``, which ends
+        at ``new_end_byte``. Byte offsets must fall between characters."""
+        if isinstance(new_text, (bytes, bytearray)):
+            try:
+                new_text = bytes(new_text).decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"new_text is not valid UTF-8: {e}") from None
+        check_text(new_text, "new_text")
+        data = self._text.encode("utf-8")
+        start, end = utf8_to_offset(data, start_byte, "start_byte"), utf8_to_offset(data, old_end_byte, "old_end_byte")
+        if end < start:
+            raise ValueError(f"old_end_byte {old_end_byte} is before start_byte {start_byte}")
+        n_new = len(new_text.encode("utf-8"))
+        if new_end_byte != start_byte + n_new:
+            raise ValueError(f"new_end_byte {new_end_byte} should be start_byte + {n_new} "
+                             f"(the UTF-8 length of new_text) = {start_byte + n_new}")
+        return self.update(self._text[:start] + new_text + self._text[end:], version)
+
+    def changed_ranges(self) -> list[ChangedRange]:
+        """Text spans whose tokens' final hidden states changed with the last update (new tokens
+        included), merged and sorted, with LSP ranges in ``position_encoding`` units. Deleted text
+        has no span of its own: the tokens around it show up when their outputs moved.
+
+        Follows updates made by ``update``, ``apply_changes`` and ``edit_bytes``; after one made by
+        another method (``edit``, ``set_text``) it raises ValueError.
+        """
+        if self.last_stats is None:
+            return []
+        if self._changed is None or self._changed[0] is not self.last_stats:
+            raise ValueError("changed_ranges() follows updates made by update(), apply_changes() or edit_bytes(); "
+                             "the last update was made by another method")
+        index = LineIndex(self._text)
+        spans = merge_spans(self._offsets[i] for i in self._changed[1])
+        return [ChangedRange(s, e, index.lsp_range(s, e, self._position_encoding)) for s, e in spans]
+
+    def snapshot(self) -> TextSnapshot:
+        """A copy of the whole state; ``restore`` brings it back."""
+        changed = list(self._changed[1]) if self._changed and self._changed[0] is self.last_stats else None
+        return TextSnapshot(self._text, list(self._offsets), self.version, self._position_encoding, self.last_stats,
+                            changed, persist.tokenizer_fingerprint(self.tokenizer), persist.capture(self.doc))
+
+    def restore(self, snapshot: TextSnapshot) -> None:
+        """Return to ``snapshot`` (taken from a document with the same model and tokenizer).
+        Refused with ValueError, leaving the document unchanged, otherwise."""
+        if not isinstance(snapshot, TextSnapshot):
+            raise TypeError(f"restore() takes a TextSnapshot, got {type(snapshot).__name__}")
+        if snapshot.tokenizer != persist.tokenizer_fingerprint(self.tokenizer):
+            raise ValueError("the snapshot was taken with another tokenizer")
+        persist.restore(self.doc, snapshot.state)
+        self._text, self._offsets, self.version = snapshot.text, list(snapshot.offsets), snapshot.version
+        self._position_encoding = snapshot.position_encoding
+        self.last_stats = snapshot.last_stats
+        self._changed = None if snapshot.changed is None else (snapshot.last_stats, list(snapshot.changed))
+
+    def save_state(self, path: str | Path) -> None:
+        """Write the whole state (text, version, tokens, positions, every cached tensor) to ``path``
+        in the versioned, checksummed format of ``vqt.persist``."""
+        changed = self._changed[1] if self._changed and self._changed[0] is self.last_stats else None
+        meta = {"text": self._text, "version": self.version, "position_encoding": self._position_encoding,
+                "last_stats": None if self.last_stats is None else persist.stats_to_json(self.last_stats),
+                "changed": changed}
+        persist.write_state(path, persist.capture(self.doc, copy=False), self.tokenizer, meta)
+
+    @classmethod
+    def load_state(cls, path: str | Path, model: VQTModel, tokenizer: Optional[Tokenizer] = None) -> "TextDocument":
+        """A document saved by ``save_state``, continuing exactly as the original would.
+
+        Raises ValueError for a corrupted file, another format version, or a state saved with
+        another model or tokenizer.
+        """
+        tokenizer = tokenizer or Tokenizer.default()
+        state, meta = persist.read_state(path, model, tokenizer)
+        try:
+            text = meta["text"]
+            check_text(text, "saved text")
+            stats = None if meta["last_stats"] is None else persist.stats_from_json(meta["last_stats"])
+            version, encoding, changed = meta["version"], check_encoding(meta["position_encoding"]), meta["changed"]
+            doc = cls(model, tokenizer, "", **persist.document_kwargs(state))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{path}: malformed document metadata ({e})") from None
+        ids, offsets = tokenizer.encode_with_offsets(text)
+        doc.restore(TextSnapshot(text, offsets, version, encoding, stats, changed,
+                                 persist.tokenizer_fingerprint(tokenizer), state))
+        if doc.doc.token_ids != ids:
+            raise ValueError(f"{path}: the saved tokens are not the tokenization of the saved text")
+        return doc

@@ -1,14 +1,21 @@
 // Fused CPU backend of the sparse-recomputation operators (DESIGN.md section 5). The semantics are
-// those of vqt/ops/reference.py; this file only changes the order of the arithmetic: one pass per
-// query row (OpenMP over rows), head_dim loops written for vectorization, and float64 accumulation
-// for float32 as well as float64 inputs.
+// those of vqt/ops/reference.py; only the order of the arithmetic differs. Each call copies its keys
+// (or codebook) once, in float64, into the layouts the row loops stream through: sorted by position,
+// so that the keys a query sees are one contiguous range, and transposed, so that scores vectorize
+// over keys. Rows run on OpenMP threads; inner loops are fixed-width register blocks the compiler
+// vectorizes, exp included. float32 inputs are computed in float64 too and rounded once, at the end:
+// a delta update subtracts contributions from a sum, and where that cancels, float32 rounding in
+// them would be amplified far beyond the reference's own error.
 
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "vqt_ops_common.h"
@@ -22,29 +29,136 @@ namespace {
 
 using torch::Tensor;
 
-template <typename T>
-inline double dot(const T* a, const T* b, int64_t n) {
-  double acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) acc += static_cast<double>(a[d]) * static_cast<double>(b[d]);
-  return acc;
+// Register blocks: up to kVecs vectors of kLanes doubles (GCC/Clang vector extensions, lowered to
+// whatever the target has: one AVX-512 register per vector, two AVX2 or four SSE ones).
+constexpr int64_t kLanes = 8, kVecs = 4;
+constexpr int64_t kBlock = kLanes * kVecs;  // keys, codewords or value components per register block
+typedef double Vec __attribute__((vector_size(kLanes * sizeof(double))));
+
+constexpr double kInf = std::numeric_limits<double>::infinity();
+constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
+
+inline int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+
+template <typename To, typename From>
+inline To bits(From x) {
+  static_assert(sizeof(To) == sizeof(From));
+  To y;
+  std::memcpy(&y, &x, sizeof y);
+  return y;
 }
 
-template <typename T>
-inline double squared_distance(const T* a, const T* b, int64_t n) {
-  double acc = 0;
-#pragma omp simd reduction(+ : acc)
-  for (int64_t d = 0; d < n; ++d) {
-    const double diff = static_cast<double>(a[d]) - static_cast<double>(b[d]);
-    acc += diff * diff;
+inline Vec load(const double* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+inline Vec broadcast(double x) { return Vec{} + x; }
+
+// Calls f(std::integral_constant<int64_t, NV>{}) with NV (1 to kVecs) the fewest vectors that cover
+// count lanes, so that a short last block (a few keys, a narrow head) does not pay for a full one.
+template <typename F>
+inline void with_vectors(int64_t count, F&& f) {
+  switch (std::min(kVecs, (count + kLanes - 1) / kLanes)) {
+    case 1:
+      return f(std::integral_constant<int64_t, 1>{});
+    case 2:
+      return f(std::integral_constant<int64_t, 2>{});
+    case 3:
+      return f(std::integral_constant<int64_t, 3>{});
+    default:
+      return f(std::integral_constant<int64_t, kVecs>{});
   }
-  return acc;
 }
 
-template <typename T>
-inline void axpy(double* acc, double p, const T* x, int64_t n) {
+// out[b] = scale * sum_t term(w[t], rows[t * stride + b]) for b < width, over n rows, in register
+// blocks across b (rows must be readable up to the next multiple of kLanes past width). Even and odd
+// rows go to separate accumulators, so that narrow blocks are not bound by the add latency.
+template <typename Term>
+void sum_rows(const double* w, int64_t n, const double* rows, int64_t stride, int64_t width, double scale,
+              double* out, Term term) {
+  for (int64_t b0 = 0; b0 < width; b0 += kBlock) {
+    with_vectors(width - b0, [&](auto nv) {
+      constexpr int64_t NV = decltype(nv)::value;
+      Vec even[NV] = {}, odd[NV] = {};
+      const auto add_row = [&](Vec(&acc)[NV], int64_t t) {
+        const Vec wt = broadcast(w[t]);
+        const double* row = rows + t * stride + b0;
+        for (int64_t j = 0; j < NV; ++j) acc[j] += term(wt, load(row + j * kLanes));
+      };
+      int64_t t = 0;
+      for (; t + 1 < n; t += 2) {
+        add_row(even, t);
+        add_row(odd, t + 1);
+      }
+      if (t < n) add_row(even, t);
+      double block[NV * kLanes];
+      for (int64_t j = 0; j < NV; ++j) {
+        const Vec total = (even[j] + odd[j]) * scale;
+        std::memcpy(block + j * kLanes, &total, sizeof total);
+      }
+      std::copy_n(block, std::min(NV * kLanes, width - b0), out + b0);
+    });
+  }
+}
+
+// x[i] = exp(x[i]) to within 1 ulp, in a loop the compiler vectorizes (no calls, no branches):
+// x = k ln2 + r with |r| <= ln2 / 2 (Cody-Waite), exp(r) by its degree-13 Taylor polynomial
+// (truncation below 1e-17), and 2^k applied as two exact power-of-two factors so that subnormal
+// results, underflow to 0 (x = -inf included) and overflow to inf come out right. NaN stays NaN.
+inline void exp_inplace(double* x, int64_t n) {
+  constexpr double log2e = 1.4426950408889634074, ln2_hi = 6.93147180369123816490e-01,
+                   ln2_lo = 1.90821492927058770002e-10;  // ln2_hi has trailing zero bits: k * ln2_hi is exact
+  constexpr double shifter = 6755399441055744.0;  // 1.5 * 2^52: x + shifter rounds x to an integer in the low bits
+  constexpr double c2 = 1.0 / 2, c3 = c2 / 3, c4 = c3 / 4, c5 = c4 / 5, c6 = c5 / 6, c7 = c6 / 7, c8 = c7 / 8,
+                   c9 = c8 / 9, c10 = c9 / 10, c11 = c10 / 11, c12 = c11 / 12, c13 = c12 / 13;
+  const uint64_t shifter_bits = bits<uint64_t>(shifter);
 #pragma omp simd
-  for (int64_t d = 0; d < n; ++d) acc[d] += p * static_cast<double>(x[d]);
+  for (int64_t i = 0; i < n; ++i) {
+    double v = x[i];  // clamped to where exp is not yet 0 or inf; NaN passes
+    v = v < -746.0 ? -746.0 : v;
+    v = v > 710.0 ? 710.0 : v;
+    const double k = (v * log2e + shifter) - shifter;
+    const double r = (v - k * ln2_hi) - k * ln2_lo;
+    double p = c13;
+    p = p * r + c12;
+    p = p * r + c11;
+    p = p * r + c10;
+    p = p * r + c9;
+    p = p * r + c8;
+    p = p * r + c7;
+    p = p * r + c6;
+    p = p * r + c5;
+    p = p * r + c4;
+    p = p * r + c3;
+    p = p * r + c2;
+    p = p * r + 1.0;
+    p = p * r + 1.0;
+    const double k1 = ((k * 0.5 - 0.25) + shifter) - shifter;  // floor(k / 2): 2^k = 2^k1 2^(k - k1)
+    const double s1 = bits<double>((bits<uint64_t>(k1 + (shifter + 1023.0)) - shifter_bits) << 52);
+    const double s2 = bits<double>((bits<uint64_t>((k - k1) + (shifter + 1023.0)) - shifter_bits) << 52);
+    x[i] = p * s1 * s2;
+  }
+}
+
+// max(init, x[0..n)), NaN if any of them is NaN (as amax and torch.maximum).
+inline double nan_max_of(const double* x, int64_t n, double init) {
+  double m = -kInf;
+  int nans = 0;
+#pragma omp simd reduction(max : m) reduction(+ : nans)
+  for (int64_t c = 0; c < n; ++c) {
+    const double xc = x[c];
+    m = xc > m ? xc : m;
+    nans += xc != xc ? 1 : 0;
+  }
+  return nans ? kNaN : nan_max(init, m);
+}
+
+template <typename From, typename To>
+inline void convert(const From* src, int64_t n, To* dst) {
+#pragma omp simd
+  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<To>(src[d]);
 }
 
 // Rounds to the storage precision: a stabilizer is used at exactly the value that is stored.
@@ -53,21 +167,78 @@ inline double stored(double x) {
   return static_cast<double>(static_cast<T>(x));
 }
 
-// Per-thread scratch for one query row: the indices of its visible keys, their scores s[c * H + h],
-// the row's accumulators (u, z), the sums being added to them (acc, zacc) and per-head stabilizers.
+// Per-thread scratch of one query row: its query, scores, softmax weights and two value sums.
 struct RowScratch {
-  std::vector<int64_t> keys;
-  std::vector<double> s, u, acc, z, zacc, m, rescale;
-  RowScratch(int64_t max_keys, const Heads& L)
-      : keys(max_keys), s(max_keys * L.H), u(L.H * L.hdv), acc(L.H * L.hdv), z(L.H), zacc(L.H), m(L.H),
-        rescale(L.H) {}
+  std::vector<double> q, s, u, u2;
+  RowScratch(int64_t max_keys, const Heads& L) : q(L.H * L.hd), s(max_keys), u(L.hdv), u2(L.hdv) {}
+};
+
+// One key set in float64, sorted by position (keys at NaN positions, never visible, are dropped):
+// kt (Hkv, hd, n_pad) holds the keys transposed and v (Hkv, n, hdv_pad) the values, zero padded so
+// that register blocks may read past the end.
+struct KeyBlock {
+  int64_t n, n_pad, hd, hdv, hdv_pad;
+  std::vector<double> pos, kt, v;
+
+  template <typename T>
+  KeyBlock(const Keys<T>& K, const Heads& L) : hd(L.hd), hdv(L.hdv), hdv_pad(round_up(L.hdv, kLanes)) {
+    std::vector<int64_t> order;
+    for (int64_t j = 0; j < K.n; ++j) {
+      if (K.pos[j] == K.pos[j]) order.push_back(j);
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return K.pos[a] < K.pos[b]; });
+    n = static_cast<int64_t>(order.size());
+    n_pad = n + kBlock;
+    pos.resize(n);
+    kt.assign(L.Hkv * hd * n_pad, 0.0);
+    v.assign(L.Hkv * n * hdv_pad, 0.0);
+    for (int64_t c = 0; c < n; ++c) {
+      const int64_t j = order[c];
+      pos[c] = K.pos[j];
+      for (int64_t h = 0; h < L.Hkv; ++h) {
+        const T* kj = K.k + (j * L.Hkv + h) * hd;
+        for (int64_t d = 0; d < hd; ++d) kt[(h * hd + d) * n_pad + c] = static_cast<double>(kj[d]);
+        convert(K.v + (j * L.Hkv + h) * hdv, hdv, v.data() + (h * n + c) * hdv_pad);
+      }
+    }
+  }
+
+  // The keys visible from a query at pos_q, pos_q - window < pos <= pos_q, as the sorted range [lo, hi).
+  std::pair<int64_t, int64_t> visible(double pos_q, const Window& w) const {
+    const auto after = [&](double x) {  // index of the first key with position > x (none when x is NaN)
+      return x == x ? std::upper_bound(pos.begin(), pos.end(), x) - pos.begin() : n;
+    };
+    const int64_t hi = pos_q == pos_q ? after(pos_q) : 0;
+    const int64_t lo = w.on ? after(pos_q - w.width) : 0;
+    return {lo, std::max(lo, hi)};
+  }
+
+  // s[c] = (q . k_{lo + c}) * scale for the count keys of kv head h starting at lo.
+  void scores(const double* q, int64_t h, int64_t lo, int64_t count, double scale, double* s) const {
+    sum_rows(q, hd, kt.data() + h * hd * n_pad + lo, n_pad, count, scale, s,
+             [](const Vec& qd, const Vec& k) { return qd * k; });
+  }
+
+  // Softmax weights at stabilizer m over the count keys of kv head h starting at lo, given their
+  // scores s (overwritten with the weights): u = sum_c p_c v_c; returns sum_c p_c.
+  double accumulate(double* s, double m, int64_t h, int64_t lo, int64_t count, double* u) const {
+#pragma omp simd
+    for (int64_t c = 0; c < count; ++c) s[c] -= m;
+    exp_inplace(s, count);
+    double z = 0;
+#pragma omp simd reduction(+ : z)
+    for (int64_t c = 0; c < count; ++c) z += s[c];
+    sum_rows(s, count, v.data() + (h * n + lo) * hdv_pad, hdv_pad, hdv, 1.0, u,
+             [](const Vec& p, const Vec& x) { return p * x; });
+    return z;
+  }
 };
 
 // Runs body(i, scratch) for i in [0, n) on torch's number of OpenMP threads with one scratch per
 // thread; stays on one thread when the whole job is too small to pay for waking the others.
 template <typename MakeScratch, typename Body>
 void for_each_row(int64_t n, int64_t work_per_row, MakeScratch make_scratch, Body body) {
-  const bool parallel = n > 1 && n * work_per_row >= (int64_t{1} << 15);
+  const bool parallel = n > 1 && n * work_per_row >= (int64_t{1} << 16);
 #pragma omp parallel if (parallel) num_threads(at::get_num_threads())
   {
     auto scratch = make_scratch();
@@ -76,137 +247,148 @@ void for_each_row(int64_t n, int64_t work_per_row, MakeScratch make_scratch, Bod
   }
 }
 
-// Collects the keys visible from a query at pos_q into S.keys and their scores scale * q_h . k_{j, kv(h)}
-// into S.s; returns how many there are.
-template <typename T>
-int64_t visible_scores(const T* qi, double pos_q, const Keys<T>& K, const Heads& L, const Window& w, double scale,
-                       RowScratch& S) {
-  int64_t n = 0;
-  for (int64_t j = 0; j < K.n; ++j) {
-    if (w.visible(pos_q, K.pos[j])) S.keys[n++] = j;
-  }
-  for (int64_t c = 0; c < n; ++c) {
-    const T* kj = K.k + S.keys[c] * L.Hkv * L.hd;
-    for (int64_t h = 0; h < L.H; ++h) S.s[c * L.H + h] = dot(qi + h * L.hd, kj + L.kv(h) * L.hd, L.hd) * scale;
-  }
-  return n;
-}
-
-// Highest of m[h] and the scores of the n collected keys, per head (NaN-propagating, like amax).
-inline void raise_max(int64_t n, int64_t H, RowScratch& S) {
-  for (int64_t c = 0; c < n; ++c) {
-    for (int64_t h = 0; h < H; ++h) S.m[h] = nan_max(S.m[h], S.s[c * H + h]);
-  }
-}
-
-// acc[h] = sum_c p v_{keys[c], kv(h)} and zacc[h] = sum_c p over the n collected keys, p = exp(s - m[h]).
-template <typename T>
-void weighted_sum(int64_t n, const Keys<T>& K, const Heads& L, RowScratch& S) {
-  std::fill(S.acc.begin(), S.acc.end(), 0.0);
-  std::fill(S.zacc.begin(), S.zacc.end(), 0.0);
-  for (int64_t c = 0; c < n; ++c) {
-    const T* vj = K.v + S.keys[c] * L.Hkv * L.hdv;
-    for (int64_t h = 0; h < L.H; ++h) {
-      const double p = std::exp(S.s[c * L.H + h] - S.m[h]);
-      S.zacc[h] += p;
-      axpy(S.acc.data() + h * L.hdv, p, vj + L.kv(h) * L.hdv, L.hdv);
-    }
-  }
-}
-
-template <typename T>
-void store(T* dst, const double* src, int64_t n) {
-#pragma omp simd
-  for (int64_t d = 0; d < n; ++d) dst[d] = static_cast<T>(src[d]);
-}
-
 // One full attention row: (U, Z, M) of query i over every visible key.
 template <typename T>
-void attention_row(int64_t i, const RowsInputs<T>& in, T* U, T* Z, T* M, RowScratch& S) {
+void attention_row(int64_t i, const RowsInputs<T>& in, const KeyBlock& B, T* U, T* Z, T* M, RowScratch& S) {
   const Heads& L = in.L;
-  const int64_t n = visible_scores(in.q + i * L.H * L.hd, in.pos_q[i], in.keys, L, in.w, in.scale, S);
-  std::fill(S.m.begin(), S.m.end(), -std::numeric_limits<double>::infinity());
-  raise_max(n, L.H, S);
-  for (auto& m : S.m) m = stored<T>(m);
-  weighted_sum(n, in.keys, L, S);
-  constexpr double nan = std::numeric_limits<double>::quiet_NaN();
+  const auto [lo, hi] = B.visible(in.pos_q[i], in.w);
+  convert(in.q + i * L.H * L.hd, L.H * L.hd, S.q.data());
   for (int64_t h = 0; h < L.H; ++h) {
-    const int64_t ih = i * L.H + h;
+    const int64_t ih = i * L.H + h, kv = L.kv(h);
+    B.scores(S.q.data() + h * L.hd, kv, lo, hi - lo, in.scale, S.s.data());
+    const double m = stored<T>(nan_max_of(S.s.data(), hi - lo, -kInf));
+    const double z = B.accumulate(S.s.data(), m, kv, lo, hi - lo, S.u.data());
     // Without a finite score the reference's softmax is exp(-inf - (-inf)) = NaN; so is ours.
-    const bool none = S.m[h] == -std::numeric_limits<double>::infinity();
-    if (none) std::fill_n(S.acc.data() + h * L.hdv, L.hdv, nan);
-    store(U + ih * L.hdv, S.acc.data() + h * L.hdv, L.hdv);
-    Z[ih] = static_cast<T>(none ? nan : S.zacc[h]);
-    M[ih] = static_cast<T>(S.m[h]);
+    const bool none = m == -kInf;
+    if (none) std::fill(S.u.begin(), S.u.end(), kNaN);
+    convert(S.u.data(), L.hdv, U + ih * L.hdv);
+    Z[ih] = static_cast<T>(none ? kNaN : z);
+    M[ih] = static_cast<T>(m);
   }
 }
 
 // Delta update of row i: subtract removed keys at the current stabilizer, flag a cancellation,
 // then fold in added keys, raising the stabilizer (and rescaling) where a new score exceeds it.
 template <typename T>
-bool delta_row(int64_t i, const DeltaInputs<T>& in, T* U, T* Z, T* M, RowScratch& S) {
+bool delta_row(int64_t i, const DeltaInputs<T>& in, const KeyBlock& R, const KeyBlock& A, T* U, T* Z, T* M,
+               RowScratch& S) {
   const Heads& L = in.L;
-  const T* qi = in.q + i * L.H * L.hd;
-  for (int64_t h = 0; h < L.H; ++h) S.m[h] = static_cast<double>(in.M[i * L.H + h]);
-  int64_t n = visible_scores(qi, in.pos_q_old[i], in.rem, L, in.w, in.scale, S);
-  weighted_sum(n, in.rem, L, S);
+  const auto [rlo, rhi] = R.visible(in.pos_q_old[i], in.w);
+  const auto [alo, ahi] = A.visible(in.pos_q[i], in.w);
+  convert(in.q + i * L.H * L.hd, L.H * L.hd, S.q.data());
   bool refresh = false;
   for (int64_t h = 0; h < L.H; ++h) {
-    const int64_t ih = i * L.H + h;
-    S.z[h] = static_cast<double>(in.Z[ih]) - S.zacc[h];
-    refresh |= static_cast<T>(S.z[h]) < static_cast<T>(in.tau) * in.Z[ih];
-    const T* src = in.U + ih * L.hdv;
-    double* u = S.u.data() + h * L.hdv;
-    const double* acc = S.acc.data() + h * L.hdv;
+    const int64_t ih = i * L.H + h, kv = L.kv(h);
+    const double* q = S.q.data() + h * L.hd;
+    double* u = S.u.data();
+    double m = static_cast<double>(in.M[ih]);
+    R.scores(q, kv, rlo, rhi - rlo, in.scale, S.s.data());
+    double z = static_cast<double>(in.Z[ih]) - R.accumulate(S.s.data(), m, kv, rlo, rhi - rlo, u);
+    const T* u_in = in.U + ih * L.hdv;
 #pragma omp simd
-    for (int64_t d = 0; d < L.hdv; ++d) u[d] = static_cast<double>(src[d]) - acc[d];
-  }
-  if (in.add.n > 0) {
-    n = visible_scores(qi, in.pos_q[i], in.add, L, in.w, in.scale, S);
-    std::copy(S.m.begin(), S.m.end(), S.rescale.begin());
-    raise_max(n, L.H, S);
-    for (int64_t h = 0; h < L.H; ++h) {
-      S.m[h] = stored<T>(S.m[h]);
-      S.rescale[h] = std::exp(S.rescale[h] - S.m[h]);
-    }
-    weighted_sum(n, in.add, L, S);
-    for (int64_t h = 0; h < L.H; ++h) {
-      const double r = S.rescale[h];
-      S.z[h] = S.z[h] * r + S.zacc[h];
-      double* u = S.u.data() + h * L.hdv;
-      const double* acc = S.acc.data() + h * L.hdv;
+    for (int64_t d = 0; d < L.hdv; ++d) u[d] = static_cast<double>(u_in[d]) - u[d];
+    refresh |= static_cast<T>(z) < static_cast<T>(in.tau) * in.Z[ih];
+    if (in.add.n > 0) {
+      A.scores(q, kv, alo, ahi - alo, in.scale, S.s.data());
+      const double m_new = stored<T>(nan_max_of(S.s.data(), ahi - alo, m));
+      const double rescale = std::exp(m - m_new);
+      z = z * rescale + A.accumulate(S.s.data(), m_new, kv, alo, ahi - alo, S.u2.data());
+      const double* added = S.u2.data();
 #pragma omp simd
-      for (int64_t d = 0; d < L.hdv; ++d) u[d] = u[d] * r + acc[d];
+      for (int64_t d = 0; d < L.hdv; ++d) u[d] = u[d] * rescale + added[d];
+      m = m_new;
     }
-  }
-  for (int64_t h = 0; h < L.H; ++h) {
-    const int64_t ih = i * L.H + h;
-    store(U + ih * L.hdv, S.u.data() + h * L.hdv, L.hdv);
-    Z[ih] = static_cast<T>(S.z[h]);
-    M[ih] = static_cast<T>(S.m[h]);
+    convert(u, L.hdv, U + ih * L.hdv);
+    Z[ih] = static_cast<T>(z);
+    M[ih] = static_cast<T>(m);
   }
   return refresh;
 }
 
+// The codebook in float64, transposed per group, (G, gd, K_pad) zero padded, and max_k |e_k|^2 per group.
+struct CodebookBlock {
+  int64_t K, K_pad, gd;
+  std::vector<double> et, e2max;
+
+  template <typename T>
+  CodebookBlock(const T* codebook, int64_t G, int64_t K_, int64_t gd_)
+      : K(K_), K_pad(round_up(K_, kLanes)), gd(gd_), et(G * gd_ * K_pad, 0.0), e2max(G, 0.0) {
+    for (int64_t g = 0; g < G; ++g) {
+      const T* cg = codebook + g * K * gd;
+      for (int64_t d = 0; d < gd; ++d) {
+        double* row = et.data() + (g * gd + d) * K_pad;
+        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<double>(cg[k * gd + d]);
+      }
+      for (int64_t k = 0; k < K; ++k) {
+        double e2 = 0;
+#pragma omp simd reduction(+ : e2)
+        for (int64_t d = 0; d < gd; ++d) e2 += static_cast<double>(cg[k * gd + d]) * static_cast<double>(cg[k * gd + d]);
+        e2max[g] = nan_max(e2max[g], e2);
+      }
+    }
+  }
+
+  // Squared Euclidean distances from a (float64, gd) to every codeword of group g, computed directly.
+  void distances(const double* a, int64_t g, double* dist2) const {
+    sum_rows(a, gd, et.data() + g * gd * K_pad, K_pad, K, 1.0, dist2, [](const Vec& ad, const Vec& e) {
+      const Vec diff = ad - e;
+      return diff * diff;
+    });
+  }
+};
+
+// The nearest and second-nearest of K squared distances, exactly as Top2::push over k = 0, 1, ...
+// would find them (lowest index among equals, NaN never), in vectorizable passes: the minimum, its
+// first index, the minimum of the others, its first index.
+inline Top2 nearest_two(const double* dist2, int64_t K) {
+  Top2 best = Top2::none();
+  const auto first = [&](double value, int64_t skip) {
+    for (int64_t k = 0; k < K; ++k) {
+      if (dist2[k] == value && k != skip) return k;
+    }
+    return Top2::kNone;
+  };
+  double d1 = kInf;
+#pragma omp simd reduction(min : d1)
+  for (int64_t k = 0; k < K; ++k) d1 = dist2[k] < d1 ? dist2[k] : d1;
+  best.i1 = first(d1, Top2::kNone);
+  if (best.i1 == Top2::kNone) return best;
+  best.d1 = d1;
+  double d2 = kInf;
+#pragma omp simd reduction(min : d2)
+  for (int64_t k = 0; k < K; ++k) d2 = (dist2[k] < d2 && k != best.i1) ? dist2[k] : d2;
+  best.i2 = first(d2, best.i1);
+  if (best.i2 != Top2::kNone) best.d2 = d2;
+  return best;
+}
+
 // Re-quantizes group vector ig = (i, g) unless it stays within its certified radius; returns whether it was searched.
 template <typename T>
-bool requantize_group(int64_t ig, int64_t g, const RequantizeInputs<T>& in, const double* e2max, int64_t* codes,
-                      T* a_ref, T* radius) {
+bool requantize_group(int64_t ig, int64_t g, const RequantizeInputs<T>& in, const CodebookBlock& cb,
+                      std::vector<double>& scratch, int64_t* codes, T* a_ref, T* radius) {
   const int64_t gd = in.gd;
   const T* a = in.a + ig * gd;
-  const bool search = !(std::sqrt(squared_distance(a, in.a_ref + ig * gd, gd)) < static_cast<double>(in.radius[ig]));
-  if (!search) {
+  const T* ref = in.a_ref + ig * gd;
+  double* ad = scratch.data();
+  double* dist2 = ad + gd;
+  double moved = 0, a2 = 0;
+  for (int64_t d = 0; d < gd; ++d) {
+    ad[d] = static_cast<double>(a[d]);
+    const double diff = ad[d] - static_cast<double>(ref[d]);
+    moved += diff * diff;
+    a2 += ad[d] * ad[d];
+  }
+  if (std::sqrt(moved) < static_cast<double>(in.radius[ig])) {  // certified: the code cannot have changed
     codes[ig] = in.codes[ig];
-    std::copy_n(in.a_ref + ig * gd, gd, a_ref + ig * gd);
+    std::copy_n(ref, gd, a_ref + ig * gd);
     radius[ig] = in.radius[ig];
     return false;
   }
-  Top2 best = Top2::none();
-  const T* cb = in.codebook + g * in.K * gd;
-  for (int64_t k = 0; k < in.K; ++k) best.push(squared_distance(a, cb + k * gd, gd), k);
+  cb.distances(ad, g, dist2);
+  const Top2 best = nearest_two(dist2, cb.K);
   codes[ig] = best.code();
   std::copy_n(a, gd, a_ref + ig * gd);
-  radius[ig] = static_cast<T>(best.radius(dot(a, a, gd), e2max[g], Eps<T>::value));
+  radius[ig] = static_cast<T>(best.radius(a2, cb.e2max[g], Eps<T>::value));
   return true;
 }
 
@@ -232,10 +414,11 @@ std::tuple<Tensor, Tensor, Tensor> attention_rows(const Tensor& q, const Tensor&
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vqt_attention_rows_cpu", [&] {
     using T = scalar_t;
     const auto in = rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale);
+    const KeyBlock keys(in.keys, L);
     T *Up = U.data_ptr<T>(), *Zp = Z.data_ptr<T>(), *Mp = M.data_ptr<T>();
     for_each_row(
-        q.size(0), in.keys.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(in.keys.n, L); },
-        [&](int64_t i, RowScratch& S) { attention_row(i, in, Up, Zp, Mp, S); });
+        q.size(0), keys.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(keys.n, L); },
+        [&](int64_t i, RowScratch& S) { attention_row(i, in, keys, Up, Zp, Mp, S); });
   });
   return {U, Z, M};
 }
@@ -255,12 +438,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_delta(const Tensor& q, cons
     using T = scalar_t;
     const auto in = delta_inputs<T>(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add, pos_add, L,
                                     window, scale, tau);
+    const KeyBlock removed(in.rem, L), added(in.add, L);
     T *Up = U2.data_ptr<T>(), *Zp = Z2.data_ptr<T>(), *Mp = M2.data_ptr<T>();
     bool* rp = refresh.data_ptr<bool>();
     for_each_row(
-        q.size(0), (in.rem.n + in.add.n) * L.H * (L.hd + L.hdv),
-        [&] { return RowScratch(std::max(in.rem.n, in.add.n), L); },
-        [&](int64_t i, RowScratch& S) { rp[i] = delta_row(i, in, Up, Zp, Mp, S); });
+        q.size(0), (removed.n + added.n) * L.H * (L.hd + L.hdv),
+        [&] { return RowScratch(std::max(removed.n, added.n), L); },
+        [&](int64_t i, RowScratch& S) { rp[i] = delta_row(i, in, removed, added, Up, Zp, Mp, S); });
   });
   return {U2, Z2, M2, refresh};
 }
@@ -275,20 +459,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> requantize(const Tensor& a, const Ten
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vqt_requantize_cpu", [&] {
     using T = scalar_t;
     const auto in = requantize_inputs<T>(a, codebook, codes, a_ref, radius);
-    std::vector<double> e2max(G, 0.0);  // max_k |e_k|^2 per group, for the radius' safety margin
-    for (int64_t g = 0; g < G; ++g) {
-      for (int64_t k = 0; k < in.K; ++k) {
-        const T* e = in.codebook + (g * in.K + k) * in.gd;
-        e2max[g] = std::max(e2max[g], dot(e, e, in.gd));
-      }
-    }
+    const CodebookBlock cb(in.codebook, G, in.K, in.gd);
     int64_t* cp = codes2.data_ptr<int64_t>();
     T *rp = a_ref2.data_ptr<T>(), *radp = radius2.data_ptr<T>();
     bool* sp = searched.data_ptr<bool>();
     for_each_row(
-        m, G * in.K * in.gd, [] { return 0; },
-        [&](int64_t i, int) {
-          for (int64_t g = 0; g < G; ++g) sp[i * G + g] = requantize_group(i * G + g, g, in, e2max.data(), cp, rp, radp);
+        m, G * in.K * in.gd, [&] { return std::vector<double>(in.gd + cb.K_pad); },
+        [&](int64_t i, std::vector<double>& scratch) {
+          for (int64_t g = 0; g < G; ++g) sp[i * G + g] = requantize_group(i * G + g, g, in, cb, scratch, cp, rp, radp);
         });
   });
   return {codes2, a_ref2, radius2, searched};

@@ -11,10 +11,11 @@
 #include "vqt_ops_cuda.h"
 #include "vqt_ops_torch.h"
 
-#define VQT_CHECK_CUDA(x) TORCH_CHECK((x).is_cuda(), "the cuda backend needs CUDA tensors, got " #x " on ", (x).device())
-#define VQT_CHECK_LAUNCH(call)                                                           \
-  do {                                                                                   \
-    const cudaError_t err_ = (call);                                                     \
+#define VQT_CHECK_CUDA(x) \
+  TORCH_CHECK((x).is_cuda(), "the cuda backend needs CUDA tensors, got " #x " on ", (x).device())
+#define VQT_CHECK_LAUNCH(call)                                                              \
+  do {                                                                                      \
+    const cudaError_t err_ = (call);                                                        \
     TORCH_CHECK(err_ == cudaSuccess, "vqt CUDA kernel failed: ", cudaGetErrorString(err_)); \
   } while (0)
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
@@ -40,10 +41,21 @@ def jit_load(extension: str, sources: list[str], **kwargs) -> tuple[Optional[Mod
     return module, ""
 
 
+# Vector instructions to compile for, by the capability ATen itself detected on this machine (and
+# honouring ATEN_CPU_CAPABILITY); the extension's name carries it, so builds for different CPUs
+# sharing one cache never mix.
+_VECTOR_FLAGS = {
+    "avx2": ["-mavx2", "-mfma"],
+    "avx512": ["-mavx2", "-mfma", "-mavx512f", "-mavx512dq", "-mavx512vl", "-mavx512bw", "-mprefer-vector-width=512"],
+}
+
+
 @functools.lru_cache(maxsize=None)
 def _build() -> tuple[Optional[ModuleType], str]:
-    return jit_load("vqt_ops_cpu", ["vqt_ops_cpu.cpp"], extra_cflags=["-O3", "-fopenmp"],
-                    extra_ldflags=["-fopenmp"], with_cuda=False)
+    capability = re.sub(r"\W", "_", torch.backends.cpu.get_cpu_capability().lower())
+    flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
+    return jit_load(f"vqt_ops_cpu_{capability}", ["vqt_ops_cpu.cpp"],
+                    extra_cflags=flags + _VECTOR_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"], with_cuda=False)
 
 
 def available() -> tuple[bool, str]:

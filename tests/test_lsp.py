@@ -1,0 +1,386 @@
+"""`vqt lsp` driven over stdio by real clients (pygls' LanguageClient, and a raw JSON-RPC client for
+malformed traffic), its results checked against a dense recomputation done in this process."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import sys
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from lsprotocol import types
+from pygls.exceptions import JsonRpcInvalidParams
+from pygls.lsp.client import LanguageClient
+
+from helpers import tiny_model
+from lsp_helpers import RawClient, lsp_position, lsp_range
+from vqt import TextDocument, VQTModel
+from vqt.lsp import DocumentStore, next_tokens
+from vqt.macs import dense_macs
+from vqt.persist import state_digest
+from vqt.tokenizer import Tokenizer
+
+TOK = Tokenizer.default()
+K = 10  # completion items per request (the server's default)
+MAX_LEN = 160
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model")
+    tiny_model(vocab_size=TOK.vocab_size, max_len=MAX_LEN, window=16.0, n_classes=3).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    return VQTModel.from_pretrained(model_dir)  # bitwise the server's model
+
+
+def check_dense(model: VQTModel, info: dict, text: str):
+    """The server's state of ``text`` (from vqt.inspect) against a dense forward on the same tokens and positions."""
+    assert info["text"] == text
+    assert info["tokens"] == TOK.encode(text)
+    out = model.forward_dense(info["tokens"], info["positions"])
+    assert out.codes.tolist() == info["codes"]
+    pooled = out.hidden.mean(0) if info["tokens"] else torch.zeros(model.config.d_model, dtype=torch.float64)
+    torch.testing.assert_close(torch.tensor(info["pooled"], dtype=torch.float64), pooled, atol=1e-9, rtol=0)
+    return out
+
+
+def dense_completions(model: VQTModel, text: str, cursor: int, out) -> list:
+    """What the completion at code-point ``cursor`` must be: the dense logits of the last token ending there."""
+    ends = [e for _, e in TOK.encode_with_offsets(text)[1]]
+    before = [i for i, e in enumerate(ends) if e <= cursor]
+    with torch.no_grad():
+        return next_tokens(model.logits(out.hidden[before[-1]]), TOK, K) if before else []
+
+
+HOVER = re.compile(r"per layer: ([\d, ]+) of (\d+) tokens.*MACs: (\d+) spent vs (\d+) for a dense forward: (\d+) saved",
+                   re.S)
+
+
+# --------------------------------------------------------------- pygls client
+class Editor:
+    """pygls' LanguageClient with this test's own copy of each document and a mirror TextDocument."""
+
+    def __init__(self, model: VQTModel, client: LanguageClient) -> None:
+        self.model, self.client = model, client
+        self.texts: dict[str, str] = {}
+        self.versions: dict[str, int] = {}
+        self.mirrors: dict[str, TextDocument] = {}
+        self.diagnostics: dict[str, types.PublishDiagnosticsParams] = {}
+
+        @client.feature(types.TEXT_DOCUMENT_PUBLISH_DIAGNOSTICS)
+        def on_diagnostics(ls: LanguageClient, params: types.PublishDiagnosticsParams) -> None:
+            self.diagnostics[params.uri] = params
+
+    @classmethod
+    async def start(cls, model: VQTModel, args: list[str], log) -> "Editor":
+        client = LanguageClient("vqt-test", "1")
+        editor = cls(model, client)
+        await client.start_io(sys.executable, "-m", "vqt", "lsp", *args, "--log", str(log))
+        await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities()))
+        client.initialized(types.InitializedParams())
+        return editor
+
+    async def stop(self) -> None:
+        await self.client.shutdown_async(None)
+        self.client.exit(None)
+        await self.client.stop()
+
+    def open(self, uri: str, text: str) -> None:
+        self.texts[uri], self.versions[uri] = text, 1
+        self.mirrors[uri] = TextDocument(self.model, TOK, text)
+        item = types.TextDocumentItem(uri, "plaintext", 1, text)
+        self.client.text_document_did_open(types.DidOpenTextDocumentParams(item))
+
+    def change(self, uri: str, edits: list[tuple[int, int, str]]) -> int:
+        """One didChange made of code-point edits applied in order; returns the cursor after the last one."""
+        text, changes = self.texts[uri], []
+        for s, e, new in edits:
+            changes.append({"range": lsp_range(text, s, e), "text": new})
+            text = text[:s] + new + text[e:]
+        self.texts[uri] = text
+        self.versions[uri] += 1
+        self.mirrors[uri].apply_changes(changes, self.versions[uri])
+        events = [types.TextDocumentContentChangePartial(
+            types.Range(types.Position(**c["range"]["start"]), types.Position(**c["range"]["end"])), c["text"])
+            for c in changes]
+        self.client.text_document_did_change(types.DidChangeTextDocumentParams(
+            types.VersionedTextDocumentIdentifier(self.versions[uri], uri), events))
+        return edits[-1][0] + len(edits[-1][2])
+
+    async def inspect(self, uri: str) -> dict:
+        return await self.client.workspace_execute_command_async(types.ExecuteCommandParams("vqt.inspect", [uri, True]))
+
+    async def check(self, uri: str, cursor: int) -> None:
+        """Completion, hover, diagnostics and the whole state against the mirror and a dense forward."""
+        text, mirror = self.texts[uri], self.mirrors[uri]
+        pos = types.Position(**lsp_position(text, cursor))
+        doc_id = types.TextDocumentIdentifier(uri)
+        items = (await self.client.text_document_completion_async(types.CompletionParams(doc_id, pos))).items
+        hover = (await self.client.text_document_hover_async(types.HoverParams(doc_id, pos))).contents.value
+        info = await self.inspect(uri)
+        out = check_dense(self.model, info, text)
+        assert info["state_sha256"] == state_digest(mirror.doc) and info["version"] == self.versions[uri]
+
+        expected = dense_completions(self.model, text, cursor, out)
+        assert [it.data["token_id"] for it in items] == [s.token_id for s in expected]
+        assert all(abs(it.data["logit"] - s.logit) < 1e-9 and it.text_edit.new_text == s.text
+                   and it.text_edit.range.start == pos for it, s in zip(items, expected))
+
+        st_ = mirror.last_stats
+        dirty, n, macs, dense, saved = HOVER.search(hover).groups()
+        assert [int(x) for x in dirty.split(",")] == st_.dirty_per_layer and int(n) == len(info["tokens"])
+        assert int(macs) == st_.macs and int(dense) == dense_macs(self.model.config, torch.tensor(info["positions"]))
+        assert int(saved) == int(dense) - int(macs)
+
+        diag = self.diagnostics[uri]
+        assert diag.version == self.versions[uri]
+        with torch.no_grad():
+            probs = torch.softmax(self.model.classify(out.hidden.mean(0)), -1)
+        (cls_diag,) = [d for d in diag.diagnostics if d.data is not None]
+        torch.testing.assert_close(torch.tensor(cls_diag.data["probabilities"], dtype=torch.float64), probs,
+                                   atol=1e-9, rtol=0)
+        assert cls_diag.message.startswith(f"VQT class {int(probs.argmax())} ")
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, timeout=120))
+
+
+TEXT = "Café owners in Zürich met 東京 people.\nThe 😀 emoji and the 🦀 crab walked.\r\nLast line"
+
+
+def test_typing_session_matches_dense(model, model_dir, tmp_path):
+    async def session():
+        ed = await Editor.start(model, ["--model", str(model_dir), "--dtype", "float64"], tmp_path / "log")
+        try:
+            uri = "file:///typing.txt"
+            ed.open(uri, TEXT)
+            cur = TEXT.index("people.") + len("people.")
+            for ch in " Hi 🦀!":  # typing, one character (one or two UTF-16 units) per change
+                cur = ed.change(uri, [(cur, cur, ch)])
+                await ed.check(uri, cur)
+            for _ in range(2):  # backspace over "!" then over the crab's surrogate pair
+                cur = ed.change(uri, [(cur - 1, cur, "")])
+                await ed.check(uri, cur)
+            smile = ed.texts[uri].index("😀")
+            await ed.check(uri, ed.change(uri, [(smile, smile + 1, "🙂🙂")]))
+            zurich = ed.texts[uri].index("Zürich") + len("Zürich")
+            two_in_one = [(0, 4, "Tea"), (zurich - 1, zurich - 1, " 東")]  # two changes, one didChange
+            await ed.check(uri, ed.change(uri, two_in_one))
+            nl = ed.texts[uri].index("crab")
+            await ed.check(uri, ed.change(uri, [(nl, nl, "\n")]))
+            await ed.check(uri, ed.change(uri, [(len(ed.texts[uri]), len(ed.texts[uri]), " ✓")]))
+        finally:
+            await ed.stop()
+
+    run(session())
+
+
+def test_lru_eviction_restores_exactly(model, model_dir, tmp_path):
+    states = tmp_path / "states"
+
+    async def session():
+        ed = await Editor.start(model, ["--model", str(model_dir), "--dtype", "float64", "--max-live", "1",
+                                        "--state-dir", str(states)], tmp_path / "log")
+        try:
+            a, b = "file:///a.txt", "file:///b.txt"
+
+            async def expect(live: str, evictions: int, restores: int) -> None:
+                for uri in (a, b):
+                    info = await ed.inspect(uri)  # peeks at a saved state without restoring it
+                    assert (info["live"], info["saved"]) == (uri == live, uri != live)
+                    assert (info["evictions"], info["restores"], info["n_live"]) == (evictions, restores, 1)
+                    assert info["state_sha256"] == state_digest(ed.mirrors[uri].doc)
+                    check_dense(model, info, ed.texts[uri])
+                assert len(list(states.glob("*.vqts"))) == 1
+
+            ed.open(a, TEXT)
+            ed.open(b, "Another 文書 with 😀 in it.\nSecond line.")
+            await expect(live=b, evictions=1, restores=0)
+            await ed.check(a, ed.change(a, [(5, 5, "ñ")]))  # restores a, evicts b
+            await expect(live=a, evictions=2, restores=1)
+            cur = ed.change(b, [(8, 10, "document")])
+            await expect(live=b, evictions=3, restores=2)
+            await ed.check(b, cur)
+            await ed.check(a, ed.change(a, [(0, 0, "🦀 ")]))
+            await expect(live=a, evictions=4, restores=3)
+            ed.client.text_document_did_close(types.DidCloseTextDocumentParams(types.TextDocumentIdentifier(b)))
+            info = await ed.inspect(a)
+            assert info["n_live"] == 1 and not list(states.glob("*.vqts"))
+            with pytest.raises(JsonRpcInvalidParams, match="unknown document file:///b.txt"):
+                await ed.inspect(b)
+        finally:
+            await ed.stop()
+
+    run(session())
+
+
+# ------------------------------------------------------------ raw JSON-RPC
+@pytest.fixture(scope="module")
+def raw(model_dir, tmp_path_factory):
+    client = RawClient(["--model", str(model_dir), "--dtype", "float64", "--max-live", "1"],
+                       tmp_path_factory.mktemp("raw") / "log")
+    client.start()
+    yield client
+    assert client.close() == 0
+
+
+def error_of(resp: dict, code: int, match: str) -> None:
+    assert "error" in resp, resp
+    assert resp["error"]["code"] == code and re.search(match, resp["error"]["message"]), resp
+
+
+def last_message(client: RawClient) -> str:
+    return [m for m in client.received if m.get("method") == "window/showMessage"][-1]["params"]["message"]
+
+
+def open_doc(client: RawClient, uri: str, text: str, version: int = 1) -> None:
+    client.notify("textDocument/didOpen", {"textDocument": {"uri": uri, "languageId": "plaintext", "version": version,
+                                                            "text": text}})
+
+
+def change(client: RawClient, uri: str, version: int, changes: list) -> None:
+    client.notify("textDocument/didChange", {"textDocument": {"uri": uri, "version": version},
+                                             "contentChanges": changes})
+
+
+def at(uri: str, line: int, character: int) -> dict:
+    return {"textDocument": {"uri": uri}, "position": {"line": line, "character": character}}
+
+
+def test_malformed_traffic_gets_clear_errors(raw, model):
+    id_null = lambda m: "error" in m and m.get("id") is None  # noqa: E731
+    raw.send_body(b"{not json")
+    error_of(raw.wait(id_null), -32700, "parse error: the message is not valid JSON")
+    raw.send_body(b"[1, 2]")
+    error_of(raw.wait(id_null), -32600, "batches are not supported")
+    raw.send({"jsonrpc": "1.0", "id": 71, "method": "textDocument/hover", "params": {}})
+    error_of(raw.wait(lambda m: m.get("id") == 71), -32600, '"jsonrpc" must be "2.0"')
+    error_of(raw.request("vqt/noSuchMethod", {}), -32601, "noSuchMethod")
+    error_of(raw.request("textDocument/completion", {"textDocument": {"uri": "file:///x"}}), -32602,
+             r"required field missing @ \$.params.position")
+    error_of(raw.request("textDocument/hover", at("file:///x", -1, 0)), -32602, "invalid params")
+    error_of(raw.request("textDocument/completion", at("file:///nope.txt", 0, 0)), -32602,
+             "unknown document file:///nope.txt: it is not open")
+
+    uri, text = "file:///robust.txt", "Zürich 😀 party\nline two"
+    open_doc(raw, uri, text)
+    error_of(raw.request("textDocument/completion", at(uri, 9, 0)), -32602, "line 9 is past the end of the document")
+    error_of(raw.request("textDocument/hover", at(uri, 0, 8)), -32602, "inside the surrogate pair of '😀'")
+    assert raw.request("textDocument/completion", at(uri, 0, 99))["result"]["items"]  # a character past the end clamps
+
+    inside_pair = {"line": 0, "character": 8}
+    refused = [([{"range": {"start": inside_pair, "end": inside_pair}, "text": "x"}], 2,
+                "didChange for file:///robust.txt refused: content change 0: position 0:8 is inside the surrogate"),
+               ([{"range": lsp_range(text, 0, 1), "text": "x"}], 1, "stale version 1: the document is at version 1"),
+               ([{"range": lsp_range(text, 0, 1), "text": "bad \ud800"}], 2, "lone surrogate"),
+               ([{"range": {"start": {"line": -3, "character": 0}, "end": {"line": 0, "character": 0}}, "text": ""}], 2,
+                "invalid params for 'textDocument/didChange'")]
+    for changes, version, match in refused:
+        change(raw, uri, version, changes)
+        info = raw.inspect(uri, full=True)
+        assert re.search(match, last_message(raw)), last_message(raw)
+        assert info["version"] == 1
+        check_dense(model, info, text)
+    change(raw, "file:///unknown.txt", 2, [{"text": "x"}])
+    raw.inspect(uri)
+    assert "unknown document file:///unknown.txt" in last_message(raw)
+
+    # A document longer than the model's max_len is followed as text, without a model state, until it fits.
+    long_text = "word " * (MAX_LEN + 20)
+    change(raw, uri, 2, [{"range": lsp_range(text, len(text), len(text)), "text": long_text}])
+    diag = raw.wait(lambda m: m.get("method") == "textDocument/publishDiagnostics")
+    assert f"more than the model's max_len={MAX_LEN}" in diag["params"]["diagnostics"][0]["message"]
+    info = raw.inspect(uri, full=True)
+    assert (info["version"], info["live"], info["saved"], info["text"]) == (2, False, False, text + long_text)
+    error_of(raw.request("textDocument/completion", at(uri, 0, 0)), -32602, "max_len")
+    change(raw, uri, 3, [{"range": lsp_range(text + long_text, len(text), len(text + long_text)), "text": " ok"}])
+    check_dense(model, raw.inspect(uri, full=True), text + " ok")
+    open_doc(raw, "file:///big.txt", long_text)
+    assert raw.inspect("file:///big.txt")["problem"].startswith("the document has")
+    for u in (uri, "file:///big.txt"):
+        raw.notify("textDocument/didClose", {"textDocument": {"uri": u}})
+
+
+def test_dense_mode_store(model):
+    store = DocumentStore(model, TOK, dense=True)
+    store.open("u", TEXT, 1)
+    store.change("u", [{"range": lsp_range(TEXT, 4, 4), "text": " 😀"}], 2)
+    doc = store.docs["u"].doc
+    assert doc.text == TEXT[:4] + " 😀" + TEXT[4:] and doc.doc.positions.tolist() == list(range(len(doc.doc)))
+    assert "Dense mode" in store.describe("u", 0, 0)
+
+
+# ------------------------------------------------------------------ fuzzing
+CHARS = st.sampled_from(list("ab é東.\n") + ["😀", "\r\n", "🦀"])
+SHORT = st.lists(CHARS, max_size=12).map("".join)
+GARBAGE = [b"{", b"null", b"\xff\xfe", b'{"jsonrpc": "2.0", "id": "g", "method": "textDocument/hover", "params": 3}',
+           b'{"jsonrpc": "2.0", "method": "textDocument/didChange", "params": {"textDocument": {}}}']
+_uris = itertools.count()
+
+
+def boundary(text: str, i: int) -> int:
+    return i - 1 if text[i - 1:i + 1] == "\r\n" else i  # not between \r and \n
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_fuzzed_message_streams_leave_documents_exact(raw, model, data):
+    docs: dict[str, list] = {}  # uri -> [text the server must hold, its version]
+    for _ in range(data.draw(st.integers(1, 2))):
+        uri = f"file:///fuzz/{next(_uris)}.txt"
+        docs[uri] = [data.draw(SHORT), 1]
+        open_doc(raw, uri, docs[uri][0])
+    for _ in range(data.draw(st.integers(2, 7))):
+        uri = data.draw(st.sampled_from(sorted(docs)))
+        text, version = docs[uri]
+        kind = data.draw(st.sampled_from(["edit", "edit", "edit", "clamped", "pair", "stale", "paste", "reset",
+                                          "garbage", "query"]))
+        if kind in ("edit", "clamped", "paste"):
+            s = boundary(text, data.draw(st.integers(0, len(text))))
+            e = boundary(text, data.draw(st.integers(s, len(text))))
+            new = "word " * (MAX_LEN + 5) if kind == "paste" else data.draw(SHORT)
+            rng = lsp_range(text, s, e)
+            if kind == "clamped":  # past the last line: the end of the text
+                rng["end"] = {"line": lsp_position(text, len(text))["line"] + data.draw(st.integers(1, 3)),
+                              "character": data.draw(st.integers(0, 3))}
+                e = len(text)
+            change(raw, uri, version + data.draw(st.integers(1, 3)), [{"range": rng, "text": new}])
+            docs[uri] = [text[:s] + new + text[e:], version + 1]  # the exact version is checked through inspect
+        elif kind == "reset":
+            new = data.draw(SHORT)
+            change(raw, uri, version + 1, [{"text": new}])
+            docs[uri] = [new, version + 1]
+        elif kind == "pair" and any(ord(c) > 0xFFFF for c in text):
+            i = next(i for i, c in enumerate(text) if ord(c) > 0xFFFF)
+            pos = lsp_position(text, i)
+            change(raw, uri, version + 1, [{"range": {"start": {**pos, "character": pos["character"] + 1},
+                                                      "end": lsp_position(text, len(text))}, "text": ""}])
+        elif kind == "stale":
+            change(raw, uri, version, [{"text": "stale"}])
+        elif kind == "garbage":
+            raw.send_body(data.draw(st.sampled_from(GARBAGE)))
+        else:
+            line = data.draw(st.integers(0, text.count("\n") + text.count("\r") - text.count("\r\n") + 1))
+            resp = raw.request(data.draw(st.sampled_from(["textDocument/completion", "textDocument/hover"])),
+                               at(uri, line, data.draw(st.integers(0, 3))))
+            assert "result" in resp or resp["error"]["code"] == -32602, resp
+        info = raw.inspect(uri)
+        docs[uri][1] = info["version"]
+        assert info["text"] == docs[uri][0]
+    for uri, (text, _) in docs.items():  # every open document against a dense recomputation
+        info = raw.inspect(uri, full=True)
+        if len(TOK.encode(text)) > MAX_LEN:
+            assert info["problem"] and not info["live"] and not info["saved"]
+        else:
+            assert not info["problem"]
+            check_dense(model, info, text)
+        raw.notify("textDocument/didClose", {"textDocument": {"uri": uri}})

@@ -1,0 +1,445 @@
+"""``vqt lsp``: a language server over stdio that shows what the model computes for each open document.
+
+One incremental ``TextDocument`` per open file follows didOpen, didChange (incremental sync)
+and didClose. The server publishes next-token suggestions as completion items at the cursor,
+a hover that tells what the last edit recomputed and the MACs it saved, and diagnostics: the
+pooled classification (for models with a classifier) and any problem (a refused change, a
+document longer than the model's ``max_len``). At most ``max_live`` model states stay in
+memory; the least recently used ones are saved to disk (``vqt.persist``) and restored exactly
+on their next use. Malformed messages get JSON-RPC errors; a bad notification gets a
+``window/showMessage`` and a diagnostic, and never changes a document's state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import hashlib
+import json
+import logging
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, NamedTuple, Optional, TypeVar
+
+import cattrs
+import torch
+from lsprotocol import types
+from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
+from pygls.lsp.server import LanguageServer
+from pygls.protocol import LanguageServerProtocol
+from pygls.protocol.language_server import lsp_method
+
+from . import __version__
+from .editor import LineIndex, apply_content_changes
+from .engine import EditStats
+from .model import VQTModel
+from .persist import state_digest
+from .text import TextDocument
+from .tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class UnknownDocument(LookupError):
+    def __init__(self, uri: str) -> None:
+        super().__init__(f"unknown document {uri}: it is not open (send textDocument/didOpen first)")
+
+
+class Suggestion(NamedTuple):
+    token_id: int
+    text: str
+    logit: float
+    probability: float
+
+
+def next_tokens(logits: torch.Tensor, tokenizer: Tokenizer, k: int) -> list[Suggestion]:
+    """The k most likely next tokens that decode to whole characters, most likely first (ties by id)."""
+    probs = torch.softmax(logits.double(), -1)
+    out: list[Suggestion] = []
+    for t in torch.argsort(logits, descending=True, stable=True).tolist():
+        text = tokenizer.decode([t])
+        if text and "\ufffd" not in text:
+            out.append(Suggestion(t, text, float(logits[t]), float(probs[t])))
+            if len(out) == k:
+                break
+    return out
+
+
+@dataclass
+class OpenDocument:
+    """What the server holds for one open file."""
+
+    uri: str
+    text: str
+    version: int
+    doc: Optional[TextDocument] = None  # the live model state
+    saved: Optional[Path] = None  # the model state on disk while evicted from the LRU
+    stats: Optional[EditStats] = None  # what the last incremental update cost
+    problem: str = ""  # why the model does not follow the text (too long for it)
+    refused: str = ""  # the last refused change, reported until a change applies
+
+
+class DocumentStore:
+    """Open documents by URI, at most ``max_live`` of them with their model state in memory.
+
+    The least recently used states are saved to ``state_dir`` and restored exactly when the
+    document is next edited or queried. With ``dense`` every change rebuilds the state with a
+    dense forward (the baseline the incremental engine is compared with).
+    """
+
+    def __init__(self, model: VQTModel, tokenizer: Tokenizer, max_live: int = 8, state_dir: Optional[str | Path] = None,
+                 dense: bool = False, **doc_kwargs: Any) -> None:
+        if max_live < 1:
+            raise ValueError(f"max_live must be at least 1, got {max_live}")
+        self.model, self.tokenizer, self.doc_kwargs = model, tokenizer, doc_kwargs
+        self.max_live, self.dense = max_live, dense
+        self._tmp = tempfile.TemporaryDirectory(prefix="vqt-lsp-") if state_dir is None else None
+        self.state_dir = Path(self._tmp.name if self._tmp else state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.encoding = "utf-16"  # the position encoding negotiated with the client
+        self.docs: dict[str, OpenDocument] = {}
+        self._live: OrderedDict[str, OpenDocument] = OrderedDict()
+        self.evictions = self.restores = 0
+
+    # ------------------------------------------------------------ lifecycle
+    def get(self, uri: str) -> OpenDocument:
+        if uri not in self.docs:
+            raise UnknownDocument(uri)
+        return self.docs[uri]
+
+    def open(self, uri: str, text: str, version: int) -> OpenDocument:
+        doc, problem = self._build(text, version)
+        if uri in self.docs:  # a second didOpen replaces the first
+            self.close(uri)
+        entry = self.docs[uri] = OpenDocument(uri, text, version, problem=problem)
+        self._attach(entry, doc)
+        return entry
+
+    def change(self, uri: str, changes: list[dict[str, Any]], version: int) -> OpenDocument:
+        """Apply one didChange. On error (stale version, bad position) the document is unchanged."""
+        entry = self.get(uri)
+        if version <= entry.version:
+            raise ValueError(f"stale version {version}: the document is at version {entry.version} "
+                             f"and versions must increase")
+        if self.dense or (entry.doc is None and entry.saved is None):
+            text = apply_content_changes(entry.text, changes, self.encoding)
+            doc, problem = self._build(text, version)
+            self._attach(entry, doc)
+            entry.stats = None
+        else:
+            doc = self.live(entry)
+            try:
+                entry.stats, text, problem = doc.apply_changes(changes, version), doc.text, ""
+            except ValueError:
+                text = apply_content_changes(entry.text, changes, self.encoding)  # re-raises a bad change's error
+                problem = self._too_long(text)
+                if not problem:
+                    raise
+                self._attach(entry, None)
+                entry.stats = None
+        entry.text, entry.version, entry.problem, entry.refused = text, version, problem, ""
+        return entry
+
+    def close(self, uri: str) -> None:
+        self._attach(self.get(uri), None)
+        del self.docs[uri]
+
+    def _too_long(self, text: str) -> str:
+        n, limit = len(self.tokenizer.encode(text)), self.model.config.max_len
+        return "" if n <= limit else (f"the document has {n} tokens, more than the model's max_len={limit}: "
+                                      f"VQT results are paused until it is shorter")
+
+    def _build(self, text: str, version: int) -> tuple[Optional[TextDocument], str]:
+        """A state computed by a dense forward, or (None, why) when the text is too long for the model."""
+        try:
+            doc = TextDocument(self.model, self.tokenizer, text, **self.doc_kwargs)
+        except ValueError:
+            problem = self._too_long(text)
+            if not problem:
+                raise
+            return None, problem
+        doc.version, doc.position_encoding = version, self.encoding
+        return doc, ""
+
+    # ------------------------------------------------------------------ LRU
+    def _attach(self, entry: OpenDocument, doc: Optional[TextDocument]) -> None:
+        """Make ``doc`` the entry's live state (None: no state), forgetting any saved one."""
+        self._live.pop(entry.uri, None)
+        if entry.saved is not None:
+            entry.saved.unlink(missing_ok=True)
+        entry.doc, entry.saved = doc, None
+        if doc is not None:
+            self._touch(entry)
+
+    def live(self, entry: OpenDocument) -> TextDocument:
+        """The entry's model state in memory (restored from disk if it was evicted)."""
+        if entry.doc is None:
+            if entry.saved is None:
+                raise ValueError(entry.problem or f"{entry.uri} has no model state")
+            entry.doc = TextDocument.load_state(entry.saved, self.model, self.tokenizer)
+            entry.saved.unlink()
+            entry.saved = None
+            self.restores += 1
+        self._touch(entry)
+        return entry.doc
+
+    def _touch(self, entry: OpenDocument) -> None:
+        self._live[entry.uri] = entry
+        self._live.move_to_end(entry.uri)
+        while len(self._live) > self.max_live:
+            _, old = self._live.popitem(last=False)
+            path = self.state_dir / f"{hashlib.sha256(old.uri.encode()).hexdigest()[:32]}.vqts"
+            try:
+                old.doc.save_state(path)
+            except BaseException:
+                self._live[old.uri] = old
+                self._live.move_to_end(old.uri, last=False)
+                raise
+            old.doc, old.saved = None, path
+            self.evictions += 1
+
+    # -------------------------------------------------------------- queries
+    def cursor(self, entry: OpenDocument, line: int, character: int) -> int:
+        """Code-point offset of a request's position (a line past the end is an error)."""
+        return LineIndex(entry.text).offset(line, character, self.encoding, clamp_lines=False)
+
+    def completions(self, uri: str, line: int, character: int, k: int) -> list[Suggestion]:
+        """Next-token suggestions after the last token that ends at or before the cursor."""
+        entry = self.get(uri)
+        offset = self.cursor(entry, line, character)
+        doc = self.live(entry)
+        i = bisect.bisect_right([e for _, e in doc.token_offsets], offset) - 1
+        return [] if i < 0 else next_tokens(doc.doc.logits([i])[0], self.tokenizer, k)
+
+    def classify(self, entry: OpenDocument) -> Optional[list[float]]:
+        """Class probabilities of a live document when the model has a classifier."""
+        if self.model.classifier is None or entry.doc is None:
+            return None
+        return torch.softmax(entry.doc.doc.classify().double(), -1).tolist()
+
+    def describe(self, uri: str, line: int, character: int) -> str:
+        """Hover text: what the last update recomputed and the MACs it saved."""
+        entry = self.get(uri)
+        self.cursor(entry, line, character)  # validates the position
+        out = [f"**VQT** version {entry.version}"] + [m for m in (entry.refused, entry.problem) if m]
+        st = entry.stats
+        if self.dense:
+            out.append("Dense mode: every change recomputes the whole document.")
+        elif st is not None:
+            d = st.dirty_per_layer
+            out.append(f"Last edit recomputed {sum(d)} positions across {len(d)} layers "
+                       f"(per layer: {', '.join(map(str, d))} of {st.n_tokens} tokens); "
+                       f"delta-updated {sum(st.affected_per_layer)}.")
+            out.append(f"MACs: {st.macs} spent vs {st.dense_macs} for a dense forward: "
+                       f"{st.dense_macs - st.macs} saved ({st.ratio:.1f}x fewer).")
+        elif not entry.problem:
+            out.append("No incremental update yet: the document was computed densely when opened.")
+        return "\n\n".join(out)
+
+    def inspect(self, uri: str, full: bool = False) -> dict[str, Any]:
+        """The server's view of a document (for tests and debugging). ``full`` adds tokens, positions,
+        codes, pooled features and a digest of every cached tensor, without touching the LRU."""
+        entry = self.get(uri)
+        info: dict[str, Any] = {"uri": uri, "text": entry.text, "version": entry.version, "live": entry.doc is not None,
+                                "saved": entry.saved is not None, "problem": entry.problem, "refused": entry.refused,
+                                "n_live": len(self._live), "evictions": self.evictions, "restores": self.restores}
+        if full and (entry.doc is not None or entry.saved is not None):
+            doc = entry.doc
+            if doc is None:  # peek at the saved state
+                doc = TextDocument.load_state(entry.saved, self.model, self.tokenizer)
+            info.update(tokens=doc.doc.token_ids, positions=doc.doc.positions.tolist(), codes=doc.doc.codes.tolist(),
+                        pooled=doc.doc.pooled.tolist(), state_sha256=state_digest(doc.doc))
+        return info
+
+
+# ------------------------------------------------------------------- protocol
+class _Answered(Exception):
+    """A malformed message that has already been answered or reported."""
+
+
+def _user_handler_only(method: str) -> Callable:
+    """A builtin handler that skips pygls' own copy of the document: the store keeps the only one."""
+    def handler(self: LanguageServerProtocol, params: Any):
+        if (user := self.fm.features.get(method)) is not None:
+            yield user, (params,), None
+    return lsp_method(method)(handler)
+
+
+class _Protocol(LanguageServerProtocol):
+    """pygls' protocol with JSON-RPC errors that say what was wrong with a malformed message."""
+
+    lsp_text_document__did_open = _user_handler_only(types.TEXT_DOCUMENT_DID_OPEN)
+    lsp_text_document__did_change = _user_handler_only(types.TEXT_DOCUMENT_DID_CHANGE)
+    lsp_text_document__did_close = _user_handler_only(types.TEXT_DOCUMENT_DID_CLOSE)
+
+    def send_error(self, msg_id: Any, code: int, message: str) -> None:
+        """A JSON-RPC error response (``msg_id`` None is sent as null, as for parse errors)."""
+        self._send_data({"jsonrpc": "2.0", "id": msg_id, "error": {"code": code, "message": message}})
+
+    def _refuse(self, data: Any, code: int, message: str) -> None:
+        """Answer a bad request with an error (id null when it has no usable id), report a bad
+        notification to the user, and stop handling the message."""
+        answerless = isinstance(data, dict) and (("method" in data and "id" not in data)  # a notification
+                                                 or ("method" not in data and ("result" in data or "error" in data)))
+        if answerless:  # notifications and responses get no response
+            self._server.show_error(message)
+        else:
+            msg_id = data.get("id") if isinstance(data, dict) else None
+            self.send_error(msg_id if isinstance(msg_id, (int, str)) else None, code, message)
+        raise _Answered(message)
+
+    def structure_message(self, data: dict[str, Any]) -> Any:
+        if "jsonrpc" not in data:
+            return data  # a nested object (json.loads calls this for every object, innermost first)
+        if data["jsonrpc"] != "2.0":
+            self._refuse(data, JsonRpcInvalidRequest.CODE,
+                         f'invalid request: "jsonrpc" must be "2.0", got {data["jsonrpc"]!r}')
+        try:
+            return super().structure_message(data)
+        except JsonRpcException as e:
+            cause = e.__cause__
+            detail = ("; ".join(cattrs.transform_error(cause)) if isinstance(cause, cattrs.BaseValidationError)
+                      else str(cause or e))
+            self._refuse(data, JsonRpcInvalidParams.CODE,
+                         f"invalid params for {data.get('method', 'a response')!r}: {detail}")
+
+    def handle_message(self, message: Any) -> None:
+        if not hasattr(message, "jsonrpc"):
+            self._refuse(message, JsonRpcInvalidRequest.CODE,
+                         "invalid request: a JSON-RPC message is an object with \"jsonrpc\": \"2.0\" "
+                         f"(batches are not supported), got {json.dumps(message)[:200]}")
+        super().handle_message(message)
+
+
+class VQTServer(LanguageServer):
+    """The language server: LSP messages in, the store's results out."""
+
+    def __init__(self, store: DocumentStore, n_completions: int = 10) -> None:
+        super().__init__("vqt-lsp", __version__, protocol_cls=_Protocol)
+        self.store, self.n_completions = store, n_completions
+
+    def show_error(self, message: str) -> None:
+        logger.info("%s", message)
+        self.window_show_message(types.ShowMessageParams(type=types.MessageType.Error, message=message))
+
+    def report_server_error(self, error: Exception, source: Any) -> None:
+        if isinstance(error, _Answered):
+            return
+        if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+            self.protocol.send_error(None, JsonRpcParseError.CODE,
+                                     f"parse error: the message is not valid JSON ({error})")
+            return
+        super().report_server_error(error, source)
+
+    def publish(self, entry: OpenDocument) -> None:
+        """Diagnostics for a document: its problems and, with a classifier, its class."""
+        here = types.Range(types.Position(0, 0), types.Position(0, 0))
+        diags = [types.Diagnostic(here, m, severity=types.DiagnosticSeverity.Error, source="vqt")
+                 for m in (entry.problem, entry.refused) if m]
+        probs = self.store.classify(entry)
+        if probs is not None:
+            k = max(range(len(probs)), key=probs.__getitem__)
+            diags.append(types.Diagnostic(here, f"VQT class {k} (p={probs[k]:.4f})", source="vqt",
+                                          severity=types.DiagnosticSeverity.Information,
+                                          data={"class": k, "probabilities": probs}))
+        self.text_document_publish_diagnostics(types.PublishDiagnosticsParams(entry.uri, diags, entry.version))
+
+    def notified(self, what: str, uri: str, action: Callable[[], Any]) -> None:
+        """Run a notification's action; errors become a message and a diagnostic, and change nothing."""
+        try:
+            action()
+        except (LookupError, ValueError) as e:
+            message = f"{what} for {uri} refused: {e}"
+            self.show_error(message)
+            if uri not in self.store.docs:
+                return
+            self.store.docs[uri].refused = message
+        if uri in self.store.docs:
+            self.publish(self.store.docs[uri])
+
+    @staticmethod
+    def answered(query: Callable[[], T]) -> T:
+        """Run a request's query; errors become JSON-RPC invalid-params errors with the reason."""
+        try:
+            return query()
+        except (LookupError, ValueError) as e:
+            raise JsonRpcInvalidParams(message=str(e)) from None
+
+
+def _change_dict(change: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {"text": change.text}
+    r = getattr(change, "range", None)
+    if r is not None:
+        out["range"] = {"start": {"line": r.start.line, "character": r.start.character},
+                        "end": {"line": r.end.line, "character": r.end.character}}
+    return out
+
+
+def build_server(store: DocumentStore, n_completions: int = 10) -> VQTServer:
+    server = VQTServer(store, n_completions)
+
+    @server.feature(types.INITIALIZE)
+    def initialize(ls: VQTServer, params: types.InitializeParams) -> None:
+        enc = ls.workspace.position_encoding or "utf-16"
+        store.encoding = getattr(enc, "value", enc)
+
+    @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
+    def did_open(ls: VQTServer, params: types.DidOpenTextDocumentParams) -> None:
+        td = params.text_document
+        ls.notified("didOpen", td.uri, lambda: store.open(td.uri, td.text, td.version))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CHANGE)
+    def did_change(ls: VQTServer, params: types.DidChangeTextDocumentParams) -> None:
+        td = params.text_document
+        changes = [_change_dict(c) for c in params.content_changes]
+        ls.notified("didChange", td.uri, lambda: store.change(td.uri, changes, td.version))
+
+    @server.feature(types.TEXT_DOCUMENT_DID_CLOSE)
+    def did_close(ls: VQTServer, params: types.DidCloseTextDocumentParams) -> None:
+        uri = params.text_document.uri
+        ls.notified("didClose", uri, lambda: store.close(uri))
+        ls.text_document_publish_diagnostics(types.PublishDiagnosticsParams(uri, []))
+
+    @server.feature(types.TEXT_DOCUMENT_COMPLETION, types.CompletionOptions())
+    def completion(ls: VQTServer, params: types.CompletionParams) -> types.CompletionList:
+        pos = params.position
+        found = ls.answered(lambda: store.completions(params.text_document.uri, pos.line, pos.character,
+                                                      ls.n_completions))
+        items = [types.CompletionItem(label=s.text if s.text.strip() else repr(s.text),
+                                      kind=types.CompletionItemKind.Text, detail=f"p={s.probability:.4f}", sort_text=f"{rank:04d}",
+                                      text_edit=types.TextEdit(types.Range(pos, pos), s.text),
+                                      data={"token_id": s.token_id, "logit": s.logit, "probability": s.probability})
+                 for rank, s in enumerate(found)]
+        return types.CompletionList(is_incomplete=False, items=items)
+
+    @server.feature(types.TEXT_DOCUMENT_HOVER)
+    def hover(ls: VQTServer, params: types.HoverParams) -> types.Hover:
+        pos = params.position
+        text = ls.answered(lambda: store.describe(params.text_document.uri, pos.line, pos.character))
+        return types.Hover(types.MarkupContent(types.MarkupKind.Markdown, text))
+
+    @server.command("vqt.inspect")
+    def inspect(ls: VQTServer, *args: Any) -> dict[str, Any]:
+        if not args or not isinstance(args[0], str) or len(args) > 2:
+            raise JsonRpcInvalidParams(message="vqt.inspect takes [uri] or [uri, full]")
+        return ls.answered(lambda: store.inspect(args[0], bool(args[1]) if len(args) == 2 else False))
+
+    return server
+
+
+def main(args: argparse.Namespace) -> int:
+    """Serve over stdio until the client says exit (``vqt lsp``)."""
+    from .cli import load_model
+
+    logging.basicConfig(filename=args.log, level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
+    logger.setLevel(logging.INFO)
+    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    model, name, tok = load_model(args.model, dtype, args.tokenizer)
+    logger.info("vqt lsp: model %s: %s", name, model.describe())
+    store = DocumentStore(model, tok, max_live=args.max_live, state_dir=args.state_dir, dense=args.dense,
+                          position_mode=args.positions, backend=args.backend)
+    build_server(store, args.completions).start_io()
+    return 0
