@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import re
 import statistics
 import sys
@@ -68,7 +69,8 @@ async def replay(args: argparse.Namespace, text: str, edits: list[tuple[int, int
         published[params.version] = time.perf_counter()
 
     server = ["-m", "vqt", "lsp", "--dtype", args.dtype, "--log", str(args.log)] + (["--dense"] if dense else [])
-    await client.start_io(sys.executable, *server, *(["--model", args.model] if args.model else []))
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
+    await client.start_io(sys.executable, *server, *(["--model", args.model] if args.model else []), env=env)
     await client.initialize_async(types.InitializeParams(capabilities=types.ClientCapabilities()))
     client.initialized(types.InitializedParams())
     client.text_document_did_open(types.DidOpenTextDocumentParams(types.TextDocumentItem(URI, "plaintext", 1, text)))
@@ -108,13 +110,15 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=1000, help="document length in tokens (at most the model's max_len)")
     p.add_argument("--keystrokes", type=int, default=120)
     p.add_argument("--warmup", type=int, default=5, help="first keystrokes not timed")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per server (1 keeps many small ops "
+                   "from waiting on OpenMP barriers when the CPU is shared)")
     p.add_argument("--log", default="lsp_latency.log", help="the servers' log file")
     args = p.parse_args()
 
     text = document(Tokenizer.default(), args.tokens)
     edits = keystrokes(text, args.keystrokes)
     print(f"{len(edits)} keystrokes ({args.warmup} warm-up) into a document of {len(Tokenizer.default().encode(text))} "
-          f"tokens, {args.dtype}")
+          f"tokens, {args.dtype}, {args.threads} thread(s) per server")
     print(f"{'server':<12} {'didChange -> diagnostics':>26} {'didChange -> completion':>26}  MAC ratio")
     print(f"{'':<12} {'p50 ms':>12} {'p95 ms':>13} {'p50 ms':>12} {'p95 ms':>13}  median")
     for dense in (False, True):

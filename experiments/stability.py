@@ -20,11 +20,28 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vqt.corpus import HELDOUT, heldout_tokens  # noqa: E402
+from vqt.config import VQTConfig  # noqa: E402
+from vqt.corpus import HELDOUT, heldout_tokens, train_tokens  # noqa: E402
 from vqt.data import iter_history  # noqa: E402
 from vqt.model import VQTModel  # noqa: E402
 from vqt.stability import perplexity, stability_report  # noqa: E402
 from vqt.tokenizer import Tokenizer  # noqa: E402
+
+
+def load_spec(spec: str, tok: Tokenizer) -> VQTModel:
+    """A checkpoint directory, or DIR@GRANULARITY:K: that checkpoint's weights with codebooks of this
+    granularity and size fitted by k-means on training text (training-free VQ, e.g. on a dense twin)."""
+    if "@" not in spec:
+        return VQTModel.from_pretrained(spec, dtype=torch.float32)
+    path, _, vq = spec.partition("@")
+    gran, _, k = vq.partition(":")
+    base = VQTModel.from_pretrained(path, dtype=torch.float32)
+    cfg = VQTConfig.from_dict({**base.config.to_dict(), "quantize": True, "granularity": gran, "codebook_size": int(k)})
+    model = VQTModel(cfg)
+    missing = model.load_state_dict(base.state_dict(), strict=False).missing_keys
+    assert all("quantizer" in m for m in missing), missing
+    model.eval().calibrate_codebooks(torch.from_numpy(train_tokens(tok)[:8192].astype("int64")), iters=15)
+    return model
 
 
 def main() -> None:
@@ -44,7 +61,7 @@ def main() -> None:
     twin_ppl = perplexity(VQTModel.from_pretrained(a.twin, dtype=torch.float32), held) if a.twin else None
     rows = []
     for ck in a.checkpoints:
-        model = VQTModel.from_pretrained(ck, dtype=torch.float32)
+        model = load_spec(ck, tok)
         revs = (rev for path in paths for rev in iter_history(path))
         with tqdm(total=a.max_edits, desc=Path(ck).parent.name or ck, unit="edit") as bar:
             rep, _ = stability_report(model, revs, tok, a.window, a.max_edits, progress=bar)

@@ -47,17 +47,24 @@ def main() -> None:
     p.add_argument("--consistency-start", type=int, default=-1)
     p.add_argument("--consistency-weight", type=float, default=1.0)
     p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--init", default="", help="fine-tune from this model directory (its architecture wins)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--device", default="cpu")
     a = p.parse_args()
 
     tok = Tokenizer.default()
-    cfg = VQTConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
-                    n_kv_heads=a.kv_heads, window=a.window, pos_encoding=a.pos_encoding, granularity=a.granularity,
-                    codebook_size=a.codebook_size, commitment_weight=a.commitment, quantize=not a.dense_twin)
+    if a.init:
+        from vqt.model import VQTModel
+
+        cfg = VQTModel.from_pretrained(a.init).config
+        cfg.extra = {"init": a.init}
+    else:
+        cfg = VQTConfig(vocab_size=tok.vocab_size, d_model=a.d_model, n_layers=a.layers, n_heads=a.heads,
+                        n_kv_heads=a.kv_heads, window=a.window, pos_encoding=a.pos_encoding, granularity=a.granularity,
+                        codebook_size=a.codebook_size, commitment_weight=a.commitment, quantize=not a.dense_twin)
     t = TrainConfig(out_dir=a.out, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed,
                     position_jitter=a.jitter, vq_start=a.vq_start, consistency_start=a.consistency_start,
-                    consistency_weight=a.consistency_weight, threads=a.threads, eval_every=a.eval_every,
+                    consistency_weight=a.consistency_weight, threads=a.threads, eval_every=a.eval_every, init_from=a.init,
                     ckpt_every=a.eval_every)
     train_ids, val_ids = train_tokens(tok), heldout_tokens(tok)
     t0 = time.time()

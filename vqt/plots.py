@@ -23,26 +23,25 @@ def plot_replay(records: Sequence[EditRecord], folder: Path) -> list[Path]:
         v = np.sort(np.minimum(np.asarray(vals, dtype=float), 1e4))
         ax.step(v, np.arange(1, len(v) + 1) / len(v), where="post", label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("ops reduction (dense MACs / MACs)")
-    ax.set_ylabel("fraction of edits")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    paths.append(folder / "ratio_cdf.png")
-    fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_finish(fig, ax, "ops reduction (dense MACs / MACs)", "fraction of edits", folder / "ratio_cdf.png"))
 
     fig, ax = plt.subplots(figsize=(6, 4))
     frac = np.asarray([[d / max(1, r.n_tokens) for d in r.dirty_per_layer] for r in records])
     layers = np.arange(1, frac.shape[1] + 1)
     ax.plot(layers, np.median(frac, 0), marker="o", label="median")
     ax.fill_between(layers, np.percentile(frac, 10, 0), np.percentile(frac, 90, 0), alpha=0.25, label="p10-p90")
-    ax.set_xlabel("layer")
-    ax.set_ylabel("dirty fraction of positions")
+    paths.append(_finish(fig, ax, "layer", "dirty fraction of positions", folder / "dirty_per_layer.png"))
+    return paths
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.legend()
     ax.grid(alpha=0.3)
-    paths.append(folder / "dirty_per_layer.png")
     fig.tight_layout()
-    fig.savefig(paths[-1], dpi=120)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
-    return paths
+    return path

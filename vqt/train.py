@@ -53,6 +53,7 @@ class TrainConfig:
     eval_tokens: int = 16384  # held-out tokens used for the periodic validation loss
     ckpt_every: int = 100
     threads: int = 0  # torch threads (0 = leave the default)
+    init_from: str = ""  # start from this model directory's weights (fine-tuning); codebooks kept
     stop_after: int = 0  # end this run after this many steps (checkpointed; rerun to resume); 0 = run to the end
     extra: dict = field(default_factory=dict)
 
@@ -171,13 +172,15 @@ def train(model_cfg: VQTConfig, t: TrainConfig, train_tokens: np.ndarray, val_to
     (out / "train_config.json").write_text(json.dumps(asdict(t), indent=2))
     torch.manual_seed(t.seed)
     model = VQTModel(model_cfg).to(device)
+    if t.init_from:
+        model.load_state_dict(VQTModel.from_pretrained(t.init_from, dtype=torch.float32).state_dict())
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
                             weight_decay=t.weight_decay, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(t.seed)
     rng = random.Random(t.seed)
     step = 0
     ckpt = out / "checkpoint"
-    vq_on = False
+    vq_on = bool(t.init_from) and model_cfg.quantize  # a fine-tuned model's codebooks are already fitted
     if ckpt.is_dir():
         model = VQTModel.from_pretrained(ckpt, map_location=device).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=t.lr,
