@@ -20,6 +20,7 @@ import os
 import re
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,7 +113,8 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="first keystrokes not timed")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (1 keeps many small ops "
                    "from waiting on OpenMP barriers when the CPU is shared)")
-    p.add_argument("--log", default="lsp_latency.log", help="the servers' log file")
+    p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "vqt-lsp-latency.log"),
+                   help="the servers' log file")
     args = p.parse_args()
 
     text = document(Tokenizer.default(), args.tokens)
