@@ -64,8 +64,8 @@ def snapshot(doc: TextDocument):
 
 
 @pytest.mark.parametrize("args, exc, match", [
-    ((5, 2, "x"), ValueError, r"invalid character range \[5, 2\)"),
-    ((0, 10_000, "x"), ValueError, "invalid character range"),
+    ((5, 2, "x"), ValueError, r"invalid code-point range \[5, 2\)"),
+    ((0, 10_000, "x"), ValueError, "invalid code-point range"),
     ((0, 1, b"bytes"), TypeError, "got bytes: decode it first"),
     ((0, 1, 42), TypeError, "must be str"),
     ((0, 1, "bad \ud800 surrogate"), ValueError, "lone surrogate"),

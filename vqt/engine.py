@@ -14,6 +14,7 @@ from typing import Optional, Sequence, Union
 
 import torch
 
+from .edits import check_spans
 from .macs import MacCounter, dense_macs, prefix_reuse_macs, visible_counts, visible_pairs
 from .model import VQTModel
 from .ops import get_backend
@@ -210,21 +211,8 @@ class Document:
 
     def _normalize_edits(self, edits: Sequence[Edit]) -> list[tuple[int, int, torch.Tensor]]:
         n = len(self)
-        out = []
-        prev_end = 0
-        for e in edits:
-            if not isinstance(e, (tuple, list)) or len(e) != 3:
-                raise TypeError(f"an edit is (start, end, new_token_ids), got {e!r}")
-            start, end, ids = e
-            for name, v in (("start", start), ("end", end)):
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise TypeError(f"edit {name} must be an int, got {v!r}")
-            if not 0 <= start <= end <= n:
-                raise ValueError(f"invalid token range [{start}, {end}) for a document of {n} tokens")
-            if start < prev_end:
-                raise ValueError(f"edits must be sorted and non-overlapping: [{start}, {end}) starts before {prev_end}")
-            prev_end = end
-            out.append((start, end, self._check_tokens(ids, "new_token_ids")))
+        out = [(s, e, self._check_tokens(ids, "new_token_ids"))
+               for s, e, ids in check_spans(edits, n, "token", "(start, end, new_token_ids)")]
         new_len = n + sum(len(t) - (e - s) for s, e, t in out)
         self._check_length(new_len)
         return out

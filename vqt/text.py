@@ -12,6 +12,7 @@ import torch
 from . import persist
 from .editor import ChangedRange, LineIndex, PositionEncoding, apply_content_changes, check_encoding, merge_spans, \
     utf8_to_offset
+from .edits import check_spans
 from .engine import Document, EditStats
 from .model import VQTModel
 from .tokenizer import Tokenizer, check_text
@@ -107,21 +108,11 @@ class TextDocument:
 
     def apply_text_edits(self, edits: Sequence[TextEdit]) -> EditStats:
         """Apply several character edits, sorted and non-overlapping in the current text, in one update."""
-        n, prev, pieces, cur = len(self._text), 0, [], 0
-        for e in edits:
-            if not isinstance(e, (tuple, list)) or len(e) != 3:
-                raise TypeError(f"a text edit is (start, end, replacement), got {e!r}")
-            start, end, rep = e
-            for name, v in (("start", start), ("end", end)):
-                if isinstance(v, bool) or not isinstance(v, int):
-                    raise TypeError(f"edit {name} must be an int (a code-point offset), got {v!r}")
-            if not 0 <= start <= end <= n:
-                raise ValueError(f"invalid character range [{start}, {end}) for a text of {n} code points")
-            if start < prev:
-                raise ValueError(f"text edits must be sorted and non-overlapping: [{start}, {end}) starts before {prev}")
+        pieces, cur = [], 0
+        for start, end, rep in check_spans(edits, len(self._text), "code-point", "(start, end, replacement)"):
             check_text(rep, "replacement")
             pieces += [self._text[cur:start], rep]
-            cur = prev = end
+            cur = end
         pieces.append(self._text[cur:])
         return self.set_text("".join(pieces))
 
