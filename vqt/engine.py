@@ -319,7 +319,9 @@ class Document:
         new_entries.extend(old_order[cur:])
         first_changed = norm[0][0] if norm else len(old_order)
 
-        kept_pos = [None if s is None else float(self._pos[s]) for s in new_entries]
+        kept_slots = [s for s in new_entries if s is not None]
+        kept_vals = iter(self._pos[torch.tensor(kept_slots, dtype=torch.long, device=dev)].tolist())
+        kept_pos = [None if s is None else next(kept_vals) for s in new_entries]
         new_pos = plan_positions(kept_pos, self.position_mode, self.spacing)
 
         new_slots = self._alloc(sum(t.numel() for t in new_tokens))

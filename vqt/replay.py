@@ -56,6 +56,7 @@ class EditRecord:
     prefix_seconds: Optional[float] = None  # common-prefix KV reuse on the same edit
     exact: Optional[bool] = None  # with verify: codes equal and hidden allclose to the dense forward
     n_groups: int = 1  # codes per position per layer
+    macs_by_kind: dict = field(default_factory=dict)
     flags: dict = field(default_factory=dict)
 
     @property
@@ -138,7 +139,8 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                              st.deleted, st.first_changed, st.macs, st.dense_macs, st.prefix_macs, st.ratio,
                              st.prefix_ratio, st.dirty_per_layer, st.flips_per_layer, st.code_flips_per_layer,
                              st.affected_per_layer, st.certified_skips, st.refreshes, st.renumbered, st.seconds,
-                             n_groups=model.config.n_groups, flags={"revert": pair.flags.revert})
+                             n_groups=model.config.n_groups, macs_by_kind=st.macs_by_kind,
+                             flags={"revert": pair.flags.revert})
             if baselines or verify:
                 tok, pos = doc.doc.token_ids, doc.doc.positions
                 t0 = time.perf_counter()

@@ -15,7 +15,7 @@ import torch
 from ..quantize import nearest
 
 name = "reference"
-_ROW_CHUNK = 256  # query rows per block in full attention, to bound the (H, m, r) score memory
+_ROW_CHUNK = 128  # query rows per block in full attention: bounds the (H, m, r) scores and the key band
 
 
 def visible(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> torch.Tensor:
@@ -43,15 +43,20 @@ def attention_rows(q: torch.Tensor, pos_q: torch.Tensor, k: torch.Tensor, v: tor
                    window: Optional[float], scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full attention rows as accumulators (U (m, H, hd), Z (m, H), M (m, H)); output = U / Z.
 
+    ``pos_k`` must be sorted ascending: each block of query rows then only reads the
+    contiguous band of keys it can see (causal, and windowed when ``window`` is set).
     Every query must see at least one key (itself, in a document).
     """
     us, zs, ms = [], [], []
     for lo in range(0, q.shape[0], _ROW_CHUNK):
         qc, pc = q[lo:lo + _ROW_CHUNK], pos_q[lo:lo + _ROW_CHUNK]
-        s = _scores(qc, k, scale).masked_fill(~visible(pc, pos_k, window), float("-inf"))
+        first = 0 if window is None else int(torch.searchsorted(pos_k, pc.min() - window, right=True))
+        last = int(torch.searchsorted(pos_k, pc.max(), right=True))
+        kc, vc, pkc = k[first:last], v[first:last], pos_k[first:last]
+        s = _scores(qc, kc, scale).masked_fill(~visible(pc, pkc, window), float("-inf"))
         m = s.amax(-1)  # (H, mc)
         p = torch.exp(s - m.unsqueeze(-1))
-        us.append(_weighted_values(p, v))
+        us.append(_weighted_values(p, vc))
         zs.append(p.sum(-1).T)
         ms.append(m.T)
     if not us:
