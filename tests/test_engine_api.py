@@ -198,3 +198,10 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     (other / "config.json").write_text('{"d_model": 8, "flux_capacitor": 1}')
     with pytest.raises(ValueError, match="unknown VQTConfig keys"):
         VQTModel.from_pretrained(other)
+
+
+def test_checkpoint_loads_in_requested_dtype(tmp_path):
+    model = tiny_model(dtype=torch.float32)
+    model.half().save_pretrained(tmp_path)
+    assert VQTModel.from_pretrained(tmp_path).dtype == torch.float16
+    assert VQTModel.from_pretrained(tmp_path, dtype=torch.float64).dtype == torch.float64

@@ -355,10 +355,10 @@ class VQTModel(nn.Module):
         for k, v in state.items():
             if v.shape != expected[k].shape:
                 raise ValueError(f"checkpoint {d}: {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
-        dtype = next(iter(state.values())).dtype if state else torch.float32
-        model = model.to(dtype)
+        saved_dtype = next(iter(state.values())).dtype if state else torch.float32
+        model = model.to(saved_dtype)
         model.load_state_dict(state)
-        return model.to(device=map_location, dtype=dtype or model.dtype).eval()
+        return model.to(device=map_location, dtype=dtype or saved_dtype).eval()
 
     def describe(self) -> str:
         c = self.config
