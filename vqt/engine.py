@@ -331,9 +331,10 @@ class Document:
         new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
         del_t = torch.tensor(deleted, dtype=torch.long, device=dev)
 
-        moved = [i for i, (s, old, p) in enumerate(zip(new_entries, kept_pos, new_pos)) if s is not None and old != p]
-        renumbered = [new_entries[i] for i in moved]
-        first_changed = min([first_changed] + moved[:1])
+        renumbered_at = [i for i, (s, old, p) in enumerate(zip(new_entries, kept_pos, new_pos))
+                         if s is not None and old != p]
+        renumbered = [new_entries[i] for i in renumbered_at]
+        first_changed = min([first_changed] + renumbered_at[:1])
         old_pos_all = self._pos.clone()
         self._pos[order_t] = torch.tensor(new_pos, dtype=torch.float64, device=dev)
         if new_t.numel():

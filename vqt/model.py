@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -265,7 +265,13 @@ class VQTModel(nn.Module):
             start = 0
         elif not 0 <= start <= min(n, cache.hidden.shape[0]):
             raise ValueError(f"prefix start {start} is outside [0, {min(n, cache.hidden.shape[0])}]")
+        return self._dense(tok, pos, cache, start)
+
+    def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
+               before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None) -> DenseOutput:
+        """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first."""
         cfg = self.config
+        n = tok.numel()
         rows, pr = slice(start, n), slice(0, start)
         x = self.embed(tok[rows])
         layers = []
@@ -277,6 +283,8 @@ class VQTModel(nn.Module):
             U, Z, M = ops.attention_rows(q, pos[rows], k, v, pos, cfg.window, block.scale)
             a = (U / Z.unsqueeze(-1)).reshape(n - start, cfg.n_groups, cfg.group_dim)
             codes = radius = gap = None
+            if before_quantize is not None:
+                before_quantize(block, a)
             if block.quantizer is not None:
                 res = nearest(a, block.quantizer.codebook)
                 codes, radius, gap = res.codes, res.radius, res.gap
@@ -308,13 +316,8 @@ class VQTModel(nn.Module):
         g = torch.Generator(device="cpu").manual_seed(seed)
         tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         pos = torch.arange(tok.numel(), dtype=torch.float64, device=self.device)
-        x = self.embed(tok)
-        for block in self.blocks:
-            q, k, v = block.qkv(x, pos)
-            U, Z, _ = ops.attention_rows(q, pos, k, v, pos, self.config.window, block.scale)
-            a = (U / Z.unsqueeze(-1)).reshape(tok.numel(), self.config.n_groups, self.config.group_dim)
-            block.quantizer.init_kmeans(a, iters=iters, generator=g)
-            x = block.finish(x, block.attn_output(nearest(a, block.quantizer.codebook).codes))
+        self._dense(tok, pos, None, 0, before_quantize=lambda block, a: block.quantizer.init_kmeans(
+            a, iters=iters, generator=g))
 
     # ------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path) -> None:
