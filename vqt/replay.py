@@ -75,6 +75,12 @@ class EditRecord:
         return d
 
 
+# EditRecord fields copied as they are from the engine's EditStats.
+_FROM_STATS = ("n_tokens", "first_changed", "macs", "dense_macs", "prefix_macs", "ratio", "prefix_ratio",
+               "dirty_per_layer", "flips_per_layer", "code_flips_per_layer", "affected_per_layer",
+               "certified_skips", "refreshes", "renumbered", "seconds", "macs_by_kind")
+
+
 def _window_end(tokenizer: Tokenizer, text: str, window_tokens: int) -> int:
     """Code-point offset where the first ``window_tokens`` tokens of ``text`` end."""
     _, offsets = tokenizer.encode_with_offsets(text)
@@ -135,12 +141,10 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                 doc = None
                 break
             wend = new_len
-            rec = EditRecord(pair.doc_id, pair.rev_id, i, end - e.start, len(e.text), st.n_tokens, st.inserted,
-                             st.deleted, st.first_changed, st.macs, st.dense_macs, st.prefix_macs, st.ratio,
-                             st.prefix_ratio, st.dirty_per_layer, st.flips_per_layer, st.code_flips_per_layer,
-                             st.affected_per_layer, st.certified_skips, st.refreshes, st.renumbered, st.seconds,
-                             n_groups=model.config.n_groups, macs_by_kind=st.macs_by_kind,
-                             flags={"revert": pair.flags.revert})
+            rec = EditRecord(doc_id=pair.doc_id, rev_id=pair.rev_id, edit_index=i, chars_removed=end - e.start,
+                             chars_inserted=len(e.text), inserted_tokens=st.inserted, deleted_tokens=st.deleted,
+                             n_groups=model.config.n_groups, flags={"revert": pair.flags.revert},
+                             **{name: getattr(st, name) for name in _FROM_STATS})
             if baselines or verify:
                 tok, pos = doc.doc.token_ids, doc.doc.positions
                 t0 = time.perf_counter()
