@@ -103,9 +103,10 @@ def rows_case(gen, dtype, device, heads, window, m=37, r=53, hd=16):
 
 @pytest.mark.parametrize("heads", list(HEADS))
 @pytest.mark.parametrize("window", [None, 2.5])
-def test_attention_rows_float64(fused, heads, window):
+@pytest.mark.parametrize("m, r", [(37, 53), (3, 200)])  # few queries: the fused backends copy only their band
+def test_attention_rows_float64(fused, heads, window, m, r):
     ops, dev = fused
-    args = rows_case(torch.Generator().manual_seed(1), F64, dev, heads, window)
+    args = rows_case(torch.Generator().manual_seed(1), F64, dev, heads, window, m=m, r=r)
     got, want = ops.attention_rows(*args), ref.attention_rows(*args)
     assert_same(got, want)
     assert bool((want[1][0] == 1).all()), "the first row sees a single key: its denominator is exp(0)"
@@ -207,18 +208,20 @@ def requantize_case(gen, dtype, device, m=80, G=3, K=16, gd=8):
     return a.to(**to), cb.to(**to), res.codes.to(device), a_ref.to(**to), radius.to(**to)
 
 
-def test_requantize_float64(fused):
+@pytest.mark.parametrize("m", [80, 5])  # many searches (transposed codebook) and a few (codebook read in place)
+def test_requantize_float64(fused, m):
     ops, dev = fused
-    args = requantize_case(torch.Generator().manual_seed(6), F64, dev)
+    args = requantize_case(torch.Generator().manual_seed(6), F64, dev, m=m)
     got, want = ops.requantize(*args), ref.requantize(*args)
     assert_same(got, want)
     searched = want[3]
     assert 0 < int(searched.sum()) < searched.numel(), "the case must mix skipped and searched groups"
 
 
-def test_requantize_float32_no_worse_than_reference(fused):
+@pytest.mark.parametrize("m", [200, 5])
+def test_requantize_float32_no_worse_than_reference(fused, m):
     ops, dev = fused
-    args = requantize_case(torch.Generator().manual_seed(7), F32, dev, m=200, K=64)
+    args = requantize_case(torch.Generator().manual_seed(7), F32, dev, m=m, K=64)
     a, cb = args[0].double().cpu(), args[1].double().cpu()
     oracle = nearest(a, cb)
     got, want = on_cpu(ops.requantize(*args)), on_cpu(ref.requantize(*args))

@@ -70,7 +70,7 @@ def test_engine_macs_use_the_same_accounting():
 
 
 def snapshot(doc: Document) -> dict:
-    return {**doc.state_dict(), "order": list(doc._order), "free": list(doc._free)}
+    return {**doc.state_dict(), "order": doc._order_t.tolist(), "free": list(doc._free)}
 
 
 def assert_same_state(a: dict, b: dict) -> None:

@@ -7,18 +7,21 @@ list. An insertion or a deletion therefore moves no large arrays.
 
 from __future__ import annotations
 
+import functools
 import time
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
 
 import torch
 
 from .edits import check_spans
-from .macs import MacCounter, dense_macs, prefix_reuse_macs, visible_counts, visible_pairs
+from .macs import MacCounter, dense_and_prefix_macs, dense_macs
 from .model import VQTModel
 from .ops import get_backend
-from .positions import PositionMode, SpacingPolicy, plan_positions
+from .ops.composite import STATS, layer_attend
+from .positions import PositionMode, SpacingPolicy, plan_position_array
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -87,9 +90,30 @@ class LayerCache:
 Edit = tuple[int, int, TokenIds]
 
 
+# Walking a model's modules for its tensors costs more than a small edit, so the list is cached and
+# walked again only after some module, parameter or buffer was (re)assigned anywhere.
+_registrations = 0
+_watched: "weakref.WeakKeyDictionary[VQTModel, tuple[int, list[torch.Tensor]]]" = weakref.WeakKeyDictionary()
+
+
+def _count_registration(*_args) -> None:
+    global _registrations
+    _registrations += 1
+
+
+for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                  torch.nn.modules.module.register_module_buffer_registration_hook,
+                  torch.nn.modules.module.register_module_module_registration_hook):
+    _register(_count_registration)
+
+
 def _model_key(model: VQTModel) -> tuple:
     """Changes whenever any parameter or buffer is replaced or modified in place."""
-    return tuple((id(t), t._version) for t in list(model.parameters()) + list(model.buffers()))
+    hit = _watched.get(model)
+    if hit is None or hit[0] != _registrations:
+        hit = (_registrations, list(model.parameters()) + list(model.buffers()))
+        _watched[model] = hit
+    return tuple((id(t), t._version) for t in hit[1])
 
 
 class Document:
@@ -114,6 +138,8 @@ class Document:
         self.spacing = spacing
         self.ops = get_backend(backend, model.device)
         self.backend = self.ops.name
+        fused = getattr(self.ops, "layer_attend", None)
+        self._attend = fused if fused is not None else functools.partial(layer_attend, self.ops)
         # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
         self.tau = tau if tau is not None else (1e-4 if model.dtype == torch.float64 else 1e-2)
         # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
@@ -124,11 +150,7 @@ class Document:
 
     # ----------------------------------------------------------------- views
     def __len__(self) -> int:
-        return len(self._order)
-
-    @property
-    def _order_t(self) -> torch.Tensor:
-        return torch.tensor(self._order, dtype=torch.long, device=self.model.device)
+        return self._order_t.numel()
 
     @property
     def token_ids(self) -> list[int]:
@@ -239,7 +261,7 @@ class Document:
         self._resid = pad(out.residual)
         self._hidden = pad(out.hidden)
         self._pooled_sum = out.hidden.sum(0)
-        self._order = list(range(n))
+        self._order_t = torch.arange(n, device=dev)  # slot of each token, in document order
         self._free = list(range(cap - 1, n - 1, -1))  # pop() hands out the lowest free slot
         self._model_key = _model_key(model)
 
@@ -300,48 +322,42 @@ class Document:
                          time.perf_counter() - t0, full_recompute=True, reason=reason)
 
     def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
-        cfg, model, ops = self.cfg, self.model, self.ops
+        cfg, model = self.cfg, self.model
         dev = model.device
         macs = MacCounter(cfg)
 
         # 1. New order: kept slots and new tokens; old positions for kept ones.
-        old_order = self._order
-        new_entries: list[Optional[int]] = []  # slot of a kept token, None for a new one
-        new_tokens: list[torch.Tensor] = []
-        deleted: list[int] = []
-        cur = 0
-        for s, e, ids in norm:
-            new_entries.extend(old_order[cur:s])
-            deleted.extend(old_order[s:e])
-            new_entries.extend([None] * ids.numel())
-            new_tokens.append(ids)
-            cur = e
-        new_entries.extend(old_order[cur:])
-        first_changed = norm[0][0] if norm else len(old_order)
-
-        kept_slots = [s for s in new_entries if s is not None]
-        kept_vals = iter(self._pos[torch.tensor(kept_slots, dtype=torch.long, device=dev)].tolist())
-        kept_pos = [None if s is None else next(kept_vals) for s in new_entries]
-        new_pos = plan_positions(kept_pos, self.position_mode, self.spacing)
-
-        new_slots = self._alloc(sum(t.numel() for t in new_tokens))
-        it = iter(new_slots)
-        order = [next(it) if s is None else s for s in new_entries]
-        order_t = torch.tensor(order, dtype=torch.long, device=dev)
+        old_order = self._order_t
+        new_slots = self._alloc(sum(ids.numel() for _, _, ids in norm))
         new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
-        del_t = torch.tensor(deleted, dtype=torch.long, device=dev)
-
-        renumbered_at = [i for i, (s, old, p) in enumerate(zip(new_entries, kept_pos, new_pos))
-                         if s is not None and old != p]
-        renumbered = [new_entries[i] for i in renumbered_at]
-        first_changed = min([first_changed] + renumbered_at[:1])
-        old_pos_all = self._pos.clone()
-        self._pos[order_t] = torch.tensor(new_pos, dtype=torch.float64, device=dev)
-        if new_t.numel():
-            self._tokens[new_t] = torch.cat(new_tokens)
-        forced = torch.tensor(new_slots + (renumbered if self._pos_matters else []), dtype=torch.long, device=dev)
+        pieces, deleted_pieces, cur, used = [], [], 0, 0
+        for s, e, ids in norm:
+            pieces += [old_order[cur:s], new_t[used:used + ids.numel()]]
+            deleted_pieces.append(old_order[s:e])
+            cur, used = e, used + ids.numel()
+        pieces.append(old_order[cur:])
+        order_t = torch.cat(pieces)
+        del_t = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
+        first_changed = norm[0][0] if norm else len(old_order)
         is_new = torch.zeros(self._tokens.shape[0], dtype=torch.bool, device=dev)
         is_new[new_t] = True
+        new_at = is_new[order_t]
+
+        kept_pos = self._pos[order_t]
+        kept_pos[new_at] = float("nan")
+        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_mode, self.spacing))
+        new_pos = new_pos.to(dev)
+        renumbered_at = (~new_at & (kept_pos != new_pos)).nonzero().squeeze(1)
+        renumbered = order_t[renumbered_at]
+        if renumbered_at.numel():
+            first_changed = min(first_changed, int(renumbered_at[0]))
+        old_pos_all = self._pos.clone()
+        self._pos[order_t] = new_pos
+        if new_t.numel():
+            self._tokens[new_t] = torch.cat([ids for _, _, ids in norm])
+        forced = torch.cat([new_t, renumbered]) if self._pos_matters else new_t
+        is_forced = is_new.clone()
+        is_forced[forced] = True
 
         if new_t.numel():
             self._layers[0].x[new_t] = model.embed(self._tokens[new_t])
@@ -353,76 +369,32 @@ class Document:
         skips = searches = refreshes = 0
 
         for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
-            old_dirty = dirty[~is_new[dirty]]
-            # 2. Removed keys: deleted tokens and the old entries of dirty existing tokens.
-            rem = torch.cat([del_t, old_dirty])
-            k_rem, v_rem, pos_rem = c.k[rem].clone(), c.v[rem].clone(), old_pos_all[rem]
-            # Recompute q, k, v of dirty rows; they become the added keys.
+            # 2-4. New q, k, v of dirty rows; delta updates, full rows and re-quantization (DESIGN.md section 2).
             q, k, v = block.qkv(c.x[dirty], pos[dirty])
-            c.q[dirty], c.k[dirty], c.v[dirty] = q, k, v
             macs.qkv(dirty.numel())
-            pos_add = pos[dirty]
-
-            # 3. Clean queries whose visible key set changed get an exact delta update.
-            in_dirty = torch.zeros_like(is_new)
-            in_dirty[dirty] = True
-            clean = order_t[~in_dirty[order_t]]
-            pos_rem_sorted, pos_add_sorted = torch.sort(pos_rem).values, torch.sort(pos_add).values
-            hits = visible_counts(old_pos_all[clean], pos_rem_sorted, cfg.window) \
-                + visible_counts(pos[clean], pos_add_sorted, cfg.window)
-            aff = clean[hits > 0]
-            refresh = torch.zeros(0, dtype=torch.long, device=dev)
-            if aff.numel():
-                pa, pa_old = pos[aff], old_pos_all[aff]
-                U, Z, M, ref_mask = ops.attention_delta(c.q[aff], pa_old, pa, c.U[aff], c.Z[aff], c.M[aff],
-                                                        k_rem, v_rem, pos_rem, c.k[dirty], c.v[dirty], pos_add,
-                                                        cfg.window, block.scale, self.tau)
-                c.U[aff], c.Z[aff], c.M[aff] = U, Z, M
-                macs.attention(visible_pairs(pa_old, pos_rem_sorted, cfg.window)
-                               + visible_pairs(pa, pos_add_sorted, cfg.window), "attention_delta")
-                refresh = aff[ref_mask]
-                refreshes += refresh.numel()
-
-            # Full rows: dirty queries and guarded refreshes, against every current key.
-            full = torch.cat([dirty, refresh])
-            if full.numel():
-                pf = pos[full]
-                U, Z, M = ops.attention_rows(c.q[full], pf, c.k[order_t], c.v[order_t], pos_order,
-                                             cfg.window, block.scale)
-                c.U[full], c.Z[full], c.M[full] = U, Z, M
-                macs.attention(visible_pairs(pf, pos_order, cfg.window))
-
-            # 4. Re-quantize every row whose attention output changed.
-            rows = torch.cat([dirty, aff])
-            a = (c.U[rows] / c.Z[rows].unsqueeze(-1)).reshape(rows.numel(), cfg.n_groups, cfg.group_dim)
-            if block.quantizer is not None:
-                old_codes = c.codes[rows].clone()
-                c.radius[new_t] = float("-inf")  # new rows have no reference point: always searched
-                codes, a_ref, radius, searched = ops.requantize(a, block.quantizer.codebook, c.codes[rows],
-                                                                c.a_ref[rows], c.radius[rows])
-                c.codes[rows], c.a_ref[rows], c.radius[rows] = codes, a_ref, radius
-                existing = ~is_new[rows]
-                macs.quantize_skip(int(existing.sum()) * cfg.n_groups)
-                macs.quantize_search(int(searched.sum()))
-                searches += int(searched.sum())
-                skips += int((~searched[existing]).sum())
-                code_changed = codes[dirty.numel():] != old_codes[dirty.numel():]
-                flipped = aff[code_changed.any(-1)]
-                stats_code_flip.append(int(code_changed.sum()))
-            else:
-                c.a_ref[rows] = a
-                flipped = aff  # without codes, every updated output moved
-                stats_code_flip.append(aff.numel())
+            quantized = block.quantizer is not None
+            post, attn_out, counts = self._attend(
+                c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, q, k, v, dirty, del_t, order_t, pos,
+                old_pos_all, is_new, block.quantizer.codebook if quantized else None,
+                block.lookup_table() if quantized else None, cfg.window, block.scale, self.tau)
+            st = dict(zip(STATS, counts))
+            if st["affected"]:
+                macs.attention(st["delta_pairs"], "attention_delta")
+            macs.attention(st["full_pairs"])
+            if quantized:
+                macs.quantize_skip(st["skip_checks"])
+                macs.quantize_search(st["searches"])
+            searches += st["searches"]
+            skips += st["skips"]
+            refreshes += st["refreshes"]
             stats_dirty.append(dirty.numel())
-            stats_aff.append(aff.numel())
-            stats_flip.append(flipped.numel())
+            stats_aff.append(st["affected"])
+            stats_flip.append(st["flipped"])
+            stats_code_flip.append(st["code_flips"])
 
             # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
-            post = torch.cat([dirty, flipped])
             recomputed[post] += 1
-            if block.quantizer is not None:
-                attn_out = ops.lookup(block.lookup_table(), c.codes[post])
-            else:
+            if attn_out is None:
                 attn_out = block.attn_output(c.a_ref[post])
             x_next = block.finish(c.x[post], attn_out)
             macs.output(post.numel())
@@ -430,7 +402,7 @@ class Document:
             target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
             moved = (x_next != target[post]).any(-1) | is_new[post]
             target[post] = x_next
-            dirty = torch.unique(torch.cat([forced, post[moved]]))
+            dirty = post[moved | is_forced[post]]  # (no duplicates: flipped rows are clean ones)
 
         # Final norm and pooled sum for rows whose output changed.
         out_rows = dirty
@@ -439,13 +411,12 @@ class Document:
         self._hidden[out_rows] = model.norm(self._resid[out_rows])
         self._pooled_sum += self._hidden[out_rows].sum(0)
 
-        self._order = order
-        self._free.extend(reversed(deleted))
+        self._order_t = order_t
+        self._free.extend(reversed(del_t.tolist()))
+        dense, prefix = dense_and_prefix_macs(cfg, pos_order, first_changed)
         return EditStats(
-            macs=macs.total, dense_macs=dense_macs(cfg, pos_order),
-            prefix_macs=prefix_reuse_macs(cfg, pos_order, first_changed),
-            n_tokens=len(order), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
+            macs=macs.total, dense_macs=dense, prefix_macs=prefix, n_tokens=order_t.numel(), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
             code_flips_per_layer=stats_code_flip, certified_skips=skips, searches=searches, refreshes=refreshes,
             renumbered=len(renumbered), seconds=time.perf_counter() - t0, first_changed=first_changed,
-            inserted=len(new_slots), deleted=len(deleted), macs_by_kind=dict(macs.by_kind),
+            inserted=len(new_slots), deleted=del_t.numel(), macs_by_kind=dict(macs.by_kind),
             recomputed=recomputed[order_t].cpu())

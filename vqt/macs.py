@@ -84,9 +84,18 @@ def dense_macs(cfg: VQTConfig, positions: torch.Tensor) -> int:
 
 def prefix_reuse_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -> int:
     """MACs of common-prefix KV-cache reuse: every layer recomputes positions[first:] in full."""
+    return dense_and_prefix_macs(cfg, positions, first)[1]
+
+
+def dense_and_prefix_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -> tuple[int, int]:
+    """(dense_macs, prefix_reuse_macs) of one document, sharing the visibility count."""
     positions = positions.to(torch.float64)
-    m = MacCounter(cfg)
-    pairs = visible_pairs(positions[first:], positions, cfg.window)
-    for _ in range(cfg.n_layers):
-        m.rows(positions.numel() - first, pairs)
-    return m.total
+    counts = visible_counts(positions, positions, cfg.window)
+    out = []
+    for start in (0, first):
+        m = MacCounter(cfg)
+        pairs = int(counts[start:].sum())
+        for _ in range(cfg.n_layers):
+            m.rows(positions.numel() - start, pairs)
+        out.append(m.total)
+    return out[0], out[1]

@@ -9,6 +9,7 @@ operators the engine uses.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,16 +37,26 @@ class RMSNorm(nn.Module):
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate x (..., n, heads, hd) by real-valued positions pos (..., n), rotate-half convention.
+@functools.lru_cache(maxsize=16)
+def _inv_freq(hd: int, theta: float, device: torch.device) -> torch.Tensor:
+    return theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd)  # (hd/2,)
 
-    Angles are formed in float64 whatever x's dtype, so a position always gets the same rotation.
+
+def rope_angles(pos: torch.Tensor, hd: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (..., n, 1, hd), of real-valued positions pos (..., n), rotate-half convention.
+
+    Angles are formed in float64 whatever the model's dtype, so a position always gets the same rotation.
     """
+    ang = pos.to(torch.float64).unsqueeze(-1) * _inv_freq(hd, theta, pos.device)  # (..., n, hd/2)
+    ang = torch.cat([ang, ang], -1).unsqueeze(-2)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, pos: torch.Tensor, theta: float,
+         angles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+    """Rotate x (..., n, heads, hd) by positions pos (..., n); ``angles`` reuses rope_angles(pos, ...)."""
     hd = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=x.device) / hd)  # (hd/2,)
-    ang = pos.to(torch.float64).unsqueeze(-1) * inv_freq  # (..., n, hd/2)
-    cos = torch.cat([ang.cos(), ang.cos()], -1).unsqueeze(-2).to(x.dtype)  # (..., n, 1, hd)
-    sin = torch.cat([ang.sin(), ang.sin()], -1).unsqueeze(-2).to(x.dtype)
+    cos, sin = angles if angles is not None else rope_angles(pos, hd, theta, x.dtype)
     x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
@@ -77,12 +88,13 @@ class Block(nn.Module):
     def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied."""
         h = self.attn_norm(x)
-        hd = self.cfg.head_dim
-        q = rearrange(self.wq(h), "... n (h d) -> ... n h d", d=hd)
-        k = rearrange(self.wk(h), "... n (h d) -> ... n h d", d=hd)
-        v = rearrange(self.wv(h), "... n (h d) -> ... n h d", d=hd)
+        hd, lead = self.cfg.head_dim, h.shape[:-1]
+        q = self.wq(h).view(*lead, self.cfg.n_heads, hd)
+        k = self.wk(h).view(*lead, self.cfg.n_kv_heads, hd)
+        v = self.wv(h).view(*lead, self.cfg.n_kv_heads, hd)
         if self.cfg.pos_encoding == "rope":
-            q, k = rope(q, pos, self.cfg.rope_theta), rope(k, pos, self.cfg.rope_theta)
+            angles = rope_angles(pos, hd, self.cfg.rope_theta, q.dtype)
+            q, k = rope(q, pos, self.cfg.rope_theta, angles), rope(k, pos, self.cfg.rope_theta, angles)
         return q, k, v
 
     def lookup_table(self) -> torch.Tensor:

@@ -97,7 +97,7 @@ def capture(doc: Document, copy: bool = True) -> DocumentState:
         t.update({f"layer{li}.{f}": getattr(c, f) for f in _LAYER_FIELDS})
     if copy:
         t = {k: v.clone() for k, v in t.items()}
-    t["order"] = torch.tensor(doc._order, dtype=torch.long)
+    t["order"] = doc._order_t.cpu().clone()
     t["free"] = torch.tensor(doc._free, dtype=torch.long)
     settings = {"position_mode": doc.position_mode, "backend": doc.backend, "tau": doc.tau,
                 "spacing": dataclasses.asdict(doc.spacing)}
@@ -142,7 +142,7 @@ def restore(doc: Document, state: DocumentState) -> None:
     for name, attr in _DOC_TENSORS.items():
         setattr(doc, attr, t[name])
     doc._layers = [LayerCache(**{f: t[f"layer{li}.{f}"] for f in _LAYER_FIELDS}) for li in range(doc.cfg.n_layers)]
-    doc._order, doc._free = order, free
+    doc._order_t, doc._free = torch.tensor(order, dtype=torch.long, device=dev), free
     kw = document_kwargs(state)
     doc.position_mode, doc.tau, doc.spacing = kw["position_mode"], kw["tau"], kw["spacing"]
     doc._model_key = _model_key(doc.model)

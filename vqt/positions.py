@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence
 
+import numpy as np
+
 PositionMode = Literal["stable", "canonical"]
 
 
@@ -25,13 +27,13 @@ class SpacingPolicy:
     target_high: float = 4.0
 
 
-def _respace(pos: list[Optional[float]], a: int, b: int, policy: SpacingPolicy) -> None:
+def _respace(pos: np.ndarray, a: int, b: int, policy: SpacingPolicy) -> None:
     """Reassign pos[a..b] (inclusive), growing the window until its spacing is acceptable."""
     n = len(pos)
     grow_left = True
     while True:
-        left = pos[a - 1] if a > 0 else None
-        right = pos[b + 1] if b + 1 < n else None
+        left = float(pos[a - 1]) if a > 0 else None
+        right = float(pos[b + 1]) if b + 1 < n else None
         if left is None or right is None:
             break  # an open end: spacing 1 towards it is always acceptable
         spacing = (right - left) / (b - a + 2)
@@ -62,32 +64,34 @@ def plan_positions(kept: Sequence[Optional[float]], mode: PositionMode,
     was kept, None if it is new. Returns the new positions (strictly increasing). A kept
     token whose returned position differs from its old one was renumbered.
     """
+    arr = np.array([np.nan if p is None else p for p in kept], dtype=np.float64)
+    return plan_position_array(arr, mode, policy).tolist()
+
+
+def plan_position_array(kept: np.ndarray, mode: PositionMode, policy: SpacingPolicy = SpacingPolicy()) -> np.ndarray:
+    """``plan_positions`` on a float64 array with NaN for new tokens (returns a new array)."""
     if mode == "canonical":
-        return [float(i) for i in range(len(kept))]
+        return np.arange(len(kept), dtype=np.float64)
     if mode != "stable":
         raise ValueError(f"unknown position mode {mode!r} (use 'stable' or 'canonical')")
-    pos = list(kept)
-    n = len(pos)
+    pos = np.array(kept, dtype=np.float64)
+    new = np.isnan(pos).astype(np.int8)
+    edges = np.diff(new, prepend=0, append=0)
+    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1):
+        _respace_run(pos, int(a), int(b))  # each run of new tokens, between its kept neighbours
+    # repair spacing that got too tight (insertions) or too wide (deletions), left to right
     i = 0
-    while i < n:  # place each run of new tokens between its kept neighbours
-        if pos[i] is not None:
-            i += 1
-            continue
-        j = i
-        while j < n and pos[j] is None:
-            j += 1
-        _respace_run(pos, i, j - 1)
-        i = j
-    # repair spacing that got too tight (insertions) or too wide (deletions)
-    i = 0
-    while i + 1 < n:
-        gap = pos[i + 1] - pos[i]
-        if gap < policy.min_spacing or gap > policy.max_spacing:
-            _respace(pos, i, i + 1, policy)
+    while i + 1 < len(pos):
+        gaps = np.diff(pos[i:])
+        bad = np.flatnonzero((gaps < policy.min_spacing) | (gaps > policy.max_spacing))
+        if not bad.size:
+            break
+        i += int(bad[0])
+        _respace(pos, i, i + 1, policy)
         i += 1
-    return pos  # type: ignore[return-value]
+    return pos
 
 
-def _respace_run(pos: list[Optional[float]], a: int, b: int) -> None:
+def _respace_run(pos: np.ndarray, a: int, b: int) -> None:
     """Evenly place new tokens a..b between their neighbours (spacing 1 towards an open end)."""
     _respace(pos, a, b, SpacingPolicy(target_low=0.0, target_high=float("inf")))

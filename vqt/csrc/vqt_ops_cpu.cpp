@@ -173,6 +173,47 @@ struct RowScratch {
   RowScratch(int64_t max_keys, const Heads& L) : q(L.H * L.hd), s(max_keys), u(L.hdv), u2(L.hdv) {}
 };
 
+// Indices of the keys at non-NaN positions (a NaN position is never visible), stably sorted by
+// position; already sorted keys (a document's, in order) cost one pass.
+template <typename T>
+std::vector<int64_t> sorted_keys(const Keys<T>& K) {
+  std::vector<int64_t> order;
+  order.reserve(K.n);
+  bool sorted = true;
+  for (int64_t j = 0; j < K.n; ++j) {
+    if (K.pos[j] != K.pos[j]) continue;
+    sorted = sorted && (order.empty() || K.pos[order.back()] <= K.pos[j]);
+    order.push_back(j);
+  }
+  if (!sorted) std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return K.pos[a] < K.pos[b]; });
+  return order;
+}
+
+// The keys of order (sorted by position) that at least one of the m queries at pos_q can see: the
+// union of their visible ranges. Full attention rows of a few queries then copy only their band.
+template <typename T>
+std::vector<int64_t> visible_to_any(const Keys<T>& K, std::vector<int64_t> order, const double* pos_q, int64_t m,
+                                    const Window& w) {
+  const int64_t n = static_cast<int64_t>(order.size());
+  std::vector<double> pos(n);
+  for (int64_t c = 0; c < n; ++c) pos[c] = K.pos[order[c]];
+  const auto after = [&](double x) { return std::upper_bound(pos.begin(), pos.end(), x) - pos.begin(); };
+  std::vector<int64_t> cover(n + 1, 0);  // +1 where a query's range starts, -1 where it ends
+  for (int64_t i = 0; i < m; ++i) {
+    if (pos_q[i] != pos_q[i]) continue;  // a NaN query sees nothing
+    const int64_t hi = after(pos_q[i]), lo = w.on ? std::min(hi, after(pos_q[i] - w.width)) : 0;
+    cover[lo] += 1;
+    cover[hi] -= 1;
+  }
+  int64_t depth = 0, kept = 0;
+  for (int64_t c = 0; c < n; ++c) {
+    depth += cover[c];
+    if (depth > 0) order[kept++] = order[c];
+  }
+  order.resize(kept);
+  return order;
+}
+
 // One key set in float64, sorted by position (keys at NaN positions, never visible, are dropped):
 // kt (Hkv, hd, n_pad) holds the keys transposed and v (Hkv, n, hdv_pad) the values, zero padded so
 // that register blocks may read past the end.
@@ -180,18 +221,17 @@ struct KeyBlock {
   int64_t n, n_pad, hd, hdv, hdv_pad;
   std::vector<double> pos, kt, v;
 
+  // The keys listed in order (indices into K, ascending by position; see sorted_keys).
   template <typename T>
-  KeyBlock(const Keys<T>& K, const Heads& L) : hd(L.hd), hdv(L.hdv), hdv_pad(round_up(L.hdv, kLanes)) {
-    std::vector<int64_t> order;
-    for (int64_t j = 0; j < K.n; ++j) {
-      if (K.pos[j] == K.pos[j]) order.push_back(j);
-    }
-    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return K.pos[a] < K.pos[b]; });
-    n = static_cast<int64_t>(order.size());
-    n_pad = n + kBlock;
-    pos.resize(n);
-    kt.assign(L.Hkv * hd * n_pad, 0.0);
-    v.assign(L.Hkv * n * hdv_pad, 0.0);
+  KeyBlock(const Keys<T>& K, const Heads& L, const std::vector<int64_t>& order)
+      : n(static_cast<int64_t>(order.size())),
+        n_pad(n + kBlock),
+        hd(L.hd),
+        hdv(L.hdv),
+        hdv_pad(round_up(L.hdv, kLanes)),
+        pos(n),
+        kt(L.Hkv * L.hd * n_pad, 0.0),
+        v(L.Hkv * n * hdv_pad, 0.0) {
     for (int64_t c = 0; c < n; ++c) {
       const int64_t j = order[c];
       pos[c] = K.pos[j];
@@ -202,6 +242,9 @@ struct KeyBlock {
       }
     }
   }
+
+  template <typename T>
+  KeyBlock(const Keys<T>& K, const Heads& L) : KeyBlock(K, L, sorted_keys(K)) {}
 
   // The keys visible from a query at pos_q, pos_q - window < pos <= pos_q, as the sorted range [lo, hi).
   std::pair<int64_t, int64_t> visible(double pos_q, const Window& w) const {
@@ -305,25 +348,38 @@ bool delta_row(int64_t i, const DeltaInputs<T>& in, const KeyBlock& R, const Key
   return refresh;
 }
 
-// The codebook in float64, transposed per group, (G, gd, K_pad) zero padded, and max_k |e_k|^2 per group.
+// max_k |e_k|^2 of each of the G groups of a (G, K, gd) codebook, in float64.
+template <typename T>
+std::vector<double> max_codeword_norms(const T* codebook, int64_t G, int64_t K, int64_t gd) {
+  std::vector<double> e2max(G, 0.0);
+  for (int64_t g = 0; g < G; ++g) {
+    for (int64_t k = 0; k < K; ++k) {
+      const T* e = codebook + (g * K + k) * gd;
+      double e2 = 0;
+#pragma omp simd reduction(+ : e2)
+      for (int64_t d = 0; d < gd; ++d) e2 += static_cast<double>(e[d]) * static_cast<double>(e[d]);
+      e2max[g] = nan_max(e2max[g], e2);
+    }
+  }
+  return e2max;
+}
+
+// The codebook in float64, transposed per group, (G, gd, K_pad) zero padded: distances to all
+// codewords vectorize over codewords. Building it costs a pass over the codebook, so it is used
+// when many vectors are searched in one call.
 struct CodebookBlock {
   int64_t K, K_pad, gd;
   std::vector<double> et, e2max;
 
   template <typename T>
   CodebookBlock(const T* codebook, int64_t G, int64_t K_, int64_t gd_)
-      : K(K_), K_pad(round_up(K_, kLanes)), gd(gd_), et(G * gd_ * K_pad, 0.0), e2max(G, 0.0) {
+      : K(K_), K_pad(round_up(K_, kLanes)), gd(gd_), et(G * gd_ * K_pad, 0.0),
+        e2max(max_codeword_norms(codebook, G, K_, gd_)) {
     for (int64_t g = 0; g < G; ++g) {
       const T* cg = codebook + g * K * gd;
       for (int64_t d = 0; d < gd; ++d) {
         double* row = et.data() + (g * gd + d) * K_pad;
         for (int64_t k = 0; k < K; ++k) row[k] = static_cast<double>(cg[k * gd + d]);
-      }
-      for (int64_t k = 0; k < K; ++k) {
-        double e2 = 0;
-#pragma omp simd reduction(+ : e2)
-        for (int64_t d = 0; d < gd; ++d) e2 += static_cast<double>(cg[k * gd + d]) * static_cast<double>(cg[k * gd + d]);
-        e2max[g] = nan_max(e2max[g], e2);
       }
     }
   }
@@ -334,6 +390,33 @@ struct CodebookBlock {
       const Vec diff = ad - e;
       return diff * diff;
     });
+  }
+};
+
+// The codebook read in place (row-major, any float type), for calls that search only a few vectors:
+// no copy to build, distances vectorize over the codeword's components instead.
+template <typename T>
+struct CodebookRows {
+  const T* codebook;
+  int64_t K, K_pad, gd;
+  std::vector<double> e2max;
+
+  CodebookRows(const T* codebook_, int64_t G, int64_t K_, int64_t gd_)
+      : codebook(codebook_), K(K_), K_pad(round_up(K_, kLanes)), gd(gd_),
+        e2max(max_codeword_norms(codebook_, G, K_, gd_)) {}
+
+  void distances(const double* a, int64_t g, double* dist2) const {
+    const T* cg = codebook + g * K * gd;
+    for (int64_t k = 0; k < K; ++k) {
+      const T* e = cg + k * gd;
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < gd; ++d) {
+        const double diff = a[d] - static_cast<double>(e[d]);
+        s += diff * diff;
+      }
+      dist2[k] = s;
+    }
   }
 };
 
@@ -362,34 +445,45 @@ inline Top2 nearest_two(const double* dist2, int64_t K) {
   return best;
 }
 
-// Re-quantizes group vector ig = (i, g) unless it stays within its certified radius; returns whether it was searched.
+// Keeps the code of group vector ig when it stays within its certified radius (the code cannot have
+// changed) and returns false; returns true, writing nothing, when it must be searched.
 template <typename T>
-bool requantize_group(int64_t ig, int64_t g, const RequantizeInputs<T>& in, const CodebookBlock& cb,
-                      std::vector<double>& scratch, int64_t* codes, T* a_ref, T* radius) {
+bool must_search(int64_t ig, const RequantizeInputs<T>& in, int64_t* codes, T* a_ref, T* radius) {
   const int64_t gd = in.gd;
   const T* a = in.a + ig * gd;
   const T* ref = in.a_ref + ig * gd;
-  double* ad = scratch.data();
-  double* dist2 = ad + gd;
-  double moved = 0, a2 = 0;
+  double moved = 0;
   for (int64_t d = 0; d < gd; ++d) {
-    ad[d] = static_cast<double>(a[d]);
-    const double diff = ad[d] - static_cast<double>(ref[d]);
+    const double diff = static_cast<double>(a[d]) - static_cast<double>(ref[d]);
     moved += diff * diff;
-    a2 += ad[d] * ad[d];
   }
-  if (std::sqrt(moved) < static_cast<double>(in.radius[ig])) {  // certified: the code cannot have changed
+  if (std::sqrt(moved) < static_cast<double>(in.radius[ig])) {  // NaN-safe: anything uncertain is searched
     codes[ig] = in.codes[ig];
     std::copy_n(ref, gd, a_ref + ig * gd);
     radius[ig] = in.radius[ig];
     return false;
+  }
+  return true;
+}
+
+// Searches group vector ig = (i, g): its nearest codeword, a new reference point and radius.
+template <typename T, typename Codebook>
+void search_group(int64_t ig, int64_t g, const RequantizeInputs<T>& in, const Codebook& cb,
+                  std::vector<double>& scratch, int64_t* codes, T* a_ref, T* radius) {
+  const int64_t gd = in.gd;
+  const T* a = in.a + ig * gd;
+  double* ad = scratch.data();
+  double* dist2 = ad + gd;
+  double a2 = 0;
+  for (int64_t d = 0; d < gd; ++d) {
+    ad[d] = static_cast<double>(a[d]);
+    a2 += ad[d] * ad[d];
   }
   cb.distances(ad, g, dist2);
   const Top2 best = nearest_two(dist2, cb.K);
   codes[ig] = best.code();
   std::copy_n(a, gd, a_ref + ig * gd);
   radius[ig] = static_cast<T>(best.radius(a2, cb.e2max[g], Eps<T>::value));
-  return true;
 }
 
 // out = sum_g table[g, codes[i, g]], summed in group order from the first term as the reference does
@@ -414,7 +508,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_rows(const Tensor& q, const Tensor&
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vqt_attention_rows_cpu", [&] {
     using T = scalar_t;
     const auto in = rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale);
-    const KeyBlock keys(in.keys, L);
+    const KeyBlock keys(in.keys, L, visible_to_any(in.keys, sorted_keys(in.keys), in.pos_q, q.size(0), in.w));
     T *Up = U.data_ptr<T>(), *Zp = Z.data_ptr<T>(), *Mp = M.data_ptr<T>();
     for_each_row(
         q.size(0), keys.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(keys.n, L); },
@@ -459,15 +553,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> requantize(const Tensor& a, const Ten
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vqt_requantize_cpu", [&] {
     using T = scalar_t;
     const auto in = requantize_inputs<T>(a, codebook, codes, a_ref, radius);
-    const CodebookBlock cb(in.codebook, G, in.K, in.gd);
     int64_t* cp = codes2.data_ptr<int64_t>();
     T *rp = a_ref2.data_ptr<T>(), *radp = radius2.data_ptr<T>();
     bool* sp = searched.data_ptr<bool>();
-    for_each_row(
-        m, G * in.K * in.gd, [&] { return std::vector<double>(in.gd + cb.K_pad); },
-        [&](int64_t i, std::vector<double>& scratch) {
-          for (int64_t g = 0; g < G; ++g) sp[i * G + g] = requantize_group(i * G + g, g, in, cb, scratch, cp, rp, radp);
-        });
+    std::vector<int64_t> todo;  // group vectors (i * G + g) outside their certified radius
+    for (int64_t ig = 0; ig < m * G; ++ig) {
+      sp[ig] = must_search(ig, in, cp, rp, radp);
+      if (sp[ig]) todo.push_back(ig);
+    }
+    const int64_t n = static_cast<int64_t>(todo.size());
+    const auto run = [&](const auto& cb) {
+      for_each_row(
+          n, in.K * in.gd, [&] { return std::vector<double>(in.gd + cb.K_pad); },
+          [&](int64_t t, std::vector<double>& scratch) {
+            search_group(todo[t], todo[t] % G, in, cb, scratch, cp, rp, radp);
+          });
+    };
+    // Transposing the codebook pays off once several vectors per group are searched.
+    if (n > 4 * G) {
+      run(CodebookBlock(in.codebook, G, in.K, in.gd));
+    } else if (n > 0) {
+      run(CodebookRows<T>(in.codebook, G, in.K, in.gd));
+    }
   });
   return {codes2, a_ref2, radius2, searched};
 }
