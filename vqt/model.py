@@ -34,7 +34,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
 @functools.lru_cache(maxsize=16)
@@ -78,6 +78,7 @@ class Block(nn.Module):
         self.w_gate = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_up = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_down = nn.Linear(cfg.d_ff, d, bias=False)
+        self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # concatenated projection weights (see _project)
         self._table: Optional[torch.Tensor] = None
         self._table_key: tuple = ()
 
@@ -88,14 +89,25 @@ class Block(nn.Module):
     def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied."""
         h = self.attn_norm(x)
-        hd, lead = self.cfg.head_dim, h.shape[:-1]
-        q = self.wq(h).view(*lead, self.cfg.n_heads, hd)
-        k = self.wk(h).view(*lead, self.cfg.n_kv_heads, hd)
-        v = self.wv(h).view(*lead, self.cfg.n_kv_heads, hd)
-        if self.cfg.pos_encoding == "rope":
-            angles = rope_angles(pos, hd, self.cfg.rope_theta, q.dtype)
-            q, k = rope(q, pos, self.cfg.rope_theta, angles), rope(k, pos, self.cfg.rope_theta, angles)
-        return q, k, v
+        H, Hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
+        qkv = self._project(h, "qkv", self.wq, self.wk, self.wv).view(*h.shape[:-1], H + 2 * Hkv, hd)
+        qk, v = qkv[..., : H + Hkv, :], qkv[..., H + Hkv:, :]
+        if self.cfg.pos_encoding == "rope":  # q and k rotated together: one set of elementwise ops
+            qk = rope(qk, pos, self.cfg.rope_theta, rope_angles(pos, hd, self.cfg.rope_theta, x.dtype))
+        return qk[..., :H, :], qk[..., H:, :], v
+
+    def _project(self, h: torch.Tensor, name: str, *linears: nn.Linear) -> torch.Tensor:
+        """cat([lin(h) for lin in linears], -1) as one matmul. Without autograd the concatenated
+        weight is cached (until a weight changes); with it, the weights stay separate leaves."""
+        weights = [lin.weight for lin in linears]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return F.linear(h, torch.cat(weights))
+        key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
+        cached = self._fused.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, torch.cat([w.detach() for w in weights]))
+            self._fused[name] = cached
+        return F.linear(h, cached[1])
 
     def lookup_table(self) -> torch.Tensor:
         """T (G, K, d) with T[g, c] = W_o[:, group g] @ E[g, c], cached until either weight changes."""
@@ -118,8 +130,8 @@ class Block(nn.Module):
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """y = x + attn_out; x' = y + SwiGLU(RMSNorm(y)). Per token."""
         y = x + attn_out
-        h = self.mlp_norm(y)
-        return y + self.w_down(F.silu(self.w_gate(h)) * self.w_up(h))
+        gate, up = self._project(self.mlp_norm(y), "gate_up", self.w_gate, self.w_up).chunk(2, -1)
+        return y + self.w_down(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Batched training path: x (B, T, d), pos (B, T). Returns (x', VQ loss, extras)."""

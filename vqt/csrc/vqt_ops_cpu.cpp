@@ -13,6 +13,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <type_traits>
 #include <utility>
@@ -173,37 +174,45 @@ struct RowScratch {
   RowScratch(int64_t max_keys, const Heads& L) : q(L.H * L.hd), s(max_keys), u(L.hdv), u2(L.hdv) {}
 };
 
-// Indices of the keys at non-NaN positions (a NaN position is never visible), stably sorted by
-// position; already sorted keys (a document's, in order) cost one pass.
-template <typename T>
-std::vector<int64_t> sorted_keys(const Keys<T>& K) {
+// The keys idx (indices into pos) at non-NaN positions (a NaN position is never visible), stably
+// sorted by position; already sorted keys (a document's, in order) cost one pass.
+inline std::vector<int64_t> sorted_subset(const double* pos, const std::vector<int64_t>& idx) {
   std::vector<int64_t> order;
-  order.reserve(K.n);
+  order.reserve(idx.size());
   bool sorted = true;
-  for (int64_t j = 0; j < K.n; ++j) {
-    if (K.pos[j] != K.pos[j]) continue;
-    sorted = sorted && (order.empty() || K.pos[order.back()] <= K.pos[j]);
+  for (const int64_t j : idx) {
+    if (pos[j] != pos[j]) continue;
+    sorted = sorted && (order.empty() || pos[order.back()] <= pos[j]);
     order.push_back(j);
   }
-  if (!sorted) std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return K.pos[a] < K.pos[b]; });
+  if (!sorted) std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return pos[a] < pos[b]; });
   return order;
 }
 
-// The keys of order (sorted by position) that at least one of the m queries at pos_q can see: the
-// union of their visible ranges. Full attention rows of a few queries then copy only their band.
 template <typename T>
-std::vector<int64_t> visible_to_any(const Keys<T>& K, std::vector<int64_t> order, const double* pos_q, int64_t m,
-                                    const Window& w) {
+std::vector<int64_t> sorted_keys(const Keys<T>& K) {
+  std::vector<int64_t> all(K.n);
+  for (int64_t j = 0; j < K.n; ++j) all[j] = j;
+  return sorted_subset(K.pos, all);
+}
+
+// The keys of order (indices into key_pos, sorted by position) that at least one of the m queries
+// at pos_q can see: the union of their visible ranges. Full attention rows of a few queries then copy
+// only their band. *pairs (when given) receives the number of visible (query, key) pairs.
+inline std::vector<int64_t> visible_to_any(const double* key_pos, std::vector<int64_t> order, const double* pos_q,
+                                           int64_t m, const Window& w, int64_t* pairs = nullptr) {
   const int64_t n = static_cast<int64_t>(order.size());
   std::vector<double> pos(n);
-  for (int64_t c = 0; c < n; ++c) pos[c] = K.pos[order[c]];
+  for (int64_t c = 0; c < n; ++c) pos[c] = key_pos[order[c]];
   const auto after = [&](double x) { return std::upper_bound(pos.begin(), pos.end(), x) - pos.begin(); };
   std::vector<int64_t> cover(n + 1, 0);  // +1 where a query's range starts, -1 where it ends
+  int64_t total = 0;
   for (int64_t i = 0; i < m; ++i) {
     if (pos_q[i] != pos_q[i]) continue;  // a NaN query sees nothing
     const int64_t hi = after(pos_q[i]), lo = w.on ? std::min(hi, after(pos_q[i] - w.width)) : 0;
     cover[lo] += 1;
     cover[hi] -= 1;
+    total += hi - lo;
   }
   int64_t depth = 0, kept = 0;
   for (int64_t c = 0; c < n; ++c) {
@@ -211,6 +220,7 @@ std::vector<int64_t> visible_to_any(const Keys<T>& K, std::vector<int64_t> order
     if (depth > 0) order[kept++] = order[c];
   }
   order.resize(kept);
+  if (pairs) *pairs = total;
   return order;
 }
 
@@ -348,78 +358,6 @@ bool delta_row(int64_t i, const DeltaInputs<T>& in, const KeyBlock& R, const Key
   return refresh;
 }
 
-// max_k |e_k|^2 of each of the G groups of a (G, K, gd) codebook, in float64.
-template <typename T>
-std::vector<double> max_codeword_norms(const T* codebook, int64_t G, int64_t K, int64_t gd) {
-  std::vector<double> e2max(G, 0.0);
-  for (int64_t g = 0; g < G; ++g) {
-    for (int64_t k = 0; k < K; ++k) {
-      const T* e = codebook + (g * K + k) * gd;
-      double e2 = 0;
-#pragma omp simd reduction(+ : e2)
-      for (int64_t d = 0; d < gd; ++d) e2 += static_cast<double>(e[d]) * static_cast<double>(e[d]);
-      e2max[g] = nan_max(e2max[g], e2);
-    }
-  }
-  return e2max;
-}
-
-// The codebook in float64, transposed per group, (G, gd, K_pad) zero padded: distances to all
-// codewords vectorize over codewords. Building it costs a pass over the codebook, so it is used
-// when many vectors are searched in one call.
-struct CodebookBlock {
-  int64_t K, K_pad, gd;
-  std::vector<double> et, e2max;
-
-  template <typename T>
-  CodebookBlock(const T* codebook, int64_t G, int64_t K_, int64_t gd_)
-      : K(K_), K_pad(round_up(K_, kLanes)), gd(gd_), et(G * gd_ * K_pad, 0.0),
-        e2max(max_codeword_norms(codebook, G, K_, gd_)) {
-    for (int64_t g = 0; g < G; ++g) {
-      const T* cg = codebook + g * K * gd;
-      for (int64_t d = 0; d < gd; ++d) {
-        double* row = et.data() + (g * gd + d) * K_pad;
-        for (int64_t k = 0; k < K; ++k) row[k] = static_cast<double>(cg[k * gd + d]);
-      }
-    }
-  }
-
-  // Squared Euclidean distances from a (float64, gd) to every codeword of group g, computed directly.
-  void distances(const double* a, int64_t g, double* dist2) const {
-    sum_rows(a, gd, et.data() + g * gd * K_pad, K_pad, K, 1.0, dist2, [](const Vec& ad, const Vec& e) {
-      const Vec diff = ad - e;
-      return diff * diff;
-    });
-  }
-};
-
-// The codebook read in place (row-major, any float type), for calls that search only a few vectors:
-// no copy to build, distances vectorize over the codeword's components instead.
-template <typename T>
-struct CodebookRows {
-  const T* codebook;
-  int64_t K, K_pad, gd;
-  std::vector<double> e2max;
-
-  CodebookRows(const T* codebook_, int64_t G, int64_t K_, int64_t gd_)
-      : codebook(codebook_), K(K_), K_pad(round_up(K_, kLanes)), gd(gd_),
-        e2max(max_codeword_norms(codebook_, G, K_, gd_)) {}
-
-  void distances(const double* a, int64_t g, double* dist2) const {
-    const T* cg = codebook + g * K * gd;
-    for (int64_t k = 0; k < K; ++k) {
-      const T* e = cg + k * gd;
-      double s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < gd; ++d) {
-        const double diff = a[d] - static_cast<double>(e[d]);
-        s += diff * diff;
-      }
-      dist2[k] = s;
-    }
-  }
-};
-
 // The nearest and second-nearest of K squared distances, exactly as Top2::push over k = 0, 1, ...
 // would find them (lowest index among equals, NaN never), in vectorizable passes: the minimum, its
 // first index, the minimum of the others, its first index.
@@ -466,24 +404,82 @@ bool must_search(int64_t ig, const RequantizeInputs<T>& in, int64_t* codes, T* a
   return true;
 }
 
-// Searches group vector ig = (i, g): its nearest codeword, a new reference point and radius.
-template <typename T, typename Codebook>
-void search_group(int64_t ig, int64_t g, const RequantizeInputs<T>& in, const Codebook& cb,
-                  std::vector<double>& scratch, int64_t* codes, T* a_ref, T* radius) {
-  const int64_t gd = in.gd;
-  const T* a = in.a + ig * gd;
-  double* ad = scratch.data();
-  double* dist2 = ad + gd;
-  double a2 = 0;
+// Squared distance |a - e|^2 of two gd-vectors, in float64.
+template <typename T>
+inline double distance2(const T* a, const T* e, int64_t gd) {
+  double s = 0;
+#pragma omp simd reduction(+ : s)
   for (int64_t d = 0; d < gd; ++d) {
-    ad[d] = static_cast<double>(a[d]);
-    a2 += ad[d] * ad[d];
+    const double diff = static_cast<double>(a[d]) - static_cast<double>(e[d]);
+    s += diff * diff;
   }
-  cb.distances(ad, g, dist2);
-  const Top2 best = nearest_two(dist2, cb.K);
-  codes[ig] = best.code();
-  std::copy_n(a, gd, a_ref + ig * gd);
-  radius[ig] = static_cast<T>(best.radius(a2, cb.e2max[g], Eps<T>::value));
+  return s;
+}
+
+// Searches the group vectors todo (indices i * G + g) as vqt.quantize.nearest does: candidates from
+// the expanded form |a|^2 - 2 a.e + |e|^2, whose dot products are one BLAS matmul per group; the two
+// best are then recomputed directly (in float64) and ordered, and the radius subtracts nearest()'s
+// margin for the expanded form's rounding.
+template <typename T>
+void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& in, int64_t* codes, T* a_ref,
+                   T* radius) {
+  const int64_t G = in.G, K = in.K, gd = in.gd;
+  const auto opts = torch::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  for (int64_t g = 0; g < G; ++g) {
+    std::vector<int64_t> mine;
+    for (const int64_t ig : todo) {
+      if (ig % G == g) mine.push_back(ig);
+    }
+    if (mine.empty()) continue;
+    const int64_t n = static_cast<int64_t>(mine.size());
+    const T* cg = in.codebook + g * K * gd;
+    Tensor A = at::empty({n, gd}, opts);
+    T* Ap = A.data_ptr<T>();
+    for (int64_t t = 0; t < n; ++t) std::copy_n(in.a + mine[t] * gd, gd, Ap + t * gd);
+    const Tensor E = at::from_blob(const_cast<T*>(cg), {K, gd}, opts);
+    const Tensor dots = at::mm(A, E.t()).contiguous();  // (n, K)
+    const T* dp = dots.data_ptr<T>();
+    std::vector<double> e2(K);
+    double e2max = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      double s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t d = 0; d < gd; ++d) s += static_cast<double>(cg[k * gd + d]) * static_cast<double>(cg[k * gd + d]);
+      e2[k] = s;
+      e2max = nan_max(e2max, s);
+    }
+    for_each_row(
+        n, K * 4, [&] { return std::vector<double>(K); },
+        [&](int64_t t, std::vector<double>& dist) {
+          const int64_t ig = mine[t];
+          const T* a = in.a + ig * gd;
+          double a2 = 0;
+          for (int64_t d = 0; d < gd; ++d) a2 += static_cast<double>(a[d]) * static_cast<double>(a[d]);
+          for (int64_t k = 0; k < K; ++k) dist[k] = a2 - 2 * static_cast<double>(dp[t * K + k]) + e2[k];
+          Top2 best = nearest_two(dist.data(), K);
+          if (best.i1 != Top2::kNone) {  // the winners' distances, recomputed directly
+            best.d1 = distance2(a, cg + best.i1 * gd, gd);
+            if (best.i2 != Top2::kNone) {
+              best.d2 = distance2(a, cg + best.i2 * gd, gd);
+              if (best.d2 < best.d1) std::swap(best.d1, best.d2), std::swap(best.i1, best.i2);
+            }
+          }
+          codes[ig] = best.code();
+          std::copy_n(a, gd, a_ref + ig * gd);
+          radius[ig] = static_cast<T>(best.radius(a2, e2max, Eps<T>::value));
+        });
+  }
+}
+
+// Re-quantizes m rows of G group vectors (the requantize operator on raw arrays).
+template <typename T>
+void requantize_rows(const RequantizeInputs<T>& in, int64_t m, int64_t* cp, T* rp, T* radp, bool* sp) {
+  std::vector<int64_t> todo;  // group vectors (i * G + g) outside their certified radius
+  for (int64_t ig = 0; ig < m * in.G; ++ig) {
+    sp[ig] = must_search(ig, in, cp, rp, radp);
+    if (sp[ig]) todo.push_back(ig);
+  }
+  search_groups(todo, in, cp, rp, radp);
 }
 
 // out = sum_g table[g, codes[i, g]], summed in group order from the first term as the reference does
@@ -508,7 +504,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_rows(const Tensor& q, const Tensor&
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vqt_attention_rows_cpu", [&] {
     using T = scalar_t;
     const auto in = rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale);
-    const KeyBlock keys(in.keys, L, visible_to_any(in.keys, sorted_keys(in.keys), in.pos_q, q.size(0), in.w));
+    const KeyBlock keys(in.keys, L, visible_to_any(in.keys.pos, sorted_keys(in.keys), in.pos_q, q.size(0), in.w));
     T *Up = U.data_ptr<T>(), *Zp = Z.data_ptr<T>(), *Mp = M.data_ptr<T>();
     for_each_row(
         q.size(0), keys.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(keys.n, L); },
@@ -553,28 +549,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> requantize(const Tensor& a, const Ten
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vqt_requantize_cpu", [&] {
     using T = scalar_t;
     const auto in = requantize_inputs<T>(a, codebook, codes, a_ref, radius);
-    int64_t* cp = codes2.data_ptr<int64_t>();
-    T *rp = a_ref2.data_ptr<T>(), *radp = radius2.data_ptr<T>();
-    bool* sp = searched.data_ptr<bool>();
-    std::vector<int64_t> todo;  // group vectors (i * G + g) outside their certified radius
-    for (int64_t ig = 0; ig < m * G; ++ig) {
-      sp[ig] = must_search(ig, in, cp, rp, radp);
-      if (sp[ig]) todo.push_back(ig);
-    }
-    const int64_t n = static_cast<int64_t>(todo.size());
-    const auto run = [&](const auto& cb) {
-      for_each_row(
-          n, in.K * in.gd, [&] { return std::vector<double>(in.gd + cb.K_pad); },
-          [&](int64_t t, std::vector<double>& scratch) {
-            search_group(todo[t], todo[t] % G, in, cb, scratch, cp, rp, radp);
-          });
-    };
-    // Transposing the codebook pays off once several vectors per group are searched.
-    if (n > 4 * G) {
-      run(CodebookBlock(in.codebook, G, in.K, in.gd));
-    } else if (n > 0) {
-      run(CodebookRows<T>(in.codebook, G, in.K, in.gd));
-    }
+    requantize_rows(in, m, codes2.data_ptr<int64_t>(), a_ref2.data_ptr<T>(), radius2.data_ptr<T>(),
+                    searched.data_ptr<bool>());
   });
   return {codes2, a_ref2, radius2, searched};
 }
@@ -596,7 +572,265 @@ Tensor lookup(const Tensor& table, const Tensor& codes) {
   return out;
 }
 
+
+// ------------------------------------------------------------------------------------------------
+// layer_attend: one layer's attention step of an incremental update, on the engine's slot tables, in
+// one call. Semantics and argument meanings: vqt/ops/composite.py layer_attend. Rows are gathered
+// from the tables into the row kernels above and scattered back; nothing else is copied.
+
+struct Slots {  // a list of slot indices, checked against the table capacity
+  const int64_t* p;
+  int64_t n;
+  int64_t operator[](int64_t i) const { return p[i]; }
+};
+
+inline Slots slots_of(const Tensor& t, const char* name, int64_t capacity) {
+  check_tensor(t, name, 1, torch::kLong, t.device());
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i) {
+    TORCH_CHECK(p[i] >= 0 && p[i] < capacity, name, " holds slot ", p[i], " outside [0, ", capacity, ")");
+  }
+  return {p, t.numel()};
+}
+
+// dst[i] = src[idx[i]] for rows of `width` elements.
+template <typename T>
+void gather_rows(const T* src, const std::vector<int64_t>& idx, int64_t width, T* dst) {
+  for (size_t i = 0; i < idx.size(); ++i) std::copy_n(src + idx[i] * width, width, dst + i * width);
+}
+
+template <typename T>
+void scatter_rows(const T* src, const std::vector<int64_t>& idx, int64_t width, T* dst) {
+  for (size_t i = 0; i < idx.size(); ++i) std::copy_n(src + i * width, width, dst + idx[i] * width);
+}
+
+std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
+    Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes, Tensor radius,
+    const Tensor& q_new, const Tensor& k_new, const Tensor& v_new, const Tensor& dirty_t, const Tensor& deleted_t,
+    const Tensor& order_t, const Tensor& pos_t, const Tensor& old_pos_t, const Tensor& is_new_t,
+    const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
+    double scale, double tau) {
+  VQT_CHECK_CPU(q);
+  const auto dt = q.scalar_type();
+  const auto dev = q.device();
+  check_float(q, "q");
+  const int64_t C = q.size(0);
+  for (const auto& [t, name, dims] : {std::tuple{&q, "q", 3}, {&k, "k", 3}, {&v, "v", 3}, {&U, "U", 3}, {&Z, "Z", 2},
+                                      {&M, "M", 2}, {&a_ref, "a_ref", 3}, {&radius, "radius", 2}}) {
+    check_tensor(*t, name, dims, dt, dev);
+    TORCH_CHECK(t->size(0) == C, name, " must have one row per slot (", C, "), got ", t->sizes());
+  }
+  const Heads L{q.size(1), k.size(1), q.size(2), v.size(2)};
+  TORCH_CHECK(L.Hkv > 0 && L.H % L.Hkv == 0, "query heads (", L.H, ") must be a multiple of key/value heads (", L.Hkv,
+              ")");
+  check_tensor(codes, "codes", 2, torch::kLong, dev);
+  check_tensor(pos_t, "pos", 1, torch::kDouble, dev);
+  check_tensor(old_pos_t, "old_pos", 1, torch::kDouble, dev);
+  check_tensor(is_new_t, "is_new", 1, torch::kBool, dev);
+  TORCH_CHECK(pos_t.size(0) == C && old_pos_t.size(0) == C && is_new_t.size(0) == C && codes.size(0) == C,
+              "pos, old_pos, is_new and codes must have one entry per slot (", C, ")");
+  const Slots dirty = slots_of(dirty_t, "dirty", C), deleted = slots_of(deleted_t, "deleted", C),
+              order = slots_of(order_t, "order", C);
+  const int64_t m = dirty.n, G = a_ref.size(1), gd = a_ref.size(2);
+  TORCH_CHECK(k.size(2) == L.hd && v.size(1) == L.Hkv && U.size(1) == L.H && U.size(2) == L.hdv &&
+                  Z.size(1) == L.H && M.size(1) == L.H,
+              "the slot tables disagree on head shapes: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), ", U ",
+              U.sizes(), ", Z ", Z.sizes(), ", M ", M.sizes());
+  TORCH_CHECK(G * gd == L.H * L.hdv && codes.size(1) == G && radius.size(1) == G,
+              "a_ref, codes and radius must split the attention output into (G, gd) groups");
+  for (const auto& [t, table_t, name] :
+       {std::tuple{&q_new, &q, "q_new"}, {&k_new, &k, "k_new"}, {&v_new, &v, "v_new"}}) {
+    check_tensor(*t, name, 3, dt, dev);
+    TORCH_CHECK(t->size(0) == m && t->sizes().slice(1) == table_t->sizes().slice(1), name, " must be (", m,
+                ", ", table_t->sizes().slice(1), ") (one row per dirty slot), got ", t->sizes());
+  }
+  TORCH_CHECK(codebook.has_value() == table.has_value(), "codebook and table come together (or neither)");
+  if (codebook) {
+    check_requantize(a_ref.narrow(0, 0, 0), *codebook, codes.narrow(0, 0, 0), a_ref.narrow(0, 0, 0),
+                     radius.narrow(0, 0, 0));
+    check_tensor(*table, "table", 3, dt, dev);
+    TORCH_CHECK(table->size(0) == G && table->size(1) == codebook->size(1), "table must be (G, K, d)");
+  }
+  const Window w = window_of(window);
+  const double* P = pos_t.data_ptr<double>();
+  const double* P0 = old_pos_t.data_ptr<double>();
+  const bool* is_new = is_new_t.data_ptr<bool>();
+  const int64_t qw = L.H * L.hd, kw = L.Hkv * L.hd, vw = L.Hkv * L.hdv, uw = L.H * L.hdv;
+
+  Tensor post_t, attn_out;
+  std::vector<int64_t> stats;
+  AT_DISPATCH_FLOATING_TYPES(dt, "vqt_layer_attend_cpu", [&] {
+    using T = scalar_t;
+    T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *Up = U.data_ptr<T>(),
+      *Zp = Z.data_ptr<T>(), *Mp = M.data_ptr<T>();
+    // Removed keys (deleted slots, then the old entries of existing dirty ones) are copied before the
+    // new rows overwrite them; added keys are the new rows.
+    std::vector<int64_t> rem(deleted.p, deleted.p + deleted.n);
+    for (int64_t i = 0; i < m; ++i) {
+      if (!is_new[dirty[i]]) rem.push_back(dirty[i]);
+    }
+    const KeyBlock removed(Keys<T>{kp, vp, P0, C}, L, sorted_subset(P0, rem));
+    std::vector<double> pos_add(m);
+    for (int64_t i = 0; i < m; ++i) {
+      const int64_t s = dirty[i];
+      std::copy_n(q_new.data_ptr<T>() + i * qw, qw, qp + s * qw);
+      std::copy_n(k_new.data_ptr<T>() + i * kw, kw, kp + s * kw);
+      std::copy_n(v_new.data_ptr<T>() + i * vw, vw, vp + s * vw);
+      pos_add[i] = P[s];
+    }
+    const KeyBlock added(Keys<T>{k_new.data_ptr<T>(), v_new.data_ptr<T>(), pos_add.data(), m}, L);
+
+    // Clean queries whose visible key set changed, in document order.
+    std::vector<char> in_dirty(C, 0);
+    for (int64_t i = 0; i < m; ++i) in_dirty[dirty[i]] = 1;
+    // A query at p can see a key at r only if r <= p < r + window: queries outside those ranges
+    // (positions along order are sorted) that did not move cannot be affected, and are not checked.
+    std::vector<double> pos_order(order.n);
+    for (int64_t c = 0; c < order.n; ++c) pos_order[c] = P[order[c]];
+    std::vector<int64_t> reach(order.n + 1, 0);  // +1 where a key's reach starts, -1 where it ends
+    for (const KeyBlock* keys : {&removed, &added}) {
+      for (const double r : keys->pos) {
+        const auto lo = std::lower_bound(pos_order.begin(), pos_order.end(), r) - pos_order.begin();
+        const auto hi = w.on ? std::upper_bound(pos_order.begin(), pos_order.end(), r + 2 * w.width) - pos_order.begin()
+                             : order.n;
+        reach[lo] += 1;
+        reach[std::max(lo, hi)] -= 1;
+      }
+    }
+    std::vector<int64_t> aff;
+    int64_t delta_pairs = 0, depth = 0;
+    for (int64_t c = 0; c < order.n; ++c) {
+      const int64_t s = order[c];
+      depth += reach[c];
+      if (in_dirty[s] || (depth == 0 && P0[s] == P[s])) continue;
+      const auto [rlo, rhi] = removed.visible(P0[s], w);
+      const auto [alo, ahi] = added.visible(P[s], w);
+      const int64_t hits = (rhi - rlo) + (ahi - alo);
+      if (hits > 0) {
+        aff.push_back(s);
+        delta_pairs += hits;
+      }
+    }
+    const int64_t na = static_cast<int64_t>(aff.size());
+
+    // Exact delta updates of the affected rows.
+    std::vector<int64_t> refresh;
+    if (na) {
+      std::vector<T> qa(na * qw), Ua(na * uw), Za(na * L.H), Ma(na * L.H);
+      std::vector<double> pa(na), pa_old(na);
+      gather_rows(qp, aff, qw, qa.data());
+      gather_rows(Up, aff, uw, Ua.data());
+      gather_rows(Zp, aff, L.H, Za.data());
+      gather_rows(Mp, aff, L.H, Ma.data());
+      for (int64_t i = 0; i < na; ++i) pa[i] = P[aff[i]], pa_old[i] = P0[aff[i]];
+      DeltaInputs<T> in{qa.data(), Ua.data(), Za.data(), Ma.data(), pa_old.data(), pa.data(),
+                        Keys<T>{nullptr, nullptr, nullptr, removed.n}, Keys<T>{nullptr, nullptr, nullptr, added.n},
+                        L, w, scale, tau};
+      std::vector<T> U2(na * uw), Z2(na * L.H), M2(na * L.H);
+      std::vector<char> flags(na);
+      for_each_row(
+          na, (removed.n + added.n) * L.H * (L.hd + L.hdv),
+          [&] { return RowScratch(std::max(removed.n, added.n), L); },
+          [&](int64_t i, RowScratch& S) { flags[i] = delta_row(i, in, removed, added, U2.data(), Z2.data(), M2.data(), S); });
+      scatter_rows(U2.data(), aff, uw, Up);
+      scatter_rows(Z2.data(), aff, L.H, Zp);
+      scatter_rows(M2.data(), aff, L.H, Mp);
+      for (int64_t i = 0; i < na; ++i) {
+        if (flags[i]) refresh.push_back(aff[i]);
+      }
+    }
+
+    // Full rows (dirty queries and guarded refreshes) against the band of keys they can see.
+    std::vector<int64_t> full(dirty.p, dirty.p + m);
+    full.insert(full.end(), refresh.begin(), refresh.end());
+    const int64_t nf = static_cast<int64_t>(full.size());
+    int64_t full_pairs = 0;
+    if (nf) {
+      std::vector<T> qf(nf * qw);
+      std::vector<double> pf(nf);
+      gather_rows(qp, full, qw, qf.data());
+      for (int64_t i = 0; i < nf; ++i) pf[i] = P[full[i]];
+      const KeyBlock band(Keys<T>{kp, vp, P, C}, L,
+                          visible_to_any(P, std::vector<int64_t>(order.p, order.p + order.n), pf.data(), nf, w,
+                                         &full_pairs));
+      const RowsInputs<T> in{qf.data(), pf.data(), Keys<T>{nullptr, nullptr, nullptr, band.n}, L, w, scale};
+      std::vector<T> Uf(nf * uw), Zf(nf * L.H), Mf(nf * L.H);
+      for_each_row(
+          nf, band.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(band.n, L); },
+          [&](int64_t i, RowScratch& S) { attention_row(i, in, band, Uf.data(), Zf.data(), Mf.data(), S); });
+      scatter_rows(Uf.data(), full, uw, Up);
+      scatter_rows(Zf.data(), full, L.H, Zp);
+      scatter_rows(Mf.data(), full, L.H, Mp);
+    }
+
+    // Re-quantize every row whose attention output changed: dirty ones, then the affected ones.
+    std::vector<int64_t> rows(dirty.p, dirty.p + m);
+    rows.insert(rows.end(), aff.begin(), aff.end());
+    const int64_t nr = static_cast<int64_t>(rows.size());
+    std::vector<T> a(nr * uw);
+    for (int64_t r = 0; r < nr; ++r) {
+      const int64_t s = rows[r];
+      for (int64_t h = 0; h < L.H; ++h) {
+        for (int64_t d = 0; d < L.hdv; ++d) a[(r * L.H + h) * L.hdv + d] = Up[(s * L.H + h) * L.hdv + d] / Zp[s * L.H + h];
+      }
+    }
+    T* arp = a_ref.data_ptr<T>();
+    std::vector<int64_t> post(dirty.p, dirty.p + m);
+    if (!codebook) {
+      scatter_rows(a.data(), rows, uw, arp);
+      post.insert(post.end(), aff.begin(), aff.end());  // without codes, every updated output moved
+      stats = {na, na, na, 0, 0, static_cast<int64_t>(refresh.size()), delta_pairs, full_pairs, 0};
+    } else {
+      T* radp = radius.data_ptr<T>();
+      int64_t* cp = codes.data_ptr<int64_t>();
+      for (int64_t i = 0; i < m; ++i) {
+        if (is_new[dirty[i]]) std::fill_n(radp + dirty[i] * G, G, -std::numeric_limits<T>::infinity());
+      }
+      std::vector<int64_t> codes_r(nr * G), codes2(nr * G);
+      std::vector<T> aref_r(nr * uw), rad_r(nr * G), aref2(nr * uw), rad2(nr * G);
+      std::unique_ptr<bool[]> searched(new bool[nr * G]);
+      gather_rows(cp, rows, G, codes_r.data());
+      gather_rows(arp, rows, uw, aref_r.data());
+      gather_rows(radp, rows, G, rad_r.data());
+      const RequantizeInputs<T> in{a.data(), codebook->data_ptr<T>(), aref_r.data(), rad_r.data(), codes_r.data(),
+                                   G, codebook->size(1), gd};
+      requantize_rows(in, nr, codes2.data(), aref2.data(), rad2.data(), searched.get());
+      scatter_rows(codes2.data(), rows, G, cp);
+      scatter_rows(aref2.data(), rows, uw, arp);
+      scatter_rows(rad2.data(), rows, G, radp);
+      int64_t n_searched = 0, skips = 0, existing = 0, code_flips = 0;
+      for (int64_t r = 0; r < nr; ++r) {
+        const bool old_row = !is_new[rows[r]];
+        existing += old_row;
+        for (int64_t g = 0; g < G; ++g) {
+          n_searched += searched[r * G + g] != 0;
+          skips += old_row && !searched[r * G + g];
+        }
+      }
+      for (int64_t i = 0; i < na; ++i) {
+        int64_t changed = 0;
+        for (int64_t g = 0; g < G; ++g) changed += codes2[(m + i) * G + g] != codes_r[(m + i) * G + g];
+        code_flips += changed;
+        if (changed) post.push_back(aff[i]);
+      }
+      stats = {na, static_cast<int64_t>(post.size()) - m, code_flips, n_searched, skips,
+               static_cast<int64_t>(refresh.size()), delta_pairs, full_pairs, existing * G};
+      const int64_t K = table->size(1), d = table->size(2);
+      attn_out = at::empty({static_cast<int64_t>(post.size()), d}, table->options());
+      const T* tp = table->data_ptr<T>();
+      T* op = attn_out.data_ptr<T>();
+      for (size_t i = 0; i < post.size(); ++i) {
+        for (int64_t g = 0; g < G; ++g) TORCH_CHECK(cp[post[i] * G + g] >= 0 && cp[post[i] * G + g] < K, "code out of range");
+        lookup_row(0, tp, cp + post[i] * G, G, K, d, op + i * d);
+      }
+    }
+    post_t = at::empty({static_cast<int64_t>(post.size())}, dirty_t.options());
+    std::copy(post.begin(), post.end(), post_t.data_ptr<int64_t>());
+  });
+  return {post_t, attn_out, stats};
+}
 }  // namespace
 }  // namespace vqt
 
-VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)")
+VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
+                  m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");)

@@ -15,14 +15,16 @@
 #define VQT_CHECK_SIZE(x, d, n) \
   TORCH_CHECK((x).size(d) == (n), #x ".size(" #d ") must be ", (n), ", got shape ", (x).sizes())
 
-// The Python module of a backend: the four operators, defined in the including file's vqt namespace.
-#define VQT_DEFINE_MODULE(docstring)                                                           \
+// The Python module of a backend: the four operators, defined in the including file's vqt namespace,
+// then any further definitions the backend adds (statements using the module `m`).
+#define VQT_DEFINE_MODULE(docstring, ...)                                                      \
   PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {                                                   \
     m.doc() = docstring;                                                                       \
     m.def("attention_rows", &vqt::attention_rows, "full attention rows as (U, Z, M)");          \
     m.def("attention_delta", &vqt::attention_delta, "exact update for removed and added keys"); \
     m.def("requantize", &vqt::requantize, "re-quantization with the certified skip");           \
     m.def("lookup", &vqt::lookup, "lookup-table output projection");                            \
+    __VA_ARGS__                                                                                \
   }
 
 namespace vqt {

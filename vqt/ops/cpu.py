@@ -103,3 +103,16 @@ def fused_ops(build: Callable[[], tuple[Optional[ModuleType], str]]) -> tuple[Ca
 
 
 attention_rows, attention_delta, requantize, lookup = fused_ops(_build)
+
+
+def layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order, pos, old_pos,
+                 is_new, codebook, table, window, scale, tau):
+    """``vqt.ops.composite.layer_attend`` in one fused call (the slot tables are updated in place)."""
+    q_new, k_new, v_new = (t.detach().contiguous() for t in (q_new, k_new, v_new))
+    extra = [None if t is None else t.detach().contiguous() for t in (codebook, table)]
+    module, why = _build()
+    if module is None:
+        raise RuntimeError(why)
+    return module.layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order,
+                               pos, old_pos, is_new, *extra, None if window is None else float(window), float(scale),
+                               float(tau))
