@@ -20,7 +20,7 @@ from .edits import check_spans
 from .macs import MacCounter, dense_and_prefix_macs, dense_macs
 from .model import VQTModel
 from .ops import get_backend
-from .ops.composite import STATS, layer_attend
+from .ops.composite import STATS, layer_attend, layer_commit
 from .positions import PositionMode, SpacingPolicy, plan_position_array
 
 TokenIds = Union[Sequence[int], torch.Tensor]
@@ -140,6 +140,7 @@ class Document:
         self.backend = self.ops.name
         fused = getattr(self.ops, "layer_attend", None)
         self._attend = fused if fused is not None else functools.partial(layer_attend, self.ops)
+        self._commit = getattr(self.ops, "layer_commit", layer_commit)
         # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
         self.tau = tau if tau is not None else (1e-4 if model.dtype == torch.float64 else 1e-2)
         # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
@@ -393,16 +394,13 @@ class Document:
             stats_code_flip.append(st["code_flips"])
 
             # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
-            recomputed[post] += 1
             if attn_out is None:
                 attn_out = block.attn_output(c.a_ref[post])
             x_next = block.finish(c.x[post], attn_out)
             macs.output(post.numel())
             macs.mlp(post.numel())
             target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
-            moved = (x_next != target[post]).any(-1) | is_new[post]
-            target[post] = x_next
-            dirty = post[moved | is_forced[post]]  # (no duplicates: flipped rows are clean ones)
+            dirty = self._commit(target, post, x_next, is_new, is_forced, recomputed)
 
         # Final norm and pooled sum for rows whose output changed.
         out_rows = dirty

@@ -94,10 +94,9 @@ def dense_and_prefix_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -
     counts = np.searchsorted(p, p, side="right")  # (numpy's search is several times faster on this size)
     if cfg.window is not None:
         counts = counts - np.searchsorted(p, p - cfg.window, side="right")
-    out = []
-    for start in (0, first):
-        m = MacCounter(cfg)
-        pairs = int(counts[start:].sum())
-        m.rows(len(p) - start, pairs)
-        out.append(m.total * cfg.n_layers)
-    return out[0], out[1]
+    per_row, per_pair = MacCounter(cfg), MacCounter(cfg)
+    per_row.rows(1, 0)
+    per_pair.rows(0, 1)
+    total, after = int(counts.sum()), int(counts[first:].sum())
+    return (cfg.n_layers * (len(p) * per_row.total + total * per_pair.total),
+            cfg.n_layers * ((len(p) - first) * per_row.total + after * per_pair.total))

@@ -75,10 +75,11 @@ def plan_position_array(kept: np.ndarray, mode: PositionMode, policy: SpacingPol
     if mode != "stable":
         raise ValueError(f"unknown position mode {mode!r} (use 'stable' or 'canonical')")
     pos = np.array(kept, dtype=np.float64)
-    new = np.isnan(pos).astype(np.int8)
-    edges = np.diff(new, prepend=0, append=0)
-    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1):
-        _respace_run(pos, int(a), int(b))  # each run of new tokens, between its kept neighbours
+    new = np.isnan(pos)
+    if new.any():
+        edges = np.diff(new.astype(np.int8), prepend=0, append=0)
+        for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1):
+            _respace_run(pos, int(a), int(b))  # each run of new tokens, between its kept neighbours
     # repair spacing that got too tight (insertions) or too wide (deletions), left to right
     i = 0
     while i + 1 < len(pos):

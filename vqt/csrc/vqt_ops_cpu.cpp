@@ -829,8 +829,50 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
   });
   return {post_t, attn_out, stats};
 }
+
+// layer_commit (semantics: vqt/ops/composite.py layer_commit): stores the recomputed rows, counts
+// them, and returns the slots whose row changed bitwise, or that are new or forced.
+Tensor layer_commit(Tensor target, const Tensor& post_t, const Tensor& x_next, const Tensor& is_new_t,
+                    const Tensor& is_forced_t, Tensor recomputed) {
+  VQT_CHECK_CPU(target);
+  check_float(target, "target");
+  const int64_t C = target.size(0);
+  check_tensor(target, "target", 2, target.scalar_type(), target.device());
+  const Slots post = slots_of(post_t, "post", C);
+  const int64_t d = target.size(1);
+  check_tensor(x_next, "x_next", 2, target.scalar_type(), target.device());
+  TORCH_CHECK(x_next.size(0) == post.n && x_next.size(1) == d, "x_next must be (", post.n, ", ", d, "), got ",
+              x_next.sizes());
+  check_tensor(is_new_t, "is_new", 1, torch::kBool, target.device());
+  check_tensor(is_forced_t, "is_forced", 1, torch::kBool, target.device());
+  check_tensor(recomputed, "recomputed", 1, torch::kInt, target.device());
+  TORCH_CHECK(is_new_t.size(0) == C && is_forced_t.size(0) == C && recomputed.size(0) == C,
+              "is_new, is_forced and recomputed must have one entry per slot (", C, ")");
+  const bool *is_new = is_new_t.data_ptr<bool>(), *is_forced = is_forced_t.data_ptr<bool>();
+  int32_t* count = recomputed.data_ptr<int32_t>();
+  std::vector<int64_t> next;
+  AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "vqt_layer_commit_cpu", [&] {
+    using T = scalar_t;
+    T* tp = target.data_ptr<T>();
+    const T* xp = x_next.data_ptr<T>();
+    for (int64_t i = 0; i < post.n; ++i) {
+      const int64_t s = post[i];
+      T* row = tp + s * d;
+      const T* x = xp + i * d;
+      bool moved = is_new[s];
+      for (int64_t c = 0; c < d; ++c) moved |= !(row[c] == x[c]);  // (as x != row: NaN always differs)
+      std::copy_n(x, d, row);
+      count[s] += 1;
+      if (moved || is_forced[s]) next.push_back(s);
+    }
+  });
+  Tensor out = at::empty({static_cast<int64_t>(next.size())}, post_t.options());
+  std::copy(next.begin(), next.end(), out.data_ptr<int64_t>());
+  return out;
+}
 }  // namespace
 }  // namespace vqt
 
 VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
-                  m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");)
+                  m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");
+                  m.def("layer_commit", &vqt::layer_commit, "store recomputed rows, return the next dirty slots");)

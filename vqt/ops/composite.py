@@ -103,3 +103,14 @@ def layer_attend(ops: ModuleType, q, k, v, U, Z, M, a_ref, codes, radius, q_new,
              int((~searched[existing]).sum()), refresh.numel(), int(hits.sum()), full_pairs,
              int(existing.sum()) * codes.shape[1]]
     return post, ops.lookup(table, codes[post]), stats
+
+
+def layer_commit(target: torch.Tensor, post: torch.Tensor, x_next: torch.Tensor, is_new: torch.Tensor,
+                 is_forced: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+    """Store the recomputed rows ``x_next`` of slots ``post`` into the next layer's input table
+    ``target`` and count them in ``recomputed``; returns the next layer's dirty slots: those whose
+    row changed bitwise (new ones always) or that are ``is_forced``, in ``post`` order."""
+    recomputed[post] += 1
+    moved = (x_next != target[post]).any(-1) | is_new[post]
+    target[post] = x_next
+    return post[moved | is_forced[post]]  # (no duplicates: post lists every slot once)

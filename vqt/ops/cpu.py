@@ -116,3 +116,11 @@ def layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, di
     return module.layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order,
                                pos, old_pos, is_new, *extra, None if window is None else float(window), float(scale),
                                float(tau))
+
+
+def layer_commit(target, post, x_next, is_new, is_forced, recomputed):
+    """``vqt.ops.composite.layer_commit`` in one fused call (target and recomputed updated in place)."""
+    module, why = _build()
+    if module is None:
+        raise RuntimeError(why)
+    return module.layer_commit(target, post, x_next.detach().contiguous(), is_new, is_forced, recomputed)
