@@ -261,10 +261,21 @@ class Document:
         self._pos = pad(torch.as_tensor(positions, dtype=torch.float64, device=dev).reshape(-1))
         self._resid = pad(out.residual)
         self._hidden = pad(out.hidden)
+        self._set_angles()
         self._pooled_sum = out.hidden.sum(0)
         self._order_t = torch.arange(n, device=dev)  # slot of each token, in document order
         self._free = list(range(cap - 1, n - 1, -1))  # pop() hands out the lowest free slot
         self._model_key = _model_key(model)
+
+    def _set_angles(self, slots: Optional[torch.Tensor] = None) -> None:
+        """Recompute the per-slot RoPE table (cos, sin) for ``slots`` (default: every slot)."""
+        if self.cfg.pos_encoding != "rope":
+            self._angles = None
+        elif slots is None:
+            self._angles = self.model.rope_angles(self._pos)
+        elif slots.numel():
+            for table, new in zip(self._angles, self.model.rope_angles(self._pos[slots])):
+                table[slots] = new
 
     def _alloc(self, count: int) -> list[int]:
         if len(self._free) < count:
@@ -275,6 +286,8 @@ class Document:
             for name in ("_tokens", "_pos", "_resid", "_hidden"):
                 t = getattr(self, name)
                 setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+            if self._angles is not None:
+                self._angles = tuple(torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]) for t in self._angles)
             self._free = list(range(old + extra - 1, old - 1, -1)) + self._free
         return [self._free.pop() for _ in range(count)]
 
@@ -356,13 +369,14 @@ class Document:
         self._pos[order_t] = new_pos
         if new_t.numel():
             self._tokens[new_t] = torch.cat([ids for _, _, ids in norm])
+        self._set_angles(torch.cat([new_t, renumbered]))
         forced = torch.cat([new_t, renumbered]) if self._pos_matters else new_t
         is_forced = is_new.clone()
         is_forced[forced] = True
 
         if new_t.numel():
             self._layers[0].x[new_t] = model.embed(self._tokens[new_t])
-        pos = self._pos
+        pos, angles = self._pos, self._angles
         pos_order = pos[order_t]  # sorted
         dirty = forced
         stats_dirty, stats_aff, stats_flip, stats_code_flip = [], [], [], []
@@ -371,7 +385,7 @@ class Document:
 
         for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
             # 2-4. New q, k, v of dirty rows; delta updates, full rows and re-quantization (DESIGN.md section 2).
-            q, k, v = block.qkv(c.x[dirty], pos[dirty])
+            q, k, v = block.qkv(c.x[dirty], pos[dirty], angles and (angles[0][dirty], angles[1][dirty]))
             macs.qkv(dirty.numel())
             quantized = block.quantizer is not None
             post, attn_out, counts = self._attend(

@@ -86,14 +86,16 @@ class Block(nn.Module):
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.cfg.head_dim)
 
-    def qkv(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied."""
+    def qkv(self, x: torch.Tensor, pos: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]] = None
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied
+        (``angles``: ``VQTModel.rope_angles(pos)`` when the caller already has them)."""
         h = self.attn_norm(x)
         H, Hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
         qkv = self._project(h, "qkv", self.wq, self.wk, self.wv).view(*h.shape[:-1], H + 2 * Hkv, hd)
         qk, v = qkv[..., : H + Hkv, :], qkv[..., H + Hkv:, :]
         if self.cfg.pos_encoding == "rope":  # q and k rotated together: one set of elementwise ops
-            qk = rope(qk, pos, self.cfg.rope_theta, rope_angles(pos, hd, self.cfg.rope_theta, x.dtype))
+            qk = rope(qk, pos, self.cfg.rope_theta, angles or rope_angles(pos, hd, self.cfg.rope_theta, x.dtype))
         return qk[..., :H, :], qk[..., H:, :], v
 
     def _project(self, h: torch.Tensor, name: str, *linears: nn.Linear) -> torch.Tensor:
@@ -291,6 +293,11 @@ class VQTModel(nn.Module):
             raise ValueError(f"prefix start {start} is outside [0, {min(n, cache.hidden.shape[0])}]")
         return self._dense(tok, pos, cache, start)
 
+    def rope_angles(self, pos: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """RoPE (cos, sin) of positions pos (..., n), each (..., n, 1, head_dim); None without RoPE."""
+        cfg = self.config
+        return rope_angles(pos, cfg.head_dim, cfg.rope_theta, self.dtype) if cfg.pos_encoding == "rope" else None
+
     def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
                before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None) -> DenseOutput:
         """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first."""
@@ -298,9 +305,10 @@ class VQTModel(nn.Module):
         n = tok.numel()
         rows, pr = slice(start, n), slice(0, start)
         x = self.embed(tok[rows])
+        angles = self.rope_angles(pos[rows])  # the same for every layer
         layers = []
         for li, block in enumerate(self.blocks):
-            q, k, v = block.qkv(x, pos[rows])
+            q, k, v = block.qkv(x, pos[rows], angles)
             if cache is not None:
                 c = cache.layers[li]
                 k, v = torch.cat([c.k[pr], k]), torch.cat([c.v[pr], v])

@@ -142,6 +142,7 @@ def restore(doc: Document, state: DocumentState) -> None:
     for name, attr in _DOC_TENSORS.items():
         setattr(doc, attr, t[name])
     doc._layers = [LayerCache(**{f: t[f"layer{li}.{f}"] for f in _LAYER_FIELDS}) for li in range(doc.cfg.n_layers)]
+    doc._set_angles()  # derived from the positions
     doc._order_t, doc._free = torch.tensor(order, dtype=torch.long, device=dev), free
     kw = document_kwargs(state)
     doc.position_mode, doc.tau, doc.spacing = kw["position_mode"], kw["tau"], kw["spacing"]
