@@ -7,6 +7,7 @@ run only where a GPU is present; the CUDA sources are compiled with nvcc whereve
 
 from __future__ import annotations
 
+import copy
 import importlib
 import shutil
 import subprocess
@@ -348,6 +349,32 @@ def test_document_edits_cpu_match_reference(fused, name, data):
             doc.replace(s, e, new)
         assert torch.equal(docs[1].codes, docs[0].codes)
         torch.testing.assert_close(docs[1].hidden, docs[0].hidden, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(DOC_CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
+    """The fused whole-layer call reproduces Block.qkv + layer_attend + Block.finish + layer_commit
+    bit for bit: every cached tensor of the two documents stays identical."""
+    why = vqt.ops.unavailable_reason("cpu")
+    if why:
+        pytest.skip(why)
+    model = copy.deepcopy(doc_model(name)).to(dtype)  # (Module.to works in place: leave the cached one alone)
+    init = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), label="initial tokens")
+    fused_doc, composite = Document(model, init, backend="cpu"), Document(model, init, backend="cpu")
+    composite._step = None
+    for _ in range(20):
+        n = len(fused_doc)
+        s = data.draw(st.integers(0, n))
+        e = data.draw(st.integers(s, min(n, s + 4)))
+        new = data.draw(st.lists(st.integers(0, VOCAB - 1), max_size=5))[: MAX_TOKENS - n + (e - s)]
+        a, b = fused_doc.replace(s, e, new), composite.replace(s, e, new)
+        assert a.macs == b.macs and a.dirty_per_layer == b.dirty_per_layer
+        want = composite.state_dict()
+        for key, got in fused_doc.state_dict().items():
+            assert torch.equal(got, want[key]), key
 
 
 # ----------------------------------------------------------------------------- backend selection

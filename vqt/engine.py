@@ -141,6 +141,8 @@ class Document:
         fused = getattr(self.ops, "layer_attend", None)
         self._attend = fused if fused is not None else functools.partial(layer_attend, self.ops)
         self._commit = getattr(self.ops, "layer_commit", layer_commit)
+        # A backend may run a whole (quantized, Llama-style) layer in one call: vqt.ops.cpu.layer_step.
+        self._step = getattr(self.ops, "layer_step", None)
         # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
         self.tau = tau if tau is not None else (1e-4 if model.dtype == torch.float64 else 1e-2)
         # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
@@ -384,37 +386,43 @@ class Document:
         skips = searches = refreshes = 0
 
         for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
-            # 2-4. New q, k, v of dirty rows; delta updates, full rows and re-quantization (DESIGN.md section 2).
-            q, k, v = block.qkv(c.x[dirty], pos[dirty], angles and (angles[0][dirty], angles[1][dirty]))
-            macs.qkv(dirty.numel())
+            target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
+            n_dirty = dirty.numel()
             quantized = block.quantizer is not None
-            post, attn_out, counts = self._attend(
-                c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, q, k, v, dirty, del_t, order_t, pos,
-                old_pos_all, is_new, block.quantizer.codebook if quantized else None,
-                block.lookup_table() if quantized else None, cfg.window, block.scale, self.tau)
+            if self._step is not None and quantized:  # the whole layer in one fused call
+                dirty, counts = self._step(block, c, target, dirty, del_t, order_t, pos, old_pos_all, is_new,
+                                           is_forced, recomputed, angles, cfg.window, self.tau)
+                n_post = counts[-1]
+            else:
+                # 2-4. New q, k, v of dirty rows; delta updates, full rows and re-quantization (DESIGN.md section 2).
+                q, k, v = block.qkv(c.x[dirty], pos[dirty], angles and (angles[0][dirty], angles[1][dirty]))
+                post, attn_out, counts = self._attend(
+                    c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, q, k, v, dirty, del_t, order_t, pos,
+                    old_pos_all, is_new, block.quantizer.codebook if quantized else None,
+                    block.lookup_table() if quantized else None, cfg.window, block.scale, self.tau)
+                # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
+                if attn_out is None:
+                    attn_out = block.attn_output(c.a_ref[post])
+                x_next = block.finish(c.x[post], attn_out)
+                dirty = self._commit(target, post, x_next, is_new, is_forced, recomputed)
+                n_post = post.numel()
             st = dict(zip(STATS, counts))
+            macs.qkv(n_dirty)
             if st["affected"]:
                 macs.attention(st["delta_pairs"], "attention_delta")
             macs.attention(st["full_pairs"])
             if quantized:
                 macs.quantize_skip(st["skip_checks"])
                 macs.quantize_search(st["searches"])
+            macs.output(n_post)
+            macs.mlp(n_post)
             searches += st["searches"]
             skips += st["skips"]
             refreshes += st["refreshes"]
-            stats_dirty.append(dirty.numel())
+            stats_dirty.append(n_dirty)
             stats_aff.append(st["affected"])
             stats_flip.append(st["flipped"])
             stats_code_flip.append(st["code_flips"])
-
-            # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
-            if attn_out is None:
-                attn_out = block.attn_output(c.a_ref[post])
-            x_next = block.finish(c.x[post], attn_out)
-            macs.output(post.numel())
-            macs.mlp(post.numel())
-            target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
-            dirty = self._commit(target, post, x_next, is_new, is_forced, recomputed)
 
         # Final norm and pooled sum for rows whose output changed.
         out_rows = dirty

@@ -78,7 +78,8 @@ class Block(nn.Module):
         self.w_gate = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_up = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_down = nn.Linear(cfg.d_ff, d, bias=False)
-        self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # concatenated projection weights (see _project)
+        self._projections = {"qkv": ("wq", "wk", "wv"), "gate_up": ("w_gate", "w_up")}
+        self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # concatenated projection weights (see fused_weight)
         self._table: Optional[torch.Tensor] = None
         self._table_key: tuple = ()
 
@@ -92,24 +93,30 @@ class Block(nn.Module):
         (``angles``: ``VQTModel.rope_angles(pos)`` when the caller already has them)."""
         h = self.attn_norm(x)
         H, Hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        qkv = self._project(h, "qkv", self.wq, self.wk, self.wv).view(*h.shape[:-1], H + 2 * Hkv, hd)
+        qkv = self._project(h, "qkv").view(*h.shape[:-1], H + 2 * Hkv, hd)
         qk, v = qkv[..., : H + Hkv, :], qkv[..., H + Hkv:, :]
         if self.cfg.pos_encoding == "rope":  # q and k rotated together: one set of elementwise ops
             qk = rope(qk, pos, self.cfg.rope_theta, angles or rope_angles(pos, hd, self.cfg.rope_theta, x.dtype))
         return qk[..., :H, :], qk[..., H:, :], v
 
-    def _project(self, h: torch.Tensor, name: str, *linears: nn.Linear) -> torch.Tensor:
-        """cat([lin(h) for lin in linears], -1) as one matmul. Without autograd the concatenated
-        weight is cached (until a weight changes); with it, the weights stay separate leaves."""
-        weights = [lin.weight for lin in linears]
-        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return F.linear(h, torch.cat(weights))
+    def fused_weight(self, name: str) -> torch.Tensor:
+        """The concatenated weight of projection ``name`` ("qkv": wq, wk, wv; "gate_up": w_gate, w_up),
+        detached and cached until one of its parts changes."""
+        weights = [getattr(self, lin).weight for lin in self._projections[name]]
         key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
         cached = self._fused.get(name)
         if cached is None or cached[0] != key:
             cached = (key, torch.cat([w.detach() for w in weights]))
             self._fused[name] = cached
-        return F.linear(h, cached[1])
+        return cached[1]
+
+    def _project(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        """The projections of ``name`` applied to h and concatenated, as one matmul (with autograd,
+        the weights stay separate leaves)."""
+        weights = [getattr(self, lin).weight for lin in self._projections[name]]
+        if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
+            return F.linear(h, torch.cat(weights))
+        return F.linear(h, self.fused_weight(name))
 
     def lookup_table(self) -> torch.Tensor:
         """T (G, K, d) with T[g, c] = W_o[:, group g] @ E[g, c], cached until either weight changes."""
@@ -132,7 +139,7 @@ class Block(nn.Module):
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """y = x + attn_out; x' = y + SwiGLU(RMSNorm(y)). Per token."""
         y = x + attn_out
-        gate, up = self._project(self.mlp_norm(y), "gate_up", self.w_gate, self.w_up).chunk(2, -1)
+        gate, up = self._project(self.mlp_norm(y), "gate_up").chunk(2, -1)
         return y + self.w_down(F.silu(gate) * up)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:

@@ -870,9 +870,47 @@ Tensor layer_commit(Tensor target, const Tensor& post_t, const Tensor& x_next, c
   std::copy(next.begin(), next.end(), out.data_ptr<int64_t>());
   return out;
 }
+
+// layer_step: a whole layer of an incremental update in one call, for the Llama-style block of
+// vqt/model.py with a quantizer: RMSNorm -> fused q/k/v projection -> RoPE (rotate-half, from the
+// per-slot cos/sin tables) on the dirty rows, layer_attend, then y = x + lookup, x' = y +
+// W_down(silu(gate) * up) of RMSNorm(y) on the rows it returns, and layer_commit. The dense matmuls
+// and elementwise ops are the same ATen operators, in the same order, as Block.qkv and Block.finish
+// call from Python, so the rows are bitwise those of the composite path. Returns (the next layer's
+// dirty slots, layer_attend's counts followed by the number of rows the MLP recomputed).
+std::tuple<Tensor, std::vector<int64_t>> layer_step(
+    const Tensor& x, Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes,
+    Tensor radius, Tensor target, const Tensor& dirty, const Tensor& deleted, const Tensor& order, const Tensor& pos,
+    const Tensor& old_pos, const Tensor& is_new, const Tensor& is_forced, Tensor recomputed,
+    const std::optional<Tensor>& cos, const std::optional<Tensor>& sin, const Tensor& attn_norm, double attn_eps,
+    const Tensor& w_qkv, const Tensor& codebook, const Tensor& table, const Tensor& mlp_norm, double mlp_eps,
+    const Tensor& w_gate_up, const Tensor& w_down, std::optional<double> window, double scale, double tau) {
+  VQT_CHECK_CPU(x);
+  TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && k.dim() == 3, "x must be (C, d), q (C, H, hd), k (C, Hkv, hd)");
+  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin come together (or neither)");
+  const int64_t d = x.size(1), H = q.size(1), Hkv = k.size(1), hd = q.size(2);
+  const Tensor xd = x.index_select(0, dirty);
+  const Tensor qkv = at::linear(at::rms_norm(xd, {d}, attn_norm, attn_eps), w_qkv).view({xd.size(0), H + 2 * Hkv, hd});
+  Tensor qk = qkv.slice(1, 0, H + Hkv);
+  if (cos) {
+    const Tensor c = cos->index_select(0, dirty), s = sin->index_select(0, dirty);
+    qk = qk * c + at::cat({-qk.slice(-1, hd / 2), qk.slice(-1, 0, hd / 2)}, -1) * s;
+  }
+  auto [post, attn_out, stats] =
+      layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
+                   qkv.slice(1, H + Hkv).contiguous(), dirty, deleted, order, pos, old_pos, is_new, codebook, table,
+                   window, scale, tau);
+  const Tensor y = x.index_select(0, post) + attn_out;
+  const auto gate_up = at::linear(at::rms_norm(y, {d}, mlp_norm, mlp_eps), w_gate_up).chunk(2, -1);
+  const Tensor out = y + at::linear(at::silu(gate_up[0]) * gate_up[1], w_down);
+  Tensor next = layer_commit(target, post, out.contiguous(), is_new, is_forced, recomputed);
+  stats.push_back(post.numel());
+  return {next, stats};
+}
 }  // namespace
 }  // namespace vqt
 
 VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
                   m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");
-                  m.def("layer_commit", &vqt::layer_commit, "store recomputed rows, return the next dirty slots");)
+                  m.def("layer_commit", &vqt::layer_commit, "store recomputed rows, return the next dirty slots");
+                  m.def("layer_step", &vqt::layer_step, "a whole layer of an incremental update");)

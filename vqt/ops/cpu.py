@@ -105,22 +105,42 @@ def fused_ops(build: Callable[[], tuple[Optional[ModuleType], str]]) -> tuple[Ca
 attention_rows, attention_delta, requantize, lookup = fused_ops(_build)
 
 
+
+def _module() -> ModuleType:
+    module, why = _build()
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
 def layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order, pos, old_pos,
                  is_new, codebook, table, window, scale, tau):
     """``vqt.ops.composite.layer_attend`` in one fused call (the slot tables are updated in place)."""
     q_new, k_new, v_new = (t.detach().contiguous() for t in (q_new, k_new, v_new))
     extra = [None if t is None else t.detach().contiguous() for t in (codebook, table)]
-    module, why = _build()
-    if module is None:
-        raise RuntimeError(why)
-    return module.layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order,
-                               pos, old_pos, is_new, *extra, None if window is None else float(window), float(scale),
-                               float(tau))
+    return _module().layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order,
+                                  pos, old_pos, is_new, *extra, None if window is None else float(window),
+                                  float(scale), float(tau))
 
 
 def layer_commit(target, post, x_next, is_new, is_forced, recomputed):
     """``vqt.ops.composite.layer_commit`` in one fused call (target and recomputed updated in place)."""
-    module, why = _build()
-    if module is None:
-        raise RuntimeError(why)
-    return module.layer_commit(target, post, x_next.detach().contiguous(), is_new, is_forced, recomputed)
+    return _module().layer_commit(target, post, x_next.detach().contiguous(), is_new, is_forced, recomputed)
+
+
+def layer_step(block, cache, target: torch.Tensor, dirty: torch.Tensor, deleted: torch.Tensor, order: torch.Tensor,
+               pos: torch.Tensor, old_pos: torch.Tensor, is_new: torch.Tensor, is_forced: torch.Tensor,
+               recomputed: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]], window, tau: float
+               ) -> tuple[torch.Tensor, list[int]]:
+    """One whole layer of an incremental update (Block.qkv, layer_attend, Block.finish and
+    layer_commit) in one C++ call, bitwise equal to running them in turn. ``block`` must have a
+    quantizer; ``cache`` is the engine's LayerCache of that layer (updated in place). Returns
+    (the next layer's dirty slots, layer_attend's counts plus the number of MLP rows)."""
+    c = cache
+    cos, sin = angles if angles is not None else (None, None)
+    return _module().layer_step(
+        c.x, c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, target, dirty, deleted, order, pos, old_pos,
+        is_new, is_forced, recomputed, cos, sin, block.attn_norm.weight.detach(), float(block.attn_norm.eps),
+        block.fused_weight("qkv"), block.quantizer.codebook.detach(), block.lookup_table(),
+        block.mlp_norm.weight.detach(), float(block.mlp_norm.eps), block.fused_weight("gate_up"),
+        block.w_down.weight.detach(), None if window is None else float(window), float(block.scale), float(tau))
