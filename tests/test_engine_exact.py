@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_codes_certified, assert_matches_dense, tiny_model
 from vqt import Document
+from vqt.positions import plan_positions
 
 # Every value of every axis appears at least once: RoPE/none, GQA/MHA, the three
 # granularities, K from 4 to 256, with and without a window, quantized and dense twin.
@@ -104,6 +105,31 @@ def test_stable_positions_keep_untouched_tokens():
     after = doc.positions
     assert torch.equal(after[:10], before[:10]) and torch.equal(after[13:], before[12:])
     assert bool((after[10:13] > before[9]).all() and (after[10:13] < before[12]).all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_multi_edit_positions_follow_the_planner(data):
+    """Several hunks in one update (adjacent ones included) place their tokens exactly where
+    plan_positions puts them given the kept tokens' old positions."""
+    model = MODELS["rope-window-head-k8"]
+    doc = Document(model, list(range(12)))
+    for _ in range(3):
+        n, edits, cur = len(doc), [], 0
+        while cur <= n and len(edits) < 3 and data.draw(st.booleans()):
+            s = data.draw(st.integers(cur, n))
+            e = data.draw(st.integers(s, min(n, s + 3)))
+            edits.append((s, e, data.draw(st.lists(st.integers(0, VOCAB - 1), max_size=4))))
+            cur = e
+        if n + sum(len(t) - (e - s) for s, e, t in edits) > MAX_TOKENS:
+            break
+        kept, old, cur = [], doc.positions.tolist(), 0
+        for s, e, ids in edits:
+            kept += old[cur:s] + [None] * len(ids)
+            cur = e
+        kept += old[cur:]
+        doc.apply_edits(edits)
+        assert doc.positions.tolist() == plan_positions(kept, "stable", doc.spacing)
 
 
 def test_tight_spacing_renumbers_a_window_and_stays_exact():

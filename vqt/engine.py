@@ -12,7 +12,7 @@ import time
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 
@@ -31,8 +31,6 @@ class EditStats:
     """What one update cost and touched. Ratios compare MACs counted by vqt.macs."""
 
     macs: int  # MACs the incremental update spent
-    dense_macs: int  # MACs of a dense forward of the edited document
-    prefix_macs: int  # MACs of common-prefix KV-cache reuse on the same edit (same positions)
     n_tokens: int  # document length after the edit
     dirty_per_layer: list[int]  # positions recomputed in full at each layer (D_l)
     affected_per_layer: list[int]  # clean positions whose attention was delta-updated
@@ -50,6 +48,23 @@ class EditStats:
     recomputed: Optional[torch.Tensor] = field(default=None, repr=False)  # (n,) layers that recomputed each token
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
+    # (dense_macs, prefix_macs), or what computes them: counting the baselines' MACs is left until asked.
+    baselines: Union[tuple[int, int], Callable[[], tuple[int, int]]] = field(default=(0, 0), repr=False)
+
+    def _baselines(self) -> tuple[int, int]:
+        if callable(self.baselines):
+            self.baselines = self.baselines()
+        return self.baselines
+
+    @property
+    def dense_macs(self) -> int:
+        """MACs of a dense forward of the edited document."""
+        return self._baselines()[0]
+
+    @property
+    def prefix_macs(self) -> int:
+        """MACs of common-prefix KV-cache reuse on the same edit (same positions)."""
+        return self._baselines()[1]
 
     @property
     def ratio(self) -> float:
@@ -88,6 +103,17 @@ class LayerCache:
 
 
 Edit = tuple[int, int, TokenIds]
+
+
+def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Join runs of new tokens that touch (insertions from adjacent edits form one run)."""
+    out: list[tuple[int, int]] = []
+    for a, b in runs:
+        if out and out[-1][1] + 1 == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
 
 
 # Walking a model's modules for its tensors costs more than a small edit, so the list is cached and
@@ -334,8 +360,8 @@ class Document:
         pos = self._pos[: len(tokens)]
         dm = dense_macs(self.cfg, pos)
         L = self.cfg.n_layers
-        return EditStats(dm, dm, dm, len(tokens), [len(tokens)] * L, [0] * L, [0] * L, [0] * L, 0, 0, 0, 0,
-                         time.perf_counter() - t0, full_recompute=True, reason=reason)
+        return EditStats(dm, len(tokens), [len(tokens)] * L, [0] * L, [0] * L, [0] * L, 0, 0, 0, 0,
+                         time.perf_counter() - t0, full_recompute=True, reason=reason, baselines=(dm, dm))
 
     def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
         cfg, model = self.cfg, self.model
@@ -346,11 +372,14 @@ class Document:
         old_order = self._order_t
         new_slots = self._alloc(sum(ids.numel() for _, _, ids in norm))
         new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
-        pieces, deleted_pieces, cur, used = [], [], 0, 0
+        pieces, deleted_pieces, runs, cur, used, placed = [], [], [], 0, 0, 0
         for s, e, ids in norm:
             pieces += [old_order[cur:s], new_t[used:used + ids.numel()]]
             deleted_pieces.append(old_order[s:e])
-            cur, used = e, used + ids.numel()
+            placed += s - cur
+            if ids.numel():  # (first, last) index of the new tokens in the new order
+                runs.append((placed, placed + ids.numel() - 1))
+            cur, used, placed = e, used + ids.numel(), placed + ids.numel()
         pieces.append(old_order[cur:])
         order_t = torch.cat(pieces)
         del_t = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
@@ -361,7 +390,8 @@ class Document:
 
         kept_pos = self._pos[order_t]
         kept_pos[new_at] = float("nan")
-        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_mode, self.spacing))
+        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_mode, self.spacing,
+                                                          _merge_runs(runs)))
         new_pos = new_pos.to(dev)
         renumbered_at = (~new_at & (kept_pos != new_pos)).nonzero().squeeze(1)
         renumbered = order_t[renumbered_at]
@@ -433,9 +463,9 @@ class Document:
 
         self._order_t = order_t
         self._free.extend(reversed(del_t.tolist()))
-        dense, prefix = dense_and_prefix_macs(cfg, pos_order, first_changed)
         return EditStats(
-            macs=macs.total, dense_macs=dense, prefix_macs=prefix, n_tokens=order_t.numel(), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
+            macs=macs.total, baselines=functools.partial(dense_and_prefix_macs, cfg, pos_order, first_changed),
+            n_tokens=order_t.numel(), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
             code_flips_per_layer=stats_code_flip, certified_skips=skips, searches=searches, refreshes=refreshes,
             renumbered=len(renumbered), seconds=time.perf_counter() - t0, first_changed=first_changed,
             inserted=len(new_slots), deleted=del_t.numel(), macs_by_kind=dict(macs.by_kind),

@@ -151,14 +151,20 @@ def restore(doc: Document, state: DocumentState) -> None:
 
 def stats_to_json(stats: EditStats) -> dict[str, Any]:
     """An EditStats as JSON-able values (tensor fields become tagged lists)."""
+    values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
+    values["baselines"] = list(stats._baselines())
     return {k: {_TENSOR_TAG: v.tolist(), "dtype": str(v.dtype).removeprefix("torch.")} if isinstance(v, torch.Tensor)
-            else v for k, v in vars(stats).items()}
+            else v for k, v in values.items()}
 
 
 def stats_from_json(d: dict[str, Any]) -> EditStats:
     """Inverse of ``stats_to_json``."""
-    return EditStats(**{k: torch.tensor(v[_TENSOR_TAG], dtype=getattr(torch, v["dtype"]))
-                        if isinstance(v, dict) and _TENSOR_TAG in v else v for k, v in d.items()})
+    values = {k: torch.tensor(v[_TENSOR_TAG], dtype=getattr(torch, v["dtype"]))
+              if isinstance(v, dict) and _TENSOR_TAG in v else v for k, v in d.items()}
+    if "dense_macs" in values:  # written before the baselines' MACs became lazy
+        values["baselines"] = (values.pop("dense_macs"), values.pop("prefix_macs"))
+    values["baselines"] = tuple(values.get("baselines", (0, 0)))
+    return EditStats(**values)
 
 
 # -------------------------------------------------------------------- on disk
