@@ -169,6 +169,7 @@ class Document:
         self._commit = getattr(self.ops, "layer_commit", layer_commit)
         # A backend may run a whole (quantized, Llama-style) layer in one call: vqt.ops.cpu.layer_step.
         self._step = getattr(self.ops, "layer_step", None)
+        self._step_weights: list = []  # per layer, gathered at _build (valid while the model key holds)
         # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
         self.tau = tau if tau is not None else (1e-4 if model.dtype == torch.float64 else 1e-2)
         # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
@@ -293,7 +294,14 @@ class Document:
         self._pooled_sum = out.hidden.sum(0)
         self._order_t = torch.arange(n, device=dev)  # slot of each token, in document order
         self._free = list(range(cap - 1, n - 1, -1))  # pop() hands out the lowest free slot
-        self._model_key = _model_key(model)
+        self._bind_model()
+
+    def _bind_model(self) -> None:
+        """Record the model's version and gather what the fused layer step reads from it."""
+        self._model_key = _model_key(self.model)
+        if self._step is not None:
+            self._step_weights = [self.ops.layer_weights(b) if b.quantizer is not None else None
+                                  for b in self.model.blocks]
 
     def _set_angles(self, slots: Optional[torch.Tensor] = None) -> None:
         """Recompute the per-slot RoPE table (cos, sin) for ``slots`` (default: every slot)."""
@@ -411,17 +419,16 @@ class Document:
         pos, angles = self._pos, self._angles
         pos_order = pos[order_t]  # sorted
         dirty = forced
-        stats_dirty, stats_aff, stats_flip, stats_code_flip = [], [], [], []
+        per_layer = []  # (quantized, dirty rows, MLP rows, layer_attend's counts by name)
         recomputed = torch.zeros(self._tokens.shape[0], dtype=torch.int32, device=dev)
-        skips = searches = refreshes = 0
 
         for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
             target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
             n_dirty = dirty.numel()
             quantized = block.quantizer is not None
             if self._step is not None and quantized:  # the whole layer in one fused call
-                dirty, counts = self._step(block, c, target, dirty, del_t, order_t, pos, old_pos_all, is_new,
-                                           is_forced, recomputed, angles, cfg.window, self.tau)
+                dirty, counts = self._step(self._step_weights[li], c, target, dirty, del_t, order_t, pos, old_pos_all,
+                                           is_new, is_forced, recomputed, angles, cfg.window, self.tau)
                 n_post = counts[-1]
             else:
                 # 2-4. New q, k, v of dirty rows; delta updates, full rows and re-quantization (DESIGN.md section 2).
@@ -436,23 +443,7 @@ class Document:
                 x_next = block.finish(c.x[post], attn_out)
                 dirty = self._commit(target, post, x_next, is_new, is_forced, recomputed)
                 n_post = post.numel()
-            st = dict(zip(STATS, counts))
-            macs.qkv(n_dirty)
-            if st["affected"]:
-                macs.attention(st["delta_pairs"], "attention_delta")
-            macs.attention(st["full_pairs"])
-            if quantized:
-                macs.quantize_skip(st["skip_checks"])
-                macs.quantize_search(st["searches"])
-            macs.output(n_post)
-            macs.mlp(n_post)
-            searches += st["searches"]
-            skips += st["skips"]
-            refreshes += st["refreshes"]
-            stats_dirty.append(n_dirty)
-            stats_aff.append(st["affected"])
-            stats_flip.append(st["flipped"])
-            stats_code_flip.append(st["code_flips"])
+            per_layer.append((quantized, n_dirty, n_post, dict(zip(STATS, counts))))
 
         # Final norm and pooled sum for rows whose output changed.
         out_rows = dirty
@@ -463,10 +454,23 @@ class Document:
 
         self._order_t = order_t
         self._free.extend(reversed(del_t.tolist()))
+        for quantized, n_dirty, n_post, st in per_layer:
+            macs.qkv(n_dirty)
+            if st["affected"]:
+                macs.attention(st["delta_pairs"], "attention_delta")
+            macs.attention(st["full_pairs"])
+            if quantized:
+                macs.quantize_skip(st["skip_checks"])
+                macs.quantize_search(st["searches"])
+            macs.output(n_post)
+            macs.mlp(n_post)
+        total = lambda name: sum(st[name] for *_, st in per_layer)  # noqa: E731
         return EditStats(
             macs=macs.total, baselines=functools.partial(dense_and_prefix_macs, cfg, pos_order, first_changed),
-            n_tokens=order_t.numel(), dirty_per_layer=stats_dirty, affected_per_layer=stats_aff, flips_per_layer=stats_flip,
-            code_flips_per_layer=stats_code_flip, certified_skips=skips, searches=searches, refreshes=refreshes,
-            renumbered=len(renumbered), seconds=time.perf_counter() - t0, first_changed=first_changed,
-            inserted=len(new_slots), deleted=del_t.numel(), macs_by_kind=dict(macs.by_kind),
-            recomputed=recomputed[order_t].cpu())
+            n_tokens=order_t.numel(), dirty_per_layer=[n for _, n, _, _ in per_layer],
+            affected_per_layer=[st["affected"] for *_, st in per_layer],
+            flips_per_layer=[st["flipped"] for *_, st in per_layer],
+            code_flips_per_layer=[st["code_flips"] for *_, st in per_layer], certified_skips=total("skips"),
+            searches=total("searches"), refreshes=total("refreshes"), renumbered=len(renumbered),
+            seconds=time.perf_counter() - t0, first_changed=first_changed, inserted=len(new_slots),
+            deleted=del_t.numel(), macs_by_kind=dict(macs.by_kind), recomputed=recomputed[order_t].cpu())

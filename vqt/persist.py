@@ -146,7 +146,7 @@ def restore(doc: Document, state: DocumentState) -> None:
     doc._order_t, doc._free = torch.tensor(order, dtype=torch.long, device=dev), free
     kw = document_kwargs(state)
     doc.position_mode, doc.tau, doc.spacing = kw["position_mode"], kw["tau"], kw["spacing"]
-    doc._model_key = _model_key(doc.model)
+    doc._bind_model()
 
 
 def stats_to_json(stats: EditStats) -> dict[str, Any]:

@@ -884,7 +884,7 @@ std::tuple<Tensor, std::vector<int64_t>> layer_step(
     const Tensor& old_pos, const Tensor& is_new, const Tensor& is_forced, Tensor recomputed,
     const std::optional<Tensor>& cos, const std::optional<Tensor>& sin, const Tensor& attn_norm, double attn_eps,
     const Tensor& w_qkv, const Tensor& codebook, const Tensor& table, const Tensor& mlp_norm, double mlp_eps,
-    const Tensor& w_gate_up, const Tensor& w_down, std::optional<double> window, double scale, double tau) {
+    const Tensor& w_gate_up, const Tensor& w_down, double scale, std::optional<double> window, double tau) {
   VQT_CHECK_CPU(x);
   TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && k.dim() == 3, "x must be (C, d), q (C, H, hd), k (C, Hkv, hd)");
   TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin come together (or neither)");

@@ -128,19 +128,24 @@ def layer_commit(target, post, x_next, is_new, is_forced, recomputed):
     return _module().layer_commit(target, post, x_next.detach().contiguous(), is_new, is_forced, recomputed)
 
 
-def layer_step(block, cache, target: torch.Tensor, dirty: torch.Tensor, deleted: torch.Tensor, order: torch.Tensor,
-               pos: torch.Tensor, old_pos: torch.Tensor, is_new: torch.Tensor, is_forced: torch.Tensor,
-               recomputed: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]], window, tau: float
-               ) -> tuple[torch.Tensor, list[int]]:
+def layer_weights(block) -> tuple:
+    """The weights ``layer_step`` reads, gathered once per model version (the engine caches them
+    and rebuilds after any parameter change). ``block`` must have a quantizer."""
+    return (block.attn_norm.weight.detach(), float(block.attn_norm.eps), block.fused_weight("qkv"),
+            block.quantizer.codebook.detach(), block.lookup_table(), block.mlp_norm.weight.detach(),
+            float(block.mlp_norm.eps), block.fused_weight("gate_up"), block.w_down.weight.detach(), float(block.scale))
+
+
+def layer_step(weights: tuple, cache, target: torch.Tensor, dirty: torch.Tensor, deleted: torch.Tensor,
+               order: torch.Tensor, pos: torch.Tensor, old_pos: torch.Tensor, is_new: torch.Tensor,
+               is_forced: torch.Tensor, recomputed: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]],
+               window, tau: float) -> tuple[torch.Tensor, list[int]]:
     """One whole layer of an incremental update (Block.qkv, layer_attend, Block.finish and
-    layer_commit) in one C++ call, bitwise equal to running them in turn. ``block`` must have a
-    quantizer; ``cache`` is the engine's LayerCache of that layer (updated in place). Returns
+    layer_commit) in one C++ call, bitwise equal to running them in turn. ``weights``: the layer's
+    ``layer_weights``; ``cache``: the engine's LayerCache of that layer (updated in place). Returns
     (the next layer's dirty slots, layer_attend's counts plus the number of MLP rows)."""
     c = cache
     cos, sin = angles if angles is not None else (None, None)
-    return _module().layer_step(
-        c.x, c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, target, dirty, deleted, order, pos, old_pos,
-        is_new, is_forced, recomputed, cos, sin, block.attn_norm.weight.detach(), float(block.attn_norm.eps),
-        block.fused_weight("qkv"), block.quantizer.codebook.detach(), block.lookup_table(),
-        block.mlp_norm.weight.detach(), float(block.mlp_norm.eps), block.fused_weight("gate_up"),
-        block.w_down.weight.detach(), None if window is None else float(window), float(block.scale), float(tau))
+    return _module().layer_step(c.x, c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, target, dirty,
+                                deleted, order, pos, old_pos, is_new, is_forced, recomputed, cos, sin, *weights,
+                                None if window is None else float(window), float(tau))
