@@ -22,6 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vqt.ops
+import vqt.ops.composite
 from helpers import tiny_model
 from vqt import Document
 from vqt.ops import get_backend
@@ -356,15 +357,17 @@ def test_document_edits_cpu_match_reference(fused, name, data):
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
-    """The fused whole-layer call reproduces Block.qkv + layer_attend + Block.finish + layer_commit
-    bit for bit: every cached tensor of the two documents stays identical."""
+    """The fused whole-layer call reproduces Block.qkv + layer_attend + Block.finish + layer_commit,
+    and the fused final norm its composite, bit for bit: every cached tensor stays identical."""
     why = vqt.ops.unavailable_reason("cpu")
     if why:
         pytest.skip(why)
     model = copy.deepcopy(doc_model(name)).to(dtype)  # (Module.to works in place: leave the cached one alone)
     init = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), label="initial tokens")
     fused_doc, composite = Document(model, init, backend="cpu"), Document(model, init, backend="cpu")
-    composite._step = None
+    composite._step = None  # Python qkv/finish around the fused layer_attend ...
+    composite._commit = vqt.ops.composite.layer_commit  # ... and the Python commit and final norm
+    composite._finish = vqt.ops.composite.finish_outputs
     for _ in range(20):
         n = len(fused_doc)
         s = data.draw(st.integers(0, n))

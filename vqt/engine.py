@@ -20,7 +20,7 @@ from .edits import check_spans
 from .macs import MacCounter, dense_and_prefix_macs, dense_macs
 from .model import VQTModel
 from .ops import get_backend
-from .ops.composite import STATS, layer_attend, layer_commit
+from .ops.composite import STATS, finish_outputs, layer_attend, layer_commit
 from .positions import PositionMode, SpacingPolicy, plan_position_array
 
 TokenIds = Union[Sequence[int], torch.Tensor]
@@ -167,6 +167,7 @@ class Document:
         fused = getattr(self.ops, "layer_attend", None)
         self._attend = fused if fused is not None else functools.partial(layer_attend, self.ops)
         self._commit = getattr(self.ops, "layer_commit", layer_commit)
+        self._finish = getattr(self.ops, "finish_outputs", finish_outputs)
         # A backend may run a whole (quantized, Llama-style) layer in one call: vqt.ops.cpu.layer_step.
         self._step = getattr(self.ops, "layer_step", None)
         self._step_weights: list = []  # per layer, gathered at _build (valid while the model key holds)
@@ -446,11 +447,8 @@ class Document:
             per_layer.append((quantized, n_dirty, n_post, dict(zip(STATS, counts))))
 
         # Final norm and pooled sum for rows whose output changed.
-        out_rows = dirty
-        old_rows = out_rows[~is_new[out_rows]]
-        self._pooled_sum -= self._hidden[del_t].sum(0) + self._hidden[old_rows].sum(0)
-        self._hidden[out_rows] = model.norm(self._resid[out_rows])
-        self._pooled_sum += self._hidden[out_rows].sum(0)
+        self._finish(self._resid, self._hidden, self._pooled_sum, dirty, del_t, is_new, model.norm.weight,
+                     model.norm.eps)
 
         self._order_t = order_t
         self._free.extend(reversed(del_t.tolist()))

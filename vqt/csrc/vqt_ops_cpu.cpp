@@ -907,10 +907,22 @@ std::tuple<Tensor, std::vector<int64_t>> layer_step(
   stats.push_back(post.numel());
   return {next, stats};
 }
+
+// finish_outputs (semantics: vqt/ops/composite.py finish_outputs), with the same ATen operators in
+// the same order, so the hidden states and pooled sum are bitwise those of the composite.
+void finish_outputs(const Tensor& resid, Tensor hidden, Tensor pooled_sum, const Tensor& rows, const Tensor& deleted,
+                    const Tensor& is_new, const Tensor& norm_weight, double eps) {
+  VQT_CHECK_CPU(resid);
+  const Tensor old_rows = rows.index({at::logical_not(is_new.index({rows}))});
+  pooled_sum.sub_(hidden.index({deleted}).sum(0) + hidden.index({old_rows}).sum(0));
+  hidden.index_put_({rows}, at::rms_norm(resid.index({rows}), norm_weight.sizes(), norm_weight, eps));
+  pooled_sum.add_(hidden.index({rows}).sum(0));
+}
 }  // namespace
 }  // namespace vqt
 
 VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
                   m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");
                   m.def("layer_commit", &vqt::layer_commit, "store recomputed rows, return the next dirty slots");
-                  m.def("layer_step", &vqt::layer_step, "a whole layer of an incremental update");)
+                  m.def("layer_step", &vqt::layer_step, "a whole layer of an incremental update");
+                  m.def("finish_outputs", &vqt::finish_outputs, "final norm and pooled sum of changed rows");)

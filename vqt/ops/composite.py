@@ -114,3 +114,13 @@ def layer_commit(target: torch.Tensor, post: torch.Tensor, x_next: torch.Tensor,
     moved = (x_next != target[post]).any(-1) | is_new[post]
     target[post] = x_next
     return post[moved | is_forced[post]]  # (no duplicates: post lists every slot once)
+
+
+def finish_outputs(resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, rows: torch.Tensor,
+                   deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> None:
+    """Final RMSNorm of the slots ``rows`` whose residual changed, and the pooled sum of the final
+    hidden states kept up to date (deleted slots and the old values of changed ones leave it)."""
+    old_rows = rows[~is_new[rows]]
+    pooled_sum -= hidden[deleted].sum(0) + hidden[old_rows].sum(0)
+    hidden[rows] = torch.nn.functional.rms_norm(resid[rows], norm_weight.shape, norm_weight, eps)
+    pooled_sum += hidden[rows].sum(0)

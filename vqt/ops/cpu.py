@@ -149,3 +149,8 @@ def layer_step(weights: tuple, cache, target: torch.Tensor, dirty: torch.Tensor,
     return _module().layer_step(c.x, c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, target, dirty,
                                 deleted, order, pos, old_pos, is_new, is_forced, recomputed, cos, sin, *weights,
                                 None if window is None else float(window), float(tau))
+
+
+def finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps):
+    """``vqt.ops.composite.finish_outputs`` in one call (hidden and pooled_sum updated in place)."""
+    _module().finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight.detach(), float(eps))
