@@ -45,15 +45,15 @@ def _respace(pos: np.ndarray, a: int, b: int, policy: SpacingPolicy) -> None:
             b += 1
         grow_left = not grow_left
     count = b - a + 1
-    for i in range(count):
-        if left is None and right is None:
-            pos[a + i] = float(i)
-        elif left is None:
-            pos[a + i] = right - (count - i)
-        elif right is None:
-            pos[a + i] = left + (i + 1)
-        else:
-            pos[a + i] = left + (right - left) * (i + 1) / (count + 1)
+    i = np.arange(count, dtype=np.float64)
+    if left is None and right is None:
+        pos[a:b + 1] = i
+    elif left is None:
+        pos[a:b + 1] = right - (count - i)
+    elif right is None:
+        pos[a:b + 1] = left + (i + 1)
+    else:
+        pos[a:b + 1] = left + (right - left) * (i + 1) / (count + 1)
 
 
 def plan_positions(kept: Sequence[Optional[float]], mode: PositionMode,
