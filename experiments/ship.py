@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import shutil
+from fractions import Fraction
 import sys
 from pathlib import Path
 
@@ -37,8 +38,13 @@ def main() -> None:
     p.add_argument("--twin", default=None)
     p.add_argument("--out", default=str(DATA_DIR / "vqt-small"))
     p.add_argument("--note", default="", help="free text stored with the model (e.g. the stability numbers)")
+    p.add_argument("--min-spacing", default=None,
+                   help="record this minimum stable-position spacing (e.g. 1/128 for a model trained with "
+                        "--position-edits) instead of the checkpoint's")
     a = p.parse_args()
     model = VQTModel.from_pretrained(a.checkpoint).half()
+    if a.min_spacing:
+        model.config.min_spacing = float(Fraction(a.min_spacing))
     model.config.extra["heldout_ppl_fp16_512"] = round(shipped_perplexity(model.float()), 4)
     if a.twin:
         twin = VQTModel.from_pretrained(a.twin).half().float()

@@ -14,6 +14,7 @@ import math
 import shlex
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -43,6 +44,10 @@ def main() -> None:
     p.add_argument("--commitment", type=float, default=0.25)
     p.add_argument("--dense-twin", action="store_true", help="same architecture and recipe, quantizer off")
     p.add_argument("--jitter", type=float, default=0.25, help="position jitter during training")
+    p.add_argument("--position-edits", type=float, default=0.0,
+                   help="per sequence, probability of a squeezed run and of a gap, as edits leave positions")
+    p.add_argument("--min-spacing", default=None, help="recorded in the model for its documents (default: 1/128 "
+                   "with --position-edits, which trains on runs squeezed that tight, else 1/32)")
     p.add_argument("--vq-start", type=int, default=200)
     p.add_argument("--consistency-start", type=int, default=-1)
     p.add_argument("--consistency-weight", type=float, default=1.0)
@@ -63,13 +68,15 @@ def main() -> None:
                         n_kv_heads=a.kv_heads, window=a.window, pos_encoding=a.pos_encoding, granularity=a.granularity,
                         codebook_size=a.codebook_size, commitment_weight=a.commitment, quantize=not a.dense_twin)
     t = TrainConfig(out_dir=a.out, steps=a.steps, batch_size=a.batch_size, seq_len=a.seq_len, lr=a.lr, seed=a.seed,
-                    position_jitter=a.jitter, vq_start=a.vq_start, consistency_start=a.consistency_start,
+                    position_jitter=a.jitter, position_edits=a.position_edits, vq_start=a.vq_start, consistency_start=a.consistency_start,
                     consistency_weight=a.consistency_weight, threads=a.threads, eval_every=a.eval_every, init_from=a.init,
                     ckpt_every=a.eval_every)
+    cfg.min_spacing = float(Fraction(a.min_spacing or ("1/128" if a.position_edits > 0 else "1/32")))
     train_ids, val_ids = train_tokens(tok), heldout_tokens(tok)
     t0 = time.time()
     model = train(cfg, t, train_ids, val_ids, device=a.device)
     val = evaluate_loss(model, val_ids, 512)
+    model.config.min_spacing = cfg.min_spacing  # (a run resumed from an older checkpoint gets it too)
     model.config.extra.update({
         "command": "python experiments/train.py " + " ".join(shlex.quote(x) for x in sys.argv[1:]),
         "train_seconds_this_run": round(time.time() - t0),

@@ -11,7 +11,7 @@ import torch
 from vqt import VQTConfig, VQTModel
 from vqt.demo import demo_revisions
 from vqt.tokenizer import Tokenizer
-from vqt.train import TrainConfig, consistency_loss, edited_copies, train
+from vqt.train import TrainConfig, consistency_loss, edited_copies, sample_batch, train
 
 TOK = Tokenizer.default()
 TOKENS = np.asarray([t for _, text in demo_revisions() for t in TOK.encode(text) + [0]] * 4, dtype=np.uint16)
@@ -67,3 +67,30 @@ def test_edited_copies_align_unedited_tokens():
     assert float(consistency_loss(attn, 6, pairs)) > 0
     ident = [(s, s) for s, _ in pairs]
     assert float(consistency_loss(same, 6, ident)) == 0.0
+
+
+def test_fold_accuracies_separate_signal_from_noise():
+    """The classification protocol: a learnable label is found, a random one is not, and two
+    feature sets get identical splits (so their per-fold difference is paired)."""
+    from vqt.classify import fold_accuracies
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 8, generator=g)
+    signal = (x[:, 0] + 0.3 * x[:, 1] > 0).long().tolist()
+    noise = torch.randint(0, 2, (200,), generator=g).tolist()
+    good = fold_accuracies(x, signal, folds=5, repeats=2)
+    assert len(good) == 10 and min(good) > 0.85
+    assert abs(sum(fold_accuracies(x, noise, folds=5, repeats=2)) / 10 - 0.5) < 0.1
+    assert fold_accuracies(x, signal, folds=5, repeats=2) == good  # deterministic, same splits
+
+
+def test_position_edits_squeeze_runs_and_open_gaps_but_keep_order():
+    t = TrainConfig(batch_size=64, seq_len=128, position_edits=1.0)
+    tokens = np.arange(10_000) % 97
+    _, pos = sample_batch(tokens, t, torch.Generator().manual_seed(0))
+    gaps = pos[:, 1:] - pos[:, :-1]
+    assert bool((gaps > 0).all()), "positions must stay strictly increasing"
+    assert float(gaps.min()) < 1 / 64 and float(gaps.max()) > 4, "squeezed runs and wide gaps must both occur"
+    plain = sample_batch(tokens, TrainConfig(batch_size=64, seq_len=128), torch.Generator().manual_seed(0))[1]
+    plain_gaps = plain[:, 1:] - plain[:, :-1]
+    assert float(plain_gaps.min()) >= 0.75 - 1e-9 and float(plain_gaps.max()) <= 1.25 + 1e-9

@@ -76,29 +76,32 @@ def pooled_features(model: VQTModel, tokenizer: Tokenizer, texts: Sequence[str])
     return torch.stack(feats)
 
 
-def cross_val_accuracy(x: torch.Tensor, y: Sequence[int], folds: int = 5, seed: int = 0,
-                       weight_decay: float = 1e-3, steps: int = 300) -> tuple[float, float]:
-    """Mean and std of held-out accuracy of a logistic-regression head over stratified-ish folds."""
-    g = torch.Generator().manual_seed(seed)
+def fold_accuracies(x: torch.Tensor, y: Sequence[int], folds: int = 5, repeats: int = 1, seed: int = 0,
+                    weight_decay: float = 1e-3, steps: int = 300) -> list[float]:
+    """Held-out accuracy of a logistic-regression head on every fold of ``repeats`` shuffled
+    ``folds``-fold splits (the splits depend only on ``seed``, so two feature sets given the same
+    seed are compared on identical splits)."""
     yt = torch.as_tensor(y, dtype=torch.long)
-    perm = torch.randperm(len(yt), generator=g)
     accs = []
-    for f in range(folds):
-        test = perm[f::folds]
-        train = torch.cat([perm[i::folds] for i in range(folds) if i != f])
-        mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
-        xs = (x - mu) / sd
-        head = torch.nn.Linear(x.shape[1], 2)
-        opt = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+    for r in range(repeats):
+        perm = torch.randperm(len(yt), generator=torch.Generator().manual_seed(seed + r))
+        for f in range(folds):
+            test = perm[f::folds]
+            train = torch.cat([perm[i::folds] for i in range(folds) if i != f])
+            mu, sd = x[train].mean(0), x[train].std(0) + 1e-6
+            xs = (x - mu) / sd
+            torch.manual_seed(seed)  # the head's initialization (LBFGS converges to nearly the same optimum anyway)
+            head = torch.nn.Linear(x.shape[1], 2)
+            opt = torch.optim.LBFGS(head.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
 
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(head(xs[train]), yt[train]) \
-                + weight_decay * head.weight.pow(2).sum()
-            loss.backward()
-            return loss
+            def closure():
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(head(xs[train]), yt[train]) \
+                    + weight_decay * head.weight.pow(2).sum()
+                loss.backward()
+                return loss
 
-        opt.step(closure)
-        with torch.no_grad():
-            accs.append(float((head(xs[test]).argmax(1) == yt[test]).float().mean()))
-    return float(np.mean(accs)), float(np.std(accs))
+            opt.step(closure)
+            with torch.no_grad():
+                accs.append(float((head(xs[test]).argmax(1) == yt[test]).float().mean()))
+    return accs

@@ -32,6 +32,9 @@ class VQTConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     n_classes: int = 0  # >0 adds a classification head on mean-pooled final features
+    # Tightest spacing of stable positions a Document allows before it renumbers (DESIGN.md section 3):
+    # how squeezed the model saw positions in training. Engine policy, not part of the function computed.
+    min_spacing: float = 1 / 32
 
     # Vector quantization of the attention output (DESIGN.md section 1).
     quantize: bool = True  # False gives the dense twin: same block, W_o applied to the raw attention output
@@ -59,6 +62,7 @@ class VQTConfig:
             (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
             (self.window is None or self.window > 0, f"window must be positive or None, got {self.window}"),
             (self.max_len > 0, "max_len must be positive"),
+            (0 < self.min_spacing <= 1, f"min_spacing must be in (0, 1], got {self.min_spacing}"),
         ]
         if self.pos_encoding == "rope":
             checks.append((self.head_dim % 2 == 0, f"RoPE needs an even head_dim, got {self.head_dim}"))

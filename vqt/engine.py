@@ -152,7 +152,7 @@ class Document:
 
     def __init__(self, model: VQTModel, token_ids: TokenIds = (), position_mode: PositionMode = "stable",
                  backend: str = "reference", positions: Optional[Sequence[float]] = None,
-                 tau: Optional[float] = None, spacing: SpacingPolicy = SpacingPolicy()) -> None:
+                 tau: Optional[float] = None, spacing: Optional[SpacingPolicy] = None) -> None:
         if not isinstance(model, VQTModel):
             raise TypeError(f"model must be a VQTModel, got {type(model).__name__}")
         if model.training:
@@ -161,7 +161,8 @@ class Document:
             raise ValueError(f"unknown position_mode {position_mode!r} (use 'stable' or 'canonical')")
         self.model, self.cfg = model, model.config
         self.position_mode: PositionMode = position_mode
-        self.spacing = spacing
+        # Default: the model's own minimum spacing (how squeezed it saw positions in training).
+        self.spacing = spacing if spacing is not None else SpacingPolicy(min_spacing=model.config.min_spacing)
         self.ops = get_backend(backend, model.device)
         self.backend = self.ops.name
         fused = getattr(self.ops, "layer_attend", None)

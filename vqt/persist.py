@@ -33,6 +33,7 @@ from .tokenizer import Tokenizer
 MAGIC = b"VQTSTATE\n"
 FORMAT = "vqt-document-state"
 FORMAT_VERSION = 1
+_NOT_FUNCTION = ("extra", "min_spacing")  # config entries that do not change what the model computes
 _DOC_TENSORS = {"tokens": "_tokens", "positions": "_pos", "residual": "_resid", "hidden": "_hidden",
                 "pooled_sum": "_pooled_sum"}
 _LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerCache))
@@ -69,7 +70,7 @@ def model_fingerprint(model: VQTModel) -> str:
     hit = _model_fps.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    h = hashlib.sha256(_canonical({k: v for k, v in model.config.to_dict().items() if k != "extra"}))
+    h = hashlib.sha256(_canonical({k: v for k, v in model.config.to_dict().items() if k not in _NOT_FUNCTION}))
     _hash_tensors(h, model.state_dict().items())
     _model_fps[model] = (key, h.hexdigest())
     return h.hexdigest()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Iterable, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
@@ -51,7 +51,7 @@ class EditRecord:
     certified_skips: int
     refreshes: int
     renumbered: int
-    seconds: float  # incremental update (including re-tokenization and diff)
+    seconds: float  # the engine's update (Document.apply_edits; re-tokenization and the diff excluded, as for the baselines)
     dense_seconds: Optional[float] = None  # dense forward of the edited window, same process
     prefix_seconds: Optional[float] = None  # common-prefix KV reuse on the same edit
     exact: Optional[bool] = None  # with verify: codes equal and hidden allclose to the dense forward
@@ -90,11 +90,14 @@ def _window_end(tokenizer: Tokenizer, text: str, window_tokens: int) -> int:
 def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: Tokenizer,
            window_tokens: int = 1024, max_edits: Optional[int] = None, baselines: bool = True,
            verify: bool = False, max_edit_chars: Optional[int] = 2000, skip_reverts: bool = False,
+           observe: Optional[Callable[[TextDocument, EditRecord], None]] = None,
            **doc_kwargs) -> Iterator[EditRecord]:
     """Yield one ``EditRecord`` per atomic edit that touches the window.
 
     baselines: also time a dense forward and prefix reuse on every edited window (same
-    process, same model). verify: check every step against the dense forward.
+    process, same model). verify: check every step against the dense forward. observe: called
+    with the document and the record after every edit, before the record is yielded (to
+    measure anything else about the edited state).
     """
     if model.training:
         raise ValueError("call model.eval() before replaying")
@@ -160,6 +163,8 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                         torch.allclose(new_dense.hidden, doc.doc.hidden, atol=atol))
                 dense = new_dense
             count += 1
+            if observe is not None:
+                observe(doc, rec)
             yield rec
             if max_edits is not None and count >= max_edits:
                 return

@@ -45,6 +45,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     seed: int = 0
     position_jitter: float = 0.25  # training spacing ~ U[1 - j, 1 + j]: prepares RoPE for stable positions
+    # Per sequence, with this probability each: a run of 1-128 tokens squeezed into one position unit (as an
+    # insertion leaves them) and a gap of 2-32 units (as a deletion leaves one): positions edits really produce.
+    position_edits: float = 0.0
     vq_start: int = 200  # step at which the quantizer is switched on (k-means init)
     consistency_start: int = -1  # step at which the edit-consistency loss starts; -1 = never
     consistency_weight: float = 1.0  # final weight (ramped linearly from consistency_start)
@@ -70,8 +73,25 @@ def sample_batch(tokens: np.ndarray, t: TrainConfig, gen: torch.Generator) -> tu
     starts = torch.randint(0, len(tokens) - t.seq_len - 1, (t.batch_size,), generator=gen).tolist()
     batch = torch.from_numpy(np.stack([tokens[s:s + t.seq_len + 1].astype(np.int64) for s in starts]))
     spacing = 1.0 + t.position_jitter * (2 * torch.rand(t.batch_size, t.seq_len, generator=gen, dtype=torch.float64) - 1)
+    if t.position_edits > 0:
+        edit_spacing(spacing, t.position_edits, gen)
     positions = torch.cumsum(spacing, 1) - spacing[:, :1]
     return batch, positions
+
+
+def edit_spacing(spacing: torch.Tensor, p: float, gen: torch.Generator) -> None:
+    """Give some rows (B, T) of spacings what stable positions look like after edits, in place: with
+    probability p a run of L in [1, 128] tokens (log-uniform) squeezed into one unit, with probability p
+    a gap of G in [2, 32] units (log-uniform) before one token."""
+    B, T = spacing.shape
+    u = torch.rand(B, 6, generator=gen, dtype=torch.float64)
+    for b in range(B):
+        if u[b, 0] < p:
+            L = min(int(128 ** u[b, 1]), T - 2)
+            s = 1 + int(u[b, 2] * (T - L - 1))
+            spacing[b, s:s + L + 1] = 1.0 / (L + 1)
+        if u[b, 3] < p:
+            spacing[b, 1 + int(u[b, 4] * (T - 1))] = 2.0 * 16.0 ** float(u[b, 5])
 
 
 def edited_copies(tokens: torch.Tensor, positions: torch.Tensor, max_edit: int, rng: random.Random
@@ -235,10 +255,10 @@ def train(model_cfg: VQTConfig, t: TrainConfig, train_tokens: np.ndarray, val_to
             opt.step()
             step += 1
             tps = inp.numel() * (2 if use_cons else 1) / (time.perf_counter() - t0)
-            log.writerow([step, f"{lr_at(step - 1, t):.3g}", f"{float(lm):.4f}", f"{float(res['vq_loss']):.4f}",
-                          f"{float(cons):.4f}", f"{tps:.0f}"])
+            lm_v, vq_v, cons_v = (float(v.detach()) for v in (lm, res["vq_loss"], cons))
+            log.writerow([step, f"{lr_at(step - 1, t):.3g}", f"{lm_v:.4f}", f"{vq_v:.4f}", f"{cons_v:.4f}", f"{tps:.0f}"])
             bar.update(1)
-            bar.set_postfix(lm=f"{float(lm):.3f}", vq=f"{float(res['vq_loss']):.3f}", cons=f"{float(cons):.3f}")
+            bar.set_postfix(lm=f"{lm_v:.3f}", vq=f"{vq_v:.3f}", cons=f"{cons_v:.3f}")
             if step % t.eval_every == 0 or step == t.steps:
                 val = evaluate_loss(model, val_tokens, t.seq_len, t.eval_tokens)
                 with open(out / "eval.jsonl", "a") as f:

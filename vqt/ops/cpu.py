@@ -1,5 +1,11 @@
 """Fused CPU backend: the reference operators in C++ with OpenMP (vqt/csrc/vqt_ops_cpu.cpp).
 
+Besides the four operators of the schema, it fuses the engine's per-layer work:
+``layer_attend`` (one C++ call for a layer's delta updates, full rows, re-quantization and
+lookup, semantics in vqt/ops/composite.py), ``layer_commit``, ``finish_outputs`` and
+``layer_step``, a whole quantized layer (qkv, layer_attend, MLP, commit) in one call, bitwise
+equal to the composite path. The engine uses whichever of these a backend provides.
+
 The extension is compiled just in time on first use (ninja, cached under ``$VQT_BUILD_DIR`` or
 ``~/.cache/vqt/torch_extensions``). Inference only: the results carry no autograd history.
 """
@@ -64,6 +70,14 @@ def available() -> tuple[bool, str]:
     return module is not None, why
 
 
+def required(build: Callable[[], tuple[Optional[ModuleType], str]]) -> ModuleType:
+    """The extension that ``build`` returns, or a RuntimeError that says why it could not be built."""
+    module, why = build()
+    if module is None:
+        raise RuntimeError(why)
+    return module
+
+
 def fused_ops(build: Callable[[], tuple[Optional[ModuleType], str]]) -> tuple[Callable, ...]:
     """The four operators with the reference signatures, forwarding to the extension that ``build`` returns.
 
@@ -71,10 +85,7 @@ def fused_ops(build: Callable[[], tuple[Optional[ModuleType], str]]) -> tuple[Ca
     """
 
     def extension() -> ModuleType:
-        module, why = build()
-        if module is None:
-            raise RuntimeError(why)
-        return module
+        return required(build)
 
     def dense(*tensors: torch.Tensor) -> list[torch.Tensor]:
         return [t.detach().contiguous() for t in tensors]
@@ -107,10 +118,7 @@ attention_rows, attention_delta, requantize, lookup = fused_ops(_build)
 
 
 def _module() -> ModuleType:
-    module, why = _build()
-    if module is None:
-        raise RuntimeError(why)
-    return module
+    return required(_build)
 
 
 def layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order, pos, old_pos,
