@@ -95,7 +95,7 @@ class Editor:
 
     def open(self, uri: str, text: str) -> None:
         self.texts[uri], self.versions[uri] = text, 1
-        self.mirrors[uri] = TextDocument(self.model, TOK, text)
+        self.mirrors[uri] = TextDocument(self.model, TOK, text, backend="auto")  # as the server resolves it
         item = types.TextDocumentItem(uri, "plaintext", 1, text)
         self.client.text_document_did_open(types.DidOpenTextDocumentParams(item))
 

@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from .ops import BACKENDS, get_backend
+
 
 def _demo(args: argparse.Namespace) -> int:
     from .demo import demo_model, demo_revisions
@@ -92,14 +94,15 @@ def _replay(args: argparse.Namespace) -> int:
         for path in args.data:
             yield from iter_history(path, max_revisions=args.max_revisions)
 
+    backend = get_backend(args.backend, model.device).name
     print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; window {args.window} tokens, "
-          f"positions {args.positions}, backend {args.backend}")
+          f"positions {args.positions}, backend {backend}")
     records = []
     out = open(args.jsonl, "w") if args.jsonl else None
     with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
         for rec in replay(model, revisions(), tok, window_tokens=args.window, max_edits=args.max_edits,
                           baselines=not args.no_baselines, verify=args.verify, position_mode=args.positions,
-                          backend=args.backend):
+                          backend=backend):
             records.append(rec)
             if out:
                 out.write(json.dumps(rec.to_json()) + "\n")
@@ -179,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
     r.add_argument("--positions", choices=["stable", "canonical"], default="stable")
-    r.add_argument("--backend", default="reference")
+    r.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
+                   help="auto: the fused backend of the device when it builds, else reference")
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     r.add_argument("--jsonl", default=None, help="write one JSON record per edit here")
     r.add_argument("--plot", default=None, help="write PNG plots into this folder")
@@ -197,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     s.add_argument("--positions", choices=["stable", "canonical"], default="stable")
-    s.add_argument("--backend", default="reference")
+    s.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
     s.add_argument("--max-live", type=int, default=8, help="documents whose model state stays in memory; "
                    "the least recently used others wait on disk")
     s.add_argument("--state-dir", default=None, help="where evicted states are saved (default: a temporary folder)")

@@ -223,6 +223,7 @@ class Document:
     def state_bytes_per_token(self) -> int:
         """Bytes of cached state per token (every per-slot row of every layer, plus the output rows)."""
         rows = [t for c in self._layers for t in vars(c).values()] + [self._tokens, self._pos, self._resid, self._hidden]
+        rows += list(self._angles or ())  # the per-slot RoPE table
         return sum(t[0].numel() * t.element_size() for t in rows)
 
     def kv_cache_bytes_per_token(self) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import re
+import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
@@ -40,6 +41,8 @@ def jit_load(extension: str, sources: list[str], **kwargs) -> tuple[Optional[Mod
     try:
         from torch.utils.cpp_extension import load
 
+        if not any(build_directory(extension).glob(f"{extension}*.so")):
+            print(f"vqt: compiling the {extension} extension (first use only, about a minute)...", file=sys.stderr)
         module = load(name=extension, sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC)],
                       build_directory=str(build_directory(extension)), verbose=False, **kwargs)
     except Exception as exc:  # a missing compiler, ninja or header: the reason is reported, not raised
