@@ -253,10 +253,13 @@ class Document:
             raise TypeError(f"{what} must be a sequence of token ids, not {type(token_ids).__name__} (use TextDocument for text)")
         else:
             vals = list(token_ids)
+            vocab = self.cfg.vocab_size
             for t in vals:
                 if isinstance(t, bool) or not isinstance(t, int):
                     raise TypeError(f"{what} must be ints, got {t!r} ({type(t).__name__})")
-            tok = torch.tensor(vals, dtype=torch.long, device=self.model.device)
+                if not 0 <= t < vocab:  # (what model.check_inputs says, without two tensor reductions)
+                    raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
+            return torch.tensor(vals, dtype=torch.long, device=self.model.device)
         self.model.check_inputs(tok)
         return tok
 

@@ -420,9 +420,20 @@ inline double distance2(const T* a, const T* e, int64_t gd) {
 // the expanded form |a|^2 - 2 a.e + |e|^2, whose dot products are one BLAS matmul per group; the two
 // best are then recomputed directly (in float64) and ordered, and the radius subtracts nearest()'s
 // margin for the expanded form's rounding.
+// |e_k|^2 in float64 of the K codewords (gd wide) of one group.
+template <typename T>
+void codeword_norms(const T* cg, int64_t K, int64_t gd, double* e2) {
+  for (int64_t k = 0; k < K; ++k) {
+    double s = 0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t d = 0; d < gd; ++d) s += static_cast<double>(cg[k * gd + d]) * static_cast<double>(cg[k * gd + d]);
+    e2[k] = s;
+  }
+}
+
 template <typename T>
 void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& in, int64_t* codes, T* a_ref,
-                   T* radius) {
+                   T* radius, const double* norms = nullptr) {
   const int64_t G = in.G, K = in.K, gd = in.gd;
   const auto opts = torch::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   for (int64_t g = 0; g < G; ++g) {
@@ -439,15 +450,15 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
     const Tensor E = at::from_blob(const_cast<T*>(cg), {K, gd}, opts);
     const Tensor dots = at::mm(A, E.t()).contiguous();  // (n, K)
     const T* dp = dots.data_ptr<T>();
-    std::vector<double> e2(K);
-    double e2max = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      double s = 0;
-#pragma omp simd reduction(+ : s)
-      for (int64_t d = 0; d < gd; ++d) s += static_cast<double>(cg[k * gd + d]) * static_cast<double>(cg[k * gd + d]);
-      e2[k] = s;
-      e2max = nan_max(e2max, s);
+    std::vector<double> own;
+    const double* e2 = norms ? norms + g * K : nullptr;
+    if (!e2) {
+      own.resize(K);
+      codeword_norms(cg, K, gd, own.data());
+      e2 = own.data();
     }
+    double e2max = 0;
+    for (int64_t k = 0; k < K; ++k) e2max = nan_max(e2max, e2[k]);
     for_each_row(
         n, K * 4, [&] { return std::vector<double>(K); },
         [&](int64_t t, std::vector<double>& dist) {
@@ -473,13 +484,14 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
 
 // Re-quantizes m rows of G group vectors (the requantize operator on raw arrays).
 template <typename T>
-void requantize_rows(const RequantizeInputs<T>& in, int64_t m, int64_t* cp, T* rp, T* radp, bool* sp) {
+void requantize_rows(const RequantizeInputs<T>& in, int64_t m, int64_t* cp, T* rp, T* radp, bool* sp,
+                     const double* norms = nullptr) {
   std::vector<int64_t> todo;  // group vectors (i * G + g) outside their certified radius
   for (int64_t ig = 0; ig < m * in.G; ++ig) {
     sp[ig] = must_search(ig, in, cp, rp, radp);
     if (sp[ig]) todo.push_back(ig);
   }
-  search_groups(todo, in, cp, rp, radp);
+  search_groups(todo, in, cp, rp, radp, norms);
 }
 
 // out = sum_g table[g, codes[i, g]], summed in group order from the first term as the reference does
@@ -604,12 +616,13 @@ void scatter_rows(const T* src, const std::vector<int64_t>& idx, int64_t width, 
   for (size_t i = 0; i < idx.size(); ++i) std::copy_n(src + i * width, width, dst + idx[i] * width);
 }
 
-std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
+// layer_attend with, optionally, the codebook's codeword norms precomputed by codebook_norms.
+std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
     Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes, Tensor radius,
     const Tensor& q_new, const Tensor& k_new, const Tensor& v_new, const Tensor& dirty_t, const Tensor& deleted_t,
     const Tensor& order_t, const Tensor& pos_t, const Tensor& old_pos_t, const Tensor& is_new_t,
     const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
-    double scale, double tau) {
+    double scale, double tau, const std::optional<Tensor>& norms) {
   VQT_CHECK_CPU(q);
   const auto dt = q.scalar_type();
   const auto dev = q.device();
@@ -650,6 +663,10 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
                      radius.narrow(0, 0, 0));
     check_tensor(*table, "table", 3, dt, dev);
     TORCH_CHECK(table->size(0) == G && table->size(1) == codebook->size(1), "table must be (G, K, d)");
+    if (norms) {
+      check_tensor(*norms, "codebook_norms", 2, torch::kDouble, dev);
+      TORCH_CHECK(norms->size(0) == G && norms->size(1) == codebook->size(1), "codebook_norms must be (G, K)");
+    }
   }
   const Window w = window_of(window);
   const double* P = pos_t.data_ptr<double>();
@@ -794,7 +811,8 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
       gather_rows(radp, rows, G, rad_r.data());
       const RequantizeInputs<T> in{a.data(), codebook->data_ptr<T>(), aref_r.data(), rad_r.data(), codes_r.data(),
                                    G, codebook->size(1), gd};
-      requantize_rows(in, nr, codes2.data(), aref2.data(), rad2.data(), searched.get());
+      requantize_rows(in, nr, codes2.data(), aref2.data(), rad2.data(), searched.get(),
+                      norms ? norms->data_ptr<double>() : nullptr);
       scatter_rows(codes2.data(), rows, G, cp);
       scatter_rows(aref2.data(), rows, uw, arp);
       scatter_rows(rad2.data(), rows, G, radp);
@@ -828,6 +846,31 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
     std::copy(post.begin(), post.end(), post_t.data_ptr<int64_t>());
   });
   return {post_t, attn_out, stats};
+}
+
+std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
+    Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes, Tensor radius,
+    const Tensor& q_new, const Tensor& k_new, const Tensor& v_new, const Tensor& dirty, const Tensor& deleted,
+    const Tensor& order, const Tensor& pos, const Tensor& old_pos, const Tensor& is_new,
+    const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
+    double scale, double tau) {
+  return attend_impl(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order, pos, old_pos,
+                     is_new, codebook, table, window, scale, tau, std::nullopt);
+}
+
+// (G, K) float64 |e_k|^2 of a (G, K, gd) codebook, as layer_attend computes them for its searches.
+Tensor codebook_norms(const Tensor& codebook) {
+  VQT_CHECK_CPU(codebook);
+  check_float(codebook, "codebook");
+  check_tensor(codebook, "codebook", 3, codebook.scalar_type(), codebook.device());
+  const int64_t G = codebook.size(0), K = codebook.size(1), gd = codebook.size(2);
+  Tensor out = at::empty({G, K}, codebook.options().dtype(torch::kDouble));
+  AT_DISPATCH_FLOATING_TYPES(codebook.scalar_type(), "vqt_codebook_norms_cpu", [&] {
+    for (int64_t g = 0; g < G; ++g) {
+      codeword_norms(codebook.data_ptr<scalar_t>() + g * K * gd, K, gd, out.data_ptr<double>() + g * K);
+    }
+  });
+  return out;
 }
 
 // layer_commit (semantics: vqt/ops/composite.py layer_commit): stores the recomputed rows, counts
@@ -883,7 +926,8 @@ std::tuple<Tensor, std::vector<int64_t>> layer_step(
     Tensor radius, Tensor target, const Tensor& dirty, const Tensor& deleted, const Tensor& order, const Tensor& pos,
     const Tensor& old_pos, const Tensor& is_new, const Tensor& is_forced, Tensor recomputed,
     const std::optional<Tensor>& cos, const std::optional<Tensor>& sin, const Tensor& attn_norm, double attn_eps,
-    const Tensor& w_qkv, const Tensor& codebook, const Tensor& table, const Tensor& mlp_norm, double mlp_eps,
+    const Tensor& w_qkv, const Tensor& codebook, const Tensor& norms, const Tensor& table, const Tensor& mlp_norm,
+    double mlp_eps,
     const Tensor& w_gate_up, const Tensor& w_down, double scale, std::optional<double> window, double tau) {
   VQT_CHECK_CPU(x);
   TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && k.dim() == 3, "x must be (C, d), q (C, H, hd), k (C, Hkv, hd)");
@@ -897,9 +941,9 @@ std::tuple<Tensor, std::vector<int64_t>> layer_step(
     qk = qk * c + at::cat({-qk.slice(-1, hd / 2), qk.slice(-1, 0, hd / 2)}, -1) * s;
   }
   auto [post, attn_out, stats] =
-      layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
-                   qkv.slice(1, H + Hkv).contiguous(), dirty, deleted, order, pos, old_pos, is_new, codebook, table,
-                   window, scale, tau);
+      attend_impl(q, k, v, U, Z, M, a_ref, codes, radius, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
+                  qkv.slice(1, H + Hkv).contiguous(), dirty, deleted, order, pos, old_pos, is_new, codebook, table,
+                  window, scale, tau, norms);
   const Tensor y = x.index_select(0, post) + attn_out;
   const auto gate_up = at::linear(at::rms_norm(y, {d}, mlp_norm, mlp_eps), w_gate_up).chunk(2, -1);
   const Tensor out = y + at::linear(at::silu(gate_up[0]) * gate_up[1], w_down);
@@ -925,4 +969,5 @@ VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
                   m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");
                   m.def("layer_commit", &vqt::layer_commit, "store recomputed rows, return the next dirty slots");
                   m.def("layer_step", &vqt::layer_step, "a whole layer of an incremental update");
+                  m.def("codebook_norms", &vqt::codebook_norms, "|e_k|^2 of every codeword, float64");
                   m.def("finish_outputs", &vqt::finish_outputs, "final norm and pooled sum of changed rows");)

@@ -142,8 +142,9 @@ def layer_commit(target, post, x_next, is_new, is_forced, recomputed):
 def layer_weights(block) -> tuple:
     """The weights ``layer_step`` reads, gathered once per model version (the engine caches them
     and rebuilds after any parameter change). ``block`` must have a quantizer."""
-    return (block.attn_norm.weight.detach(), float(block.attn_norm.eps), block.fused_weight("qkv"),
-            block.quantizer.codebook.detach(), block.lookup_table(), block.mlp_norm.weight.detach(),
+    codebook = block.quantizer.codebook.detach().contiguous()
+    return (block.attn_norm.weight.detach(), float(block.attn_norm.eps), block.fused_weight("qkv"), codebook,
+            _module().codebook_norms(codebook), block.lookup_table(), block.mlp_norm.weight.detach(),
             float(block.mlp_norm.eps), block.fused_weight("gate_up"), block.w_down.weight.detach(), float(block.scale))
 
 
