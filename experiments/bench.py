@@ -12,6 +12,8 @@ machines: compare ratios, not absolute numbers.
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import sys
 from pathlib import Path
 
@@ -22,6 +24,7 @@ import torch  # noqa: E402
 from vqt.cli import load_model  # noqa: E402
 from vqt.corpus import HELDOUT  # noqa: E402
 from vqt.data import iter_history  # noqa: E402
+from vqt.engine import Document  # noqa: E402
 from vqt.ops import BACKENDS, get_backend  # noqa: E402
 from vqt.replay import quantiles, replay  # noqa: E402
 from vqt.text import TextDocument  # noqa: E402
@@ -38,6 +41,22 @@ def available_backends() -> list[str]:
     return out
 
 
+def percentile(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def single_token_ms(model, ids: list[int], backend: str, count: int, seed: int = 0) -> list[float]:
+    """Milliseconds of ``count`` single-token substitutions (random place, random token) on one document."""
+    rng = random.Random(seed)
+    doc = Document(model, ids, backend=backend)
+    out = []
+    for _ in range(count):
+        i = rng.randrange(len(doc))
+        out.append(doc.replace(i, i + 1, [rng.randrange(model.config.vocab_size)]).seconds * 1e3)
+    return out
+
+
 def fmt(q: dict) -> str:
     return f"median {q['median']:8.3g}  p10 {q['p10']:8.3g}  p90 {q['p90']:8.3g}"
 
@@ -49,6 +68,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--max-edits", type=int, default=40)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--single-token", type=int, default=100,
+                   help="also time this many single-token substitutions at random places of a real window")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -81,6 +102,17 @@ def main() -> None:
             print(f"  speedup vs prefix reuse {fmt(quantiles([d.prefix_seconds / r.seconds for d, r in zip(base, recs)]))}")
             if be != "reference":
                 print(f"  speedup vs reference    {fmt(quantiles([d.seconds / r.seconds for d, r in zip(runs['reference'], recs)]))}")
+        if a.single_token:
+            ids: list[int] = []
+            for rev in (r for path in paths for r in iter_history(path)):  # the first revision that fills the window
+                ids = max(ids, tok.encode(rev["text"])[:window], key=len)
+                if len(ids) >= window:
+                    break
+            print(f"single-token substitutions at random places of a real {len(ids)}-token window "
+                  f"({a.single_token} each, same places and tokens for every backend):")
+            for be in backends:
+                ms = single_token_ms(model, ids, be, a.single_token)
+                print(f"  VQT {be:<10} ms      p50 {statistics.median(ms):6.2f}  p95 {percentile(ms, 0.95):6.2f}")
     doc = TextDocument(model, tok, "memory probe " * 50).doc
     print(f"\ndocument state {doc.state_bytes_per_token()} B/token vs plain KV cache {doc.kv_cache_bytes_per_token()} B/token "
           f"({doc.state_bytes_per_token() / doc.kv_cache_bytes_per_token():.1f}x)")

@@ -119,7 +119,8 @@ def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
 # Walking a model's modules for its tensors costs more than a small edit, so the list is cached and
 # walked again only after some module, parameter or buffer was (re)assigned anywhere.
 _registrations = 0
-_watched: "weakref.WeakKeyDictionary[VQTModel, tuple[int, list[torch.Tensor]]]" = weakref.WeakKeyDictionary()
+_watched: "weakref.WeakKeyDictionary[VQTModel, tuple[int, list[torch.Tensor], tuple[int, ...]]]" = \
+    weakref.WeakKeyDictionary()
 
 
 def _count_registration(*_args) -> None:
@@ -137,9 +138,11 @@ def _model_key(model: VQTModel) -> tuple:
     """Changes whenever any parameter or buffer is replaced or modified in place."""
     hit = _watched.get(model)
     if hit is None or hit[0] != _registrations:
-        hit = (_registrations, list(model.parameters()) + list(model.buffers()))
+        tensors = list(model.parameters()) + list(model.buffers())
+        hit = (_registrations, tensors, tuple(id(t) for t in tensors))
         _watched[model] = hit
-    return tuple((id(t), t._version) for t in hit[1])
+    # Version counters only grow, so their sum changes with any in-place modification.
+    return hit[2], sum(t._version for t in hit[1])
 
 
 class Document:
