@@ -66,7 +66,7 @@ def main() -> None:
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
     p.add_argument("--data", nargs="*", default=None, help="histories (default: the held-out API-JSON articles)")
     p.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
-    p.add_argument("--max-edits", type=int, default=40)
+    p.add_argument("--max-edits", type=int, default=80)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--single-token", type=int, default=100,
                    help="also time this many single-token substitutions at random places of a real window")
