@@ -17,7 +17,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
 
 from vqt.corpus import heldout_tokens  # noqa: E402
 from vqt.model import VQTModel  # noqa: E402

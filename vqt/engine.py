@@ -418,8 +418,9 @@ class Document:
         self._pos[order_t] = new_pos
         if new_t.numel():
             self._tokens[new_t] = torch.cat([ids for _, _, ids in norm])
-        self._set_angles(torch.cat([new_t, renumbered]))
-        forced = torch.cat([new_t, renumbered]) if self._pos_matters else new_t
+        moved = torch.cat([new_t, renumbered])  # slots whose position is new
+        self._set_angles(moved)
+        forced = moved if self._pos_matters else new_t
         is_forced = is_new.clone()
         is_forced[forced] = True
 
