@@ -105,17 +105,6 @@ class LayerCache:
 Edit = tuple[int, int, TokenIds]
 
 
-def _merge_runs(runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Join runs of new tokens that touch (insertions from adjacent edits form one run)."""
-    out: list[tuple[int, int]] = []
-    for a, b in runs:
-        if out and out[-1][1] + 1 == a:
-            out[-1] = (out[-1][0], b)
-        else:
-            out.append((a, b))
-    return out
-
-
 # Walking a model's modules for its tensors costs more than a small edit, so the list is cached and
 # walked again only after some module, parameter or buffer was (re)assigned anywhere.
 _registrations = 0
@@ -256,13 +245,10 @@ class Document:
             raise TypeError(f"{what} must be a sequence of token ids, not {type(token_ids).__name__} (use TextDocument for text)")
         else:
             vals = list(token_ids)
-            vocab = self.cfg.vocab_size
             for t in vals:
                 if isinstance(t, bool) or not isinstance(t, int):
                     raise TypeError(f"{what} must be ints, got {t!r} ({type(t).__name__})")
-                if not 0 <= t < vocab:  # (what model.check_inputs says, without two tensor reductions)
-                    raise ValueError(f"token id {t} is outside the vocabulary [0, {vocab})")
-            return torch.tensor(vals, dtype=torch.long, device=self.model.device)
+            tok = torch.tensor(vals, dtype=torch.long, device=self.model.device)
         self.model.check_inputs(tok)
         return tok
 
@@ -389,14 +375,11 @@ class Document:
         old_order = self._order_t
         new_slots = self._alloc(sum(ids.numel() for _, _, ids in norm))
         new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
-        pieces, deleted_pieces, runs, cur, used, placed = [], [], [], 0, 0, 0
+        pieces, deleted_pieces, cur, used = [], [], 0, 0
         for s, e, ids in norm:
             pieces += [old_order[cur:s], new_t[used:used + ids.numel()]]
             deleted_pieces.append(old_order[s:e])
-            placed += s - cur
-            if ids.numel():  # (first, last) index of the new tokens in the new order
-                runs.append((placed, placed + ids.numel() - 1))
-            cur, used, placed = e, used + ids.numel(), placed + ids.numel()
+            cur, used = e, used + ids.numel()
         pieces.append(old_order[cur:])
         order_t = torch.cat(pieces)
         del_t = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
@@ -407,8 +390,7 @@ class Document:
 
         kept_pos = self._pos[order_t]
         kept_pos[new_at] = float("nan")
-        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_mode, self.spacing,
-                                                          _merge_runs(runs)))
+        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_mode, self.spacing))
         new_pos = new_pos.to(dev)
         renumbered_at = (~new_at & (kept_pos != new_pos)).nonzero().squeeze(1)
         renumbered = order_t[renumbered_at]

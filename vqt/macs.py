@@ -27,11 +27,6 @@ def visible_counts(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[fl
     return hits
 
 
-def visible_pairs(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> int:
-    """Number of visible (query, key) pairs. ``pos_k`` must be sorted."""
-    return int(visible_counts(pos_q, pos_k, window).sum())
-
-
 class MacCounter:
     """Accumulates MACs by kind; ``total`` is what the ops-reduction ratio compares."""
 

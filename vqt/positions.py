@@ -68,19 +68,15 @@ def plan_positions(kept: Sequence[Optional[float]], mode: PositionMode,
     return plan_position_array(arr, mode, policy).tolist()
 
 
-def plan_position_array(kept: np.ndarray, mode: PositionMode, policy: SpacingPolicy = SpacingPolicy(),
-                        runs: Optional[Sequence[tuple[int, int]]] = None) -> np.ndarray:
-    """``plan_positions`` on a float64 array with NaN for new tokens (returns a new array).
-    ``runs``: the (first, last) index of every maximal run of NaNs, when the caller knows them."""
+def plan_position_array(kept: np.ndarray, mode: PositionMode, policy: SpacingPolicy = SpacingPolicy()) -> np.ndarray:
+    """``plan_positions`` on a float64 array with NaN for new tokens (returns a new array)."""
     if mode == "canonical":
         return np.arange(len(kept), dtype=np.float64)
     if mode != "stable":
         raise ValueError(f"unknown position mode {mode!r} (use 'stable' or 'canonical')")
     pos = np.array(kept, dtype=np.float64)
-    if runs is None:
-        edges = np.diff(np.isnan(pos).astype(np.int8), prepend=0, append=0)
-        runs = zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1)
-    for a, b in runs:
+    edges = np.diff(np.isnan(pos).astype(np.int8), prepend=0, append=0)
+    for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1):
         _respace_run(pos, int(a), int(b))  # each run of new tokens, between its kept neighbours
     # repair spacing that got too tight (insertions) or too wide (deletions), left to right
     i = 0
