@@ -1,7 +1,7 @@
 """Train the byte-level BPE tokenizer `data/tokenizer.json` on a sample of the Anarchism history.
 
 Every `--every`-th revision of the MediaWiki XML history is streamed with
-`vqt.data` and fed to the `tokenizers` BPE trainer. The four API-JSON articles
+`vqt.histories.formats` and fed to the `tokenizers` BPE trainer. The four API-JSON articles
 (shared/data/wiki/api) are held out for evaluation and never read here.
 
 Run from the project root:  RAYON_NUM_THREADS=1 PYTHONPATH=. python3 data/prepare_tokenizer.py
@@ -17,7 +17,7 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from tqdm import tqdm
 
-from vqt.data import iter_history
+from vqt.histories.formats import iter_history
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_SOURCE = ROOT.parent / "shared" / "data" / "wiki" / "enwiki-anarchism-history.xml.lzma"

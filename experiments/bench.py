@@ -21,13 +21,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from vqt.cli import load_model  # noqa: E402
-from vqt.corpus import HELDOUT  # noqa: E402
-from vqt.data import iter_history  # noqa: E402
-from vqt.engine import Document  # noqa: E402
+from vqt.apps.loading import load_model  # noqa: E402
+from vqt.histories.corpus import HELDOUT  # noqa: E402
+from vqt.histories.formats import iter_history  # noqa: E402
+from vqt.engine.document import Document  # noqa: E402
 from vqt.ops import BACKENDS, get_backend  # noqa: E402
-from vqt.replay import quantiles, replay  # noqa: E402
-from vqt.text import TextDocument  # noqa: E402
+from vqt.histories.replay import quantiles, replay  # noqa: E402
+from vqt.text.document import TextDocument  # noqa: E402
 
 
 def available_backends() -> list[str]:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vqt.classify import LONG_SETS, fold_accuracies, load_documents, pooled_features  # noqa: E402
-from vqt.cli import load_model  # noqa: E402
+from vqt.training.classify import LONG_SETS, fold_accuracies, load_documents, pooled_features  # noqa: E402
+from vqt.apps.loading import load_model  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

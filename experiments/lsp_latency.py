@@ -29,8 +29,8 @@ from pygls.lsp.client import LanguageClient
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from vqt.demo import demo_revisions  # noqa: E402
-from vqt.tokenizer import Tokenizer  # noqa: E402
+from vqt.apps.demo import demo_revisions  # noqa: E402
+from vqt.text.tokenizer import Tokenizer  # noqa: E402
 
 PHRASE = "a new café 😀 "
 URI = "file:///typing.txt"

@@ -22,11 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vqt.cli import load_model  # noqa: E402
-from vqt.corpus import HELDOUT  # noqa: E402
-from vqt.data import iter_history  # noqa: E402
-from vqt.positions import SpacingPolicy  # noqa: E402
-from vqt.replay import quantiles, replay  # noqa: E402
+from vqt.apps.loading import load_model  # noqa: E402
+from vqt.histories.corpus import HELDOUT  # noqa: E402
+from vqt.histories.formats import iter_history  # noqa: E402
+from vqt.engine.positions import SpacingPolicy  # noqa: E402
+from vqt.histories.replay import quantiles, replay  # noqa: E402
 
 
 def lm_loss(model, tokens: list[int], positions: torch.Tensor) -> float:

@@ -18,10 +18,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-from vqt.corpus import heldout_tokens  # noqa: E402
-from vqt.model import VQTModel  # noqa: E402
-from vqt.tokenizer import DATA_DIR, Tokenizer  # noqa: E402
-from vqt.train import evaluate_loss  # noqa: E402
+from vqt.histories.corpus import heldout_tokens  # noqa: E402
+from vqt.modeling.model import VQTModel  # noqa: E402
+from vqt.text.tokenizer import DATA_DIR, Tokenizer  # noqa: E402
+from vqt.training.train import evaluate_loss  # noqa: E402
 
 SHIPPED_EVAL_LEN = 512
 

@@ -12,20 +12,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
+from typing import Any, Iterable, Mapping, Optional
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from vqt.config import VQTConfig  # noqa: E402
-from vqt.corpus import HELDOUT, heldout_tokens, train_tokens  # noqa: E402
-from vqt.data import iter_history  # noqa: E402
-from vqt.model import VQTModel  # noqa: E402
-from vqt.stability import perplexity, stability_report  # noqa: E402
-from vqt.tokenizer import Tokenizer  # noqa: E402
+from vqt.modeling.config import VQTConfig  # noqa: E402
+from vqt.histories.corpus import HELDOUT, heldout_tokens, train_tokens  # noqa: E402
+from vqt.histories.formats import iter_history  # noqa: E402
+from vqt.modeling.model import VQTModel  # noqa: E402
+from vqt.histories.replay import EditRecord, quantiles, replay  # noqa: E402
+from vqt.training.train import evaluate_loss  # noqa: E402
+from vqt.text.tokenizer import Tokenizer  # noqa: E402
+
+
+def stability_report(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: Tokenizer,
+                     window_tokens: int = 1024, max_edits: Optional[int] = None,
+                     progress=None) -> tuple[dict[str, Any], list[EditRecord]]:
+    """Replay real edits (MACs only, no timing) and summarize how far they spread."""
+    records = []
+    for rec in replay(model, revisions, tokenizer, window_tokens=window_tokens, max_edits=max_edits, baselines=False):
+        records.append(rec)
+        if progress is not None:
+            progress.update(1)
+    L = model.config.n_layers
+    frac = np.asarray([[d / max(1, r.n_tokens) for d in r.dirty_per_layer] for r in records]).reshape(-1, L)
+    report = {
+        "edits": len(records),
+        "layer1_flip_rate": float(np.mean([r.layer1_flip_rate for r in records])) if records else float("nan"),
+        "dirty_fraction": quantiles([r.dirty_fraction for r in records]),
+        "mac_ratio": quantiles([r.ratio for r in records]),
+        "prefix_mac_ratio": quantiles([r.prefix_ratio for r in records]),
+        "dirty_fraction_per_layer": np.median(frac, 0).tolist() if records else [],
+    }
+    return report, records
 
 
 def load_spec(spec: str, tok: Tokenizer) -> VQTModel:
@@ -58,7 +84,7 @@ def main() -> None:
     tok = Tokenizer.default()
     paths = a.data or [str(x) for x in HELDOUT]
     held = heldout_tokens(tok)
-    twin_ppl = perplexity(VQTModel.from_pretrained(a.twin, dtype=torch.float32), held) if a.twin else None
+    twin_ppl = math.exp(evaluate_loss(VQTModel.from_pretrained(a.twin, dtype=torch.float32), held, 1024)) if a.twin else None
     rows = []
     for ck in a.checkpoints:
         model = load_spec(ck, tok)
@@ -66,7 +92,7 @@ def main() -> None:
         with tqdm(total=a.max_edits, desc=Path(ck).parent.name or ck, unit="edit") as bar:
             rep, _ = stability_report(model, revs, tok, a.window, a.max_edits, progress=bar)
         rep["checkpoint"], rep["model"] = ck, model.describe()
-        rep["perplexity"] = perplexity(model, held)
+        rep["perplexity"] = math.exp(evaluate_loss(model, held, 1024))
         rep["twin_perplexity"] = twin_ppl
         rows.append(rep)
         if a.json:

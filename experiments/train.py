@@ -20,9 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqt import VQTConfig  # noqa: E402
-from vqt.corpus import heldout_tokens, train_tokens  # noqa: E402
-from vqt.tokenizer import Tokenizer  # noqa: E402
-from vqt.train import TrainConfig, evaluate_loss, train  # noqa: E402
+from vqt.histories.corpus import heldout_tokens, train_tokens  # noqa: E402
+from vqt.text.tokenizer import Tokenizer  # noqa: E402
+from vqt.training.train import TrainConfig, evaluate_loss, train  # noqa: E402
 
 
 def main() -> None:
@@ -59,7 +59,7 @@ def main() -> None:
 
     tok = Tokenizer.default()
     if a.init:
-        from vqt.model import VQTModel
+        from vqt.modeling.model import VQTModel
 
         cfg = VQTModel.from_pretrained(a.init).config
         cfg.extra = {"init": a.init}

@@ -12,9 +12,9 @@ CELLS = [
                       "Set `MAX_EDITS` higher for a fuller picture; CI runs this notebook with the small default."),
     new_code_cell("import os\nfrom pathlib import Path\n\nimport matplotlib.pyplot as plt\nimport numpy as np\n"
                   "import torch\nfrom IPython.display import HTML, display\n\n"
-                  "from vqt.cli import load_model\nfrom vqt.data import iter_history\nfrom vqt.demo import demo_history\n"
-                  "from vqt.display import edit_html\nfrom vqt.replay import format_summary, replay, summarize\n"
-                  "from vqt.text import TextDocument\n\n"
+                  "from vqt.apps.loading import load_model\nfrom vqt.histories.formats import iter_history\nfrom vqt.apps.demo import demo_history\n"
+                  "from vqt.apps.display import edit_html\nfrom vqt.histories.replay import format_summary, replay, summarize\n"
+                  "from vqt.text.document import TextDocument\n\n"
                   "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))\nWINDOW = 512"),
     new_markdown_cell("## A history and a model\n\nThe Nintendo Switch article's API history from `../shared/data` "
                       "when it is there, else the project's built-in demo history. The model is the shipped "

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from vqt import Document, VQTConfig, VQTModel
-from vqt.quantize import nearest
+from vqt.ops.search import nearest
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -27,7 +27,7 @@ from helpers import tiny_model
 from vqt import Document
 from vqt.ops import get_backend
 from vqt.ops import reference as ref
-from vqt.quantize import nearest
+from vqt.ops.search import nearest
 
 CSRC = Path(vqt.ops.__file__).resolve().parents[1] / "csrc"
 F64, F32 = torch.float64, torch.float32

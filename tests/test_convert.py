@@ -17,14 +17,14 @@ TEXT = ("Anarchism is a political philosophy and movement that is skeptical of a
 
 @pytest.fixture(scope="module")
 def smollm():
-    from vqt.convert import model_from_gguf, tokenizer_from_gguf
+    from vqt.pretrained.convert import model_from_gguf, tokenizer_from_gguf
 
     tok = tokenizer_from_gguf()
     return model_from_gguf(quantize=False), tok
 
 
 def test_converted_logits_match_reference_forward(smollm):
-    from vqt.convert import gguf_reference_logits
+    from vqt.pretrained.convert import gguf_reference_logits
 
     model, tok = smollm
     ids = tok.encode(TEXT)
@@ -40,7 +40,7 @@ def test_converted_logits_match_reference_forward(smollm):
 
 def test_codebooks_round_trip_and_incremental_exactness(smollm, tmp_path):
     from vqt import Document
-    from vqt.convert import default_gguf_path, load_converted, model_from_gguf, save_converted
+    from vqt.pretrained.convert import default_gguf_path, load_converted, model_from_gguf, save_converted
 
     _, tok = smollm
     model = model_from_gguf(quantize=True, granularity="layer", codebook_size=16, window=16.0)

@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 
 import pytest
 
-from vqt.data import (
+from vqt.histories.formats import (
     FEATURES,
     HistoryFormatError,
     detect_format,

@@ -15,9 +15,9 @@ from tokenizers.models import WordLevel
 from helpers import assert_matches_dense, tiny_model
 from lsp_helpers import lsp_position
 from vqt import TextDocument
-from vqt.editor import LineIndex, apply_content_changes
-from vqt.persist import FORMAT_VERSION, MAGIC
-from vqt.tokenizer import Tokenizer
+from vqt.text.changes import LineIndex, apply_content_changes
+from vqt.text.persist import FORMAT_VERSION, MAGIC
+from vqt.text.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.default()
 MODEL = tiny_model(vocab_size=TOKENIZER.vocab_size, max_len=160, window=16.0)

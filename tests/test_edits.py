@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from vqt.data import iter_history
-from vqt.edits import (
+from vqt.histories.formats import iter_history
+from vqt.histories.edits import (
     MAX_DIFF_LINES,
     Edit,
     RevisionStats,

@@ -10,7 +10,7 @@ import torch
 
 from helpers import assert_matches_dense, tiny_model
 from vqt import Document, VQTConfig, VQTModel
-from vqt.macs import MacCounter, dense_macs, prefix_reuse_macs
+from vqt.engine.macs import MacCounter, dense_macs, prefix_reuse_macs
 
 
 def random_edits(doc: Document, rng: random.Random, count: int, vocab: int = 61):

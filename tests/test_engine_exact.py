@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_codes_certified, assert_matches_dense, tiny_model
 from vqt import Document
-from vqt.positions import plan_positions
+from vqt.engine.positions import plan_positions
 
 # Every value of every axis appears at least once: RoPE/none, GQA/MHA, the three
 # granularities, K from 4 to 256, with and without a window, quantized and dense twin.

@@ -32,8 +32,8 @@ from typing import Any
 
 import pytest
 
-from vqt.data import iter_mediawiki_json, load_history
-from vqt.fetch import FetchError, fetch_page, fetch_revisions, user_agent, write_revisions
+from vqt.histories.formats import iter_mediawiki_json, load_history
+from vqt.histories.fetch import FetchError, fetch_page, fetch_revisions, user_agent, write_revisions
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "mediawiki"
 ROOT = Path(__file__).resolve().parents[1]
@@ -343,7 +343,7 @@ def test_cli_fetch_wiki_writes_a_loadable_file(server: _ApiServer, tmp_path: Pat
 def test_cli_fetch_wiki_reports_errors(
     server: _ApiServer, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
-    from vqt.cli import main
+    from vqt.apps.cli import main
 
     out = tmp_path / "weir.json"
     assert main(["fetch-wiki", MISSING_TITLE, "--out", str(out), "--api", server.api, "--quiet"]) == 1

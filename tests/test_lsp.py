@@ -19,10 +19,10 @@ from pygls.lsp.client import LanguageClient
 from helpers import tiny_model
 from lsp_helpers import RawClient, lsp_position, lsp_range
 from vqt import TextDocument, VQTModel
-from vqt.lsp import DocumentStore, next_tokens
-from vqt.macs import dense_macs
-from vqt.persist import state_digest
-from vqt.tokenizer import Tokenizer
+from vqt.apps.lsp import DocumentStore, next_tokens
+from vqt.engine.macs import dense_macs
+from vqt.text.persist import state_digest
+from vqt.text.tokenizer import Tokenizer
 
 TOK = Tokenizer.default()
 K = 10  # completion items per request (the server's default)

@@ -5,16 +5,19 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 from helpers import SHARED_DATA, tiny_model
-from vqt.data import iter_history
-from vqt.demo import demo_history
-from vqt.replay import replay, summarize
-from vqt.stability import stability_report
-from vqt.tokenizer import Tokenizer
+from vqt.histories.formats import iter_history
+from vqt.apps.demo import demo_history
+from vqt.histories.replay import replay, summarize
+from vqt.text.tokenizer import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+from stability import stability_report  # noqa: E402  (an experiment helper)
 
 TOK = Tokenizer.default()
 API = SHARED_DATA / "wiki" / "api"
@@ -57,7 +60,7 @@ def test_layer1_flip_count_matches_brute_force():
     edited = text[:100] + "XYZ" + text[104:]
     revs = [dict(demo_history()[0], text=text, rev_id=0), dict(demo_history()[0], text=edited, rev_id=1)]
     (rec,) = list(replay(model, revs, TOK, window_tokens=256, baselines=False))
-    from vqt.text import TextDocument
+    from vqt.text.document import TextDocument
 
     doc = TextDocument(model, TOK, text)
     d0 = model.forward_dense(doc.doc.token_ids, doc.doc.positions).codes[0]

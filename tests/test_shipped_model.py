@@ -10,8 +10,8 @@ import torch
 
 from helpers import SHARED_DATA
 from vqt import Document
-from vqt.model import VQTModel
-from vqt.tokenizer import DATA_DIR, Tokenizer
+from vqt.modeling.model import VQTModel
+from vqt.text.tokenizer import DATA_DIR, Tokenizer
 
 SHIPPED = DATA_DIR / "vqt-small"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))

@@ -8,8 +8,8 @@ from hypothesis import strategies as st
 
 from helpers import assert_matches_dense, tiny_model
 from vqt import TextDocument
-from vqt.text import token_diff
-from vqt.tokenizer import Tokenizer
+from vqt.text.document import token_diff
+from vqt.text.tokenizer import Tokenizer
 
 TOKENIZER = Tokenizer.default()
 MODEL = tiny_model(vocab_size=TOKENIZER.vocab_size, max_len=160, window=16.0)

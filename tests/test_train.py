@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from vqt import VQTConfig, VQTModel
-from vqt.demo import demo_revisions
-from vqt.tokenizer import Tokenizer
-from vqt.train import TrainConfig, consistency_loss, edited_copies, sample_batch, train
+from vqt.apps.demo import demo_revisions
+from vqt.text.tokenizer import Tokenizer
+from vqt.training.train import TrainConfig, consistency_loss, edited_copies, sample_batch, train
 
 TOK = Tokenizer.default()
 TOKENS = np.asarray([t for _, text in demo_revisions() for t in TOK.encode(text) + [0]] * 4, dtype=np.uint16)
@@ -72,7 +72,7 @@ def test_edited_copies_align_unedited_tokens():
 def test_fold_accuracies_separate_signal_from_noise():
     """The classification protocol: a learnable label is found, a random one is not, and two
     feature sets get identical splits (so their per-fold difference is paired)."""
-    from vqt.classify import fold_accuracies
+    from vqt.training.classify import fold_accuracies
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(200, 8, generator=g)

@@ -14,7 +14,7 @@ from types import ModuleType
 
 import torch
 
-from . import reference
+from vqt.ops import reference
 
 BACKENDS = ("reference", "cpu", "cuda")
 _FUSED_FOR_DEVICE = {"cpu": "cpu", "cuda": "cuda"}  # device type -> the fused backend that runs on it

@@ -15,25 +15,11 @@ from typing import Optional
 
 import torch
 
-from ..macs import visible_counts
+from vqt.ops.visibility import visible_counts, visible_to_any
 
 # Order of the counts in layer_attend's stats list.
 STATS = ("affected", "flipped", "code_flips", "searches", "skips", "refreshes", "delta_pairs", "full_pairs",
          "skip_checks")
-
-
-def visible_to_any(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> tuple[torch.Tensor, int]:
-    """(mask over sorted ``pos_k`` of the keys that at least one query at ``pos_q`` can see,
-    the number of visible (query, key) pairs)."""
-    n = pos_k.numel()
-    hi = torch.searchsorted(pos_k, pos_q, right=True)
-    if window is None:
-        return torch.arange(n, device=pos_k.device) < hi.max(), int(hi.sum())
-    lo = torch.searchsorted(pos_k, pos_q - window, right=True)
-    cover = torch.zeros(n + 1, dtype=torch.long, device=pos_k.device)  # +1 where a range starts, -1 where it ends
-    cover.index_add_(0, lo, torch.ones_like(lo))
-    cover.index_add_(0, hi, -torch.ones_like(hi))
-    return cover.cumsum(0)[:n] > 0, int((hi - lo).sum())
 
 
 def layer_attend(ops: ModuleType, q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new,

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from . import reference
+from vqt.ops import reference
 
 name = "cpu"
 CSRC = Path(__file__).resolve().parents[1] / "csrc"

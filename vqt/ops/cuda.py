@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .cpu import fused_ops, jit_load
+from vqt.ops.cpu import fused_ops, jit_load
 
 name = "cuda"
 

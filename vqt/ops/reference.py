@@ -12,19 +12,11 @@ from typing import Optional
 
 import torch
 
-from ..quantize import nearest
+from vqt.ops.search import nearest
+from vqt.ops.visibility import visible
 
 name = "reference"
 _ROW_CHUNK = 128  # query rows per block in full attention: bounds the (H, m, r) scores and the key band
-
-
-def visible(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> torch.Tensor:
-    """(..., m, r) bool: key j is visible to query i iff pos_i - window < pos_j <= pos_i."""
-    pq, pk = pos_q.unsqueeze(-1), pos_k.unsqueeze(-2)
-    mask = pk <= pq
-    if window is not None:
-        mask &= pk > pq - window
-    return mask
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, scale: float) -> torch.Tensor:

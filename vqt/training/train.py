@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .config import VQTConfig
-from .model import VQTModel
+from vqt.modeling.config import VQTConfig
+from vqt.modeling.model import VQTModel
 
 
 @dataclass

@@ -16,12 +16,12 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
-from .edits import check_spans
-from .macs import MacCounter, dense_and_prefix_macs, dense_macs
-from .model import VQTModel
-from .ops import get_backend
-from .ops.composite import STATS, finish_outputs, layer_attend, layer_commit
-from .positions import PositionMode, SpacingPolicy, plan_position_array
+from vqt.engine.spans import check_spans
+from vqt.engine.macs import MacCounter, dense_and_prefix_macs, dense_macs
+from vqt.modeling.model import VQTModel
+from vqt.ops import get_backend
+from vqt.ops.composite import STATS, finish_outputs, layer_attend, layer_commit
+from vqt.engine.positions import PositionMode, SpacingPolicy, plan_position_array
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 

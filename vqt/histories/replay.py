@@ -20,10 +20,10 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
-from .edits import revision_edits
-from .model import VQTModel
-from .text import TextDocument
-from .tokenizer import Tokenizer
+from vqt.histories.edits import revision_edits
+from vqt.modeling.model import VQTModel
+from vqt.text.document import TextDocument
+from vqt.text.tokenizer import Tokenizer
 
 
 @dataclass

@@ -9,13 +9,13 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
-from . import persist
-from .editor import ChangedRange, LineIndex, PositionEncoding, apply_content_changes, check_encoding, merge_spans, \
+from vqt.text import persist
+from vqt.text.changes import ChangedRange, LineIndex, PositionEncoding, apply_content_changes, check_encoding, merge_spans, \
     utf8_to_offset
-from .edits import check_spans
-from .engine import Document, EditStats
-from .model import VQTModel
-from .tokenizer import Tokenizer, check_text
+from vqt.engine.spans import check_spans
+from vqt.engine.document import Document, EditStats
+from vqt.modeling.model import VQTModel
+from vqt.text.tokenizer import Tokenizer, check_text
 
 TextEdit = tuple[int, int, str]
 

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
-from .tokenizer import check_text
+from vqt.text.tokenizer import check_text
 
 PositionEncoding = Literal["utf-16", "utf-8", "utf-32"]
 ENCODINGS: tuple[str, ...] = ("utf-16", "utf-8", "utf-32")

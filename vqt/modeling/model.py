@@ -20,9 +20,11 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .config import VQTConfig
-from .ops import reference as ops
-from .quantize import VectorQuantizer, nearest
+from vqt.modeling.config import VQTConfig
+from vqt.ops import reference as ops
+from vqt.ops.visibility import visible
+from vqt.modeling.quantize import VectorQuantizer
+from vqt.ops.search import nearest
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -146,7 +148,7 @@ class Block(nn.Module):
         """Batched training path: x (B, T, d), pos (B, T). Returns (x', VQ loss, extras)."""
         q, k, v = self.qkv(x, pos)
         rep = self.cfg.n_heads // self.cfg.n_kv_heads
-        mask = ops.visible(pos, pos, self.cfg.window).unsqueeze(-3)  # (B, 1, T, T)
+        mask = visible(pos, pos, self.cfg.window).unsqueeze(-3)  # (B, 1, T, T)
         a = F.scaled_dot_product_attention(
             rearrange(q, "b n h d -> b h n d"),
             rearrange(k, "b n h d -> b h n d").repeat_interleave(rep, 1),

@@ -25,10 +25,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .engine import Document, EditStats, LayerCache, _model_key
-from .model import VQTModel
-from .positions import SpacingPolicy
-from .tokenizer import Tokenizer
+from vqt.engine.document import Document, EditStats, LayerCache, _model_key
+from vqt.modeling.model import VQTModel
+from vqt.engine.positions import SpacingPolicy
+from vqt.text.tokenizer import Tokenizer
 
 MAGIC = b"VQTSTATE\n"
 FORMAT = "vqt-document-state"

@@ -8,7 +8,7 @@ from typing import Iterable
 
 from tokenizers import Tokenizer as _HFTokenizer
 
-DATA_DIR = Path(os.environ.get("VQT_DATA", Path(__file__).resolve().parents[1] / "data"))
+DATA_DIR = Path(os.environ.get("VQT_DATA", Path(__file__).resolve().parents[2] / "data"))
 DEFAULT_TOKENIZER = DATA_DIR / "tokenizer.json"
 
 

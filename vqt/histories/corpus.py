@@ -13,10 +13,10 @@ from typing import Iterator, Optional
 
 import numpy as np
 
-from .data import iter_history
-from .tokenizer import Tokenizer
+from vqt.histories.formats import iter_history
+from vqt.text.tokenizer import Tokenizer
 
-SHARED_DATA = Path(os.environ.get("VQT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+SHARED_DATA = Path(os.environ.get("VQT_SHARED_DATA", Path(__file__).resolve().parents[3] / "shared" / "data"))
 WIKI = SHARED_DATA / "wiki"
 ANARCHISM = WIKI / "enwiki-anarchism-history.xml.lzma"
 HELDOUT = sorted((WIKI / "api").glob("*.json.xz")) if (WIKI / "api").is_dir() else []

@@ -13,18 +13,10 @@ from __future__ import annotations
 from collections import Counter
 from typing import Optional
 
-import numpy as np
 import torch
 
-from .config import VQTConfig
-
-
-def visible_counts(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> torch.Tensor:
-    """For each query, how many keys satisfy pos_q - window < pos_k <= pos_q. ``pos_k`` must be sorted."""
-    hits = torch.searchsorted(pos_k, pos_q, right=True)
-    if window is not None:
-        hits = hits - torch.searchsorted(pos_k, pos_q - window, right=True)
-    return hits
+from vqt.modeling.config import VQTConfig
+from vqt.ops.visibility import visible_counts
 
 
 class MacCounter:
@@ -85,10 +77,8 @@ def prefix_reuse_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -> in
 
 def dense_and_prefix_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -> tuple[int, int]:
     """(dense_macs, prefix_reuse_macs) of one document, sharing the visibility count."""
-    p = positions.detach().to("cpu", torch.float64).numpy()
-    counts = np.searchsorted(p, p, side="right")  # (numpy's search is several times faster on this size)
-    if cfg.window is not None:
-        counts = counts - np.searchsorted(p, p - cfg.window, side="right")
+    p = positions.detach().to("cpu", torch.float64)
+    counts = visible_counts(p, p, cfg.window)
     per_row, per_pair = MacCounter(cfg), MacCounter(cfg)
     per_row.rows(1, 0)
     per_pair.rows(0, 1)

@@ -19,9 +19,9 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .corpus import CACHE
-from .model import VQTModel
-from .tokenizer import Tokenizer
+from vqt.histories.corpus import CACHE
+from vqt.modeling.model import VQTModel
+from vqt.text.tokenizer import Tokenizer
 
 VADER_SDIST = "vadersentiment==3.3.2"
 LONG_SETS = ("nytEditorialSnippets", "amazonReviewSnippets")

@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from .replay import EditRecord
+from vqt._extras import require
+from vqt.histories.replay import EditRecord
 
 
 def plot_replay(records: Sequence[EditRecord], folder: Path) -> list[Path]:
     """ratio_cdf.png (MAC ratio of VQT and of prefix reuse) and dirty_per_layer.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    require("matplotlib", "plots").use("Agg")
+    import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

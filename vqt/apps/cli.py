@@ -9,13 +9,15 @@ from typing import Optional, Sequence
 
 import torch
 
-from .ops import BACKENDS, get_backend
+from vqt._extras import MissingExtra, require
+from vqt.apps.loading import load_model
+from vqt.ops import BACKENDS, get_backend
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import demo_model, demo_revisions
-    from .text import TextDocument
-    from .tokenizer import Tokenizer
+    from vqt.apps.demo import demo_model, demo_revisions
+    from vqt.text.document import TextDocument
+    from vqt.text.tokenizer import Tokenizer
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     tok = Tokenizer.default()
@@ -46,43 +48,15 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all_exact else 1
 
 
-SHIPPED_MODEL = "vqt-small"
-
-
-def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str] = None):
-    """Resolve a model spec to (model, description, tokenizer).
-
-    'demo' -> the built-in random demo model; a `vqt convert` folder -> SmolLM2 with its
-    codebooks (and the GGUF tokenizer); another directory -> a checkpoint; None -> the
-    shipped model in data/ when present, else the demo model."""
-    from pathlib import Path
-
-    from .demo import demo_model
-    from .model import VQTModel
-    from .tokenizer import DATA_DIR, Tokenizer
-
-    tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
-    if spec is None:
-        spec = str(DATA_DIR / SHIPPED_MODEL) if (DATA_DIR / SHIPPED_MODEL / "config.json").is_file() else "demo"
-    if spec == "demo":
-        tok = tok or Tokenizer.default()
-        return demo_model(tok, dtype=dtype), "built-in demo model (untrained, k-means codebooks)", tok
-    if (Path(spec) / "vqt_convert.json").is_file():
-        from .convert import load_converted, tokenizer_from_gguf
-
-        return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
-    return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
-
-
 def _replay(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
     from tqdm import tqdm
 
-    from .data import iter_history
-    from .demo import demo_history
-    from .replay import format_summary, replay, summarize
+    from vqt.histories.formats import iter_history
+    from vqt.apps.demo import demo_history
+    from vqt.histories.replay import format_summary, replay, summarize
 
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
@@ -118,7 +92,7 @@ def _replay(args: argparse.Namespace) -> int:
         bad = sum(not r.exact for r in records)
         print("verify: every edit matched the dense forward" if not bad else f"verify: {bad} edits DIFFER from dense")
     if args.plot:
-        from .plots import plot_replay
+        from vqt.apps.plots import plot_replay
 
         plot_replay(records, Path(args.plot))
         print(f"plots written to {args.plot}")
@@ -132,9 +106,9 @@ def _convert(args: argparse.Namespace) -> int:
 
     import numpy as np
 
-    from .convert import default_gguf_path, distill, model_from_gguf, save_converted, tokenizer_from_gguf
-    from .corpus import heldout_texts, training_texts
-    from .train import evaluate_loss
+    from vqt.pretrained.convert import default_gguf_path, distill, model_from_gguf, save_converted, tokenizer_from_gguf
+    from vqt.histories.corpus import heldout_texts, training_texts
+    from vqt.training.train import evaluate_loss
 
     t0 = time.time()
     gguf_path = Path(args.gguf) if args.gguf else default_gguf_path()
@@ -191,7 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_replay)
 
     def _lsp(args: argparse.Namespace) -> int:
-        from .lsp import main as lsp_main  # pygls is imported only when the server runs
+        require("pygls", "lsp")  # pygls is imported only when the server runs
+        from vqt.apps.lsp import main as lsp_main
 
         return lsp_main(args)
 
@@ -211,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--log", default=None, help="log file (default: stderr)")
     s.set_defaults(func=_lsp)
 
-    from .fetch import DEFAULT_API_URL, fetch_wiki_command
+    from vqt.histories.fetch import DEFAULT_API_URL, fetch_wiki_command
 
     w = sub.add_parser("fetch-wiki", help="download the revision history of one page from a MediaWiki API "
                        "as API JSON (readable by `vqt replay --data`)")
@@ -247,7 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except MissingExtra as e:
+        print(f"vqt: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

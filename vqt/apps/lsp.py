@@ -31,13 +31,13 @@ from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
 
-from . import __version__
-from .editor import LineIndex, apply_content_changes
-from .engine import EditStats
-from .model import VQTModel
-from .persist import state_digest
-from .text import TextDocument
-from .tokenizer import Tokenizer
+from vqt._version import __version__
+from vqt.text.changes import LineIndex, apply_content_changes
+from vqt.engine.document import EditStats
+from vqt.modeling.model import VQTModel
+from vqt.text.persist import state_digest
+from vqt.text.document import TextDocument
+from vqt.text.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -432,7 +432,7 @@ def build_server(store: DocumentStore, n_completions: int = 10) -> VQTServer:
 
 def main(args: argparse.Namespace) -> int:
     """Serve over stdio until the client says exit (``vqt lsp``)."""
-    from .cli import load_model
+    from vqt.apps.loading import load_model
 
     logging.basicConfig(filename=args.log, level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)

@@ -7,9 +7,9 @@ from typing import Iterator
 
 import torch
 
-from .config import VQTConfig
-from .model import VQTModel
-from .tokenizer import Tokenizer
+from vqt.modeling.config import VQTConfig
+from vqt.modeling.model import VQTModel
+from vqt.text.tokenizer import Tokenizer
 
 FIRST_DRAFT = """\
 The lighthouse on the northern cape was built in 1871 from granite quarried a few miles inland. \

@@ -37,7 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from . import __version__
+from vqt._version import __version__
 
 log = logging.getLogger(__name__)
 

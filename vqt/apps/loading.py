@@ -1,0 +1,35 @@
+"""Resolving a model name given on the command line (or in the language server) to a loaded model."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+SHIPPED_MODEL = "vqt-small"
+
+
+def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str] = None):
+    """Resolve a model spec to (model, description, tokenizer).
+
+    'demo' -> the built-in random demo model; a `vqt convert` folder -> SmolLM2 with its
+    codebooks (and the GGUF tokenizer); another directory -> a checkpoint; None -> the
+    shipped model in data/ when present, else the demo model."""
+    from pathlib import Path
+
+    from vqt.apps.demo import demo_model
+    from vqt.modeling.model import VQTModel
+    from vqt.text.tokenizer import DATA_DIR, Tokenizer
+
+    tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
+    if spec is None:
+        spec = str(DATA_DIR / SHIPPED_MODEL) if (DATA_DIR / SHIPPED_MODEL / "config.json").is_file() else "demo"
+    if spec == "demo":
+        tok = tok or Tokenizer.default()
+        return demo_model(tok, dtype=dtype), "built-in demo model (untrained, k-means codebooks)", tok
+    if (Path(spec) / "vqt_convert.json").is_file():
+        from vqt.pretrained.convert import load_converted, tokenizer_from_gguf
+
+        return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
+    return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
