@@ -25,6 +25,7 @@ from vqt.apps.loading import load_model  # noqa: E402
 from vqt.histories.corpus import HELDOUT  # noqa: E402
 from vqt.histories.formats import iter_history  # noqa: E402
 from vqt.engine.document import Document  # noqa: E402
+from vqt.engine.options import DocumentOptions  # noqa: E402
 from vqt.ops import BACKENDS, get_backend  # noqa: E402
 from vqt.histories.replay import quantiles, replay  # noqa: E402
 from vqt.text.document import TextDocument  # noqa: E402
@@ -86,7 +87,8 @@ def main() -> None:
         for be in backends:
             revs = (r for path in paths for r in iter_history(path))
             runs[be] = list(replay(model, revs, tok, window_tokens=window, max_edits=a.max_edits,
-                                   baselines=(be == backends[0]), backend=be))
+                                   baselines=(be == backends[0]),
+                                   options=DocumentOptions(backend=be)))
         base = runs[backends[0]]
         print(f"\n=== window {window} tokens: {len(base)} real edits (median doc {quantiles([r.n_tokens for r in base])['median']:.0f} tokens)")
         print(f"MAC ratio vs dense        {fmt(quantiles([r.ratio for r in base]))}")

@@ -25,7 +25,8 @@ from tqdm import tqdm  # noqa: E402
 from vqt.apps.loading import load_model  # noqa: E402
 from vqt.histories.corpus import HELDOUT  # noqa: E402
 from vqt.histories.formats import iter_history  # noqa: E402
-from vqt.engine.positions import SpacingPolicy  # noqa: E402
+from vqt.engine.options import DocumentOptions  # noqa: E402
+from vqt.engine.positions import PositionPolicy  # noqa: E402
 from vqt.histories.replay import quantiles, replay  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def main() -> None:
     print(f"model: {name}: {model.describe()}")
     rows = []
     for spec in a.min_spacing:
-        policy = SpacingPolicy(min_spacing=float(Fraction(spec)))
+        options = DocumentOptions(backend="auto", positions=PositionPolicy(min_spacing=float(Fraction(spec))))
         drift: list[float] = []
         seen = [0]
 
@@ -63,7 +64,7 @@ def main() -> None:
         recs = []
         with tqdm(total=a.max_edits, desc=f"min_spacing {spec}", unit="edit") as bar:
             for rec in replay(model, revs, tok, window_tokens=a.window, max_edits=a.max_edits, baselines=False,
-                              backend="auto", spacing=policy, observe=observe):
+                              options=options, observe=observe):
                 recs.append(rec)
                 bar.update(1)
         q = quantiles([r.ratio for r in recs])

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vqt.ops
-import vqt.ops.composite
+import vqt.ops.cpu
 from helpers import tiny_model
 from vqt import Document
 from vqt.ops import get_backend
@@ -44,10 +44,10 @@ def fused(request) -> tuple[ModuleType, torch.device]:
     """A fused backend and its device; it must build wherever its device exists."""
     if request.param == "cpu" and shutil.which("c++") is None and shutil.which("g++") is None:
         pytest.skip("no C++ compiler")
-    ops = importlib.import_module(f"vqt.ops.{request.param}")
-    ok, why = ops.available()
+    module = importlib.import_module(f"vqt.ops.{request.param}")
+    ok, why = module.available()
     assert ok, why
-    return ops, torch.device(request.param)
+    return module.backend(), torch.device(request.param)
 
 
 def randn(gen: torch.Generator, *shape: int, dtype=F64, device="cpu", scale: float = 1.0) -> torch.Tensor:
@@ -340,7 +340,7 @@ def test_document_edits_cpu_match_reference(fused, name, data):
     init = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), label="initial tokens")
     mode = data.draw(st.sampled_from(["stable", "canonical"]), label="position mode")
     docs = [Document(model, init, position_mode=mode, backend=b) for b in ("reference", ops.name)]
-    assert docs[1].backend == ops.name
+    assert docs[1].backend.name == ops.name
     for _ in range(30):
         n = len(docs[0])
         s = data.draw(st.integers(0, n))
@@ -365,9 +365,7 @@ def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
     model = copy.deepcopy(doc_model(name)).to(dtype)  # (Module.to works in place: leave the cached one alone)
     init = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), label="initial tokens")
     fused_doc, composite = Document(model, init, backend="cpu"), Document(model, init, backend="cpu")
-    composite._step = None  # Python qkv/finish around the fused layer_attend ...
-    composite._commit = vqt.ops.composite.layer_commit  # ... and the Python commit and final norm
-    composite._finish = vqt.ops.composite.finish_outputs
+    composite.backend = ComposedCpu("cpu", vqt.ops.cpu._build)
     for _ in range(20):
         n = len(fused_doc)
         s = data.draw(st.integers(0, n))
@@ -380,9 +378,17 @@ def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
             assert torch.equal(got, want[key]), key
 
 
+class ComposedCpu(vqt.ops.cpu.CpuBackend):
+    """The cpu operators with the Python layer step, commit and final norm around the fused layer_attend."""
+
+    layer_step = vqt.ops.Backend.layer_step
+    layer_commit = vqt.ops.Backend.layer_commit
+    finish_outputs = vqt.ops.Backend.finish_outputs
+
+
 # ----------------------------------------------------------------------------- backend selection
 def test_get_backend_names_and_errors():
-    assert get_backend("reference") is ref and ref.name == "reference"
+    assert get_backend("reference") is vqt.ops.backend() and get_backend("reference").name == "reference"
     assert vqt.ops.BACKENDS == ("reference", "cpu", "cuda")
     with pytest.raises(ValueError, match="unknown backend"):
         get_backend("fastest")
@@ -405,14 +411,14 @@ def test_auto_falls_back_to_reference_and_warns_once(monkeypatch):
     monkeypatch.setattr(vqt.ops, "_warned", set())
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        assert get_backend("auto", "cpu") is ref
-        assert get_backend("auto", "cpu") is ref
+        assert get_backend("auto", "cpu") is vqt.ops.backend()
+        assert get_backend("auto", "cpu").name == "reference"
     assert len(caught) == 1 and "no compiler on this machine" in str(caught[0].message)
     with pytest.raises(RuntimeError, match="no compiler on this machine"):
         get_backend("cpu")
     if not torch.cuda.is_available():
         with pytest.warns(RuntimeWarning, match="cuda"):
-            assert get_backend("auto", "cuda") is ref
+            assert get_backend("auto", "cuda").name == "reference"
 
 
 # ----------------------------------------------------------------------------- CUDA sources

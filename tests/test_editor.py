@@ -244,7 +244,7 @@ def test_saved_state_continues_exactly(tmp_path):
     assert loaded.token_offsets == doc.token_offsets
     assert loaded.changed_ranges() == doc.changed_ranges()
     assert torch.equal(loaded.last_stats.recomputed, doc.last_stats.recomputed)
-    assert loaded.doc._free == doc.doc._free and torch.equal(loaded.doc._order_t, doc.doc._order_t)
+    assert loaded.doc.cache.free == doc.doc.cache.free and torch.equal(loaded.doc.cache.order, doc.doc.cache.order)
     assert_same_state(full_state(doc), full_state(loaded))
     for d in (doc, loaded):
         edit_script(d, 10)

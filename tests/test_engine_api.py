@@ -70,7 +70,7 @@ def test_engine_macs_use_the_same_accounting():
 
 
 def snapshot(doc: Document) -> dict:
-    return {**doc.state_dict(), "order": doc._order_t.tolist(), "free": list(doc._free)}
+    return {**doc.state_dict(), "order": doc.cache.order.tolist(), "free": list(doc.cache.free)}
 
 
 def assert_same_state(a: dict, b: dict) -> None:
@@ -122,7 +122,7 @@ def test_internal_failure_restores_state(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("injected failure in the middle of an update")
 
-    monkeypatch.setattr(doc.ops, "requantize", boom)
+    monkeypatch.setattr(doc.backend, "requantize", boom)
     with pytest.raises(RuntimeError, match="injected"):
         doc.replace(5, 6, [1, 2])
     monkeypatch.undo()

@@ -129,7 +129,7 @@ def test_multi_edit_positions_follow_the_planner(data):
             cur = e
         kept += old[cur:]
         doc.apply_edits(edits)
-        assert doc.positions.tolist() == plan_positions(kept, "stable", doc.spacing)
+        assert doc.positions.tolist() == plan_positions(kept, doc.position_policy)
 
 
 def test_tight_spacing_renumbers_a_window_and_stays_exact():
@@ -140,7 +140,7 @@ def test_tight_spacing_renumbers_a_window_and_stays_exact():
         total += doc.replace(20, 20, [3]).renumbered
     assert total > 0, "repeated insertion into one gap must trigger a renumbering"
     gaps = doc.positions[1:] - doc.positions[:-1]
-    assert float(gaps.min()) >= doc.spacing.min_spacing
+    assert float(gaps.min()) >= doc.position_policy.min_spacing
     assert_matches_dense(doc)
 
 

@@ -10,8 +10,7 @@ from typing import Optional, Sequence
 import torch
 
 from vqt._extras import MissingExtra, require
-from vqt.apps.loading import load_model
-from vqt.ops import BACKENDS, get_backend
+from vqt.apps.loading import add_engine_arguments, document_options, load_model
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -24,8 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
     model = demo_model(tok, dtype=dtype, seed=args.seed)
     print(f"model: {model.describe()} (untrained, k-means codebooks)")
     revs = list(demo_revisions())
-    doc = TextDocument(model, tok, revs[0][1], position_mode=args.positions)
-    print(f"document: {len(doc.doc)} tokens, positions {args.positions}, backend {doc.doc.backend}\n")
+    doc = TextDocument(model, tok, revs[0][1], document_options(args, model))
+    print(f"document: {len(doc.doc)} tokens, positions {args.positions}, backend {doc.doc.backend.name}\n")
     header = f"{'edit':<20} {'tokens':>6} {'dirty per layer':<18} {'flips':<14} {'MAC ratio':>9} {'prefix':>7} {'ms':>7}  exact"
     print(header)
     print("-" * len(header))
@@ -68,15 +67,14 @@ def _replay(args: argparse.Namespace) -> int:
         for path in args.data:
             yield from iter_history(path, max_revisions=args.max_revisions)
 
-    backend = get_backend(args.backend, model.device).name
+    options = document_options(args, model)
     print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; window {args.window} tokens, "
-          f"positions {args.positions}, backend {backend}")
+          f"positions {args.positions}, backend {options.backend}")
     records = []
     out = open(args.jsonl, "w") if args.jsonl else None
     with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
         for rec in replay(model, revisions(), tok, window_tokens=args.window, max_edits=args.max_edits,
-                          baselines=not args.no_baselines, verify=args.verify, position_mode=args.positions,
-                          backend=backend):
+                          baselines=not args.no_baselines, verify=args.verify, options=options):
             records.append(rec)
             if out:
                 out.write(json.dumps(rec.to_json()) + "\n")
@@ -140,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="replay a short built-in edit history, checking every step against a dense forward")
     d.add_argument("--dtype", choices=["float64", "float32"], default="float64")
-    d.add_argument("--positions", choices=["stable", "canonical"], default="stable")
+    add_engine_arguments(d, backend_default="reference")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dense comparison")
     d.set_defaults(func=_demo)
@@ -155,9 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--max-revisions", type=int, default=None, help="read at most this many revisions per file")
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
-    r.add_argument("--positions", choices=["stable", "canonical"], default="stable")
-    r.add_argument("--backend", choices=["auto", *BACKENDS], default="auto",
-                   help="auto: the fused backend of the device when it builds, else reference")
+    add_engine_arguments(r)
     r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     r.add_argument("--jsonl", default=None, help="write one JSON record per edit here")
     r.add_argument("--plot", default=None, help="write PNG plots into this folder")
@@ -175,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    s.add_argument("--positions", choices=["stable", "canonical"], default="stable")
-    s.add_argument("--backend", choices=["auto", *BACKENDS], default="auto")
+    add_engine_arguments(s)
     s.add_argument("--max-live", type=int, default=8, help="documents whose model state stays in memory; "
                    "the least recently used others wait on disk")
     s.add_argument("--state-dir", default=None, help="where evicted states are saved (default: a temporary folder)")

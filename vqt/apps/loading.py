@@ -33,3 +33,24 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
 
         return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
     return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
+
+
+def add_engine_arguments(parser, backend_default: str = "auto") -> None:
+    """The engine settings every command takes (--positions, --backend), declared once."""
+    from vqt.engine.positions import POSITION_MODES
+    from vqt.ops import BACKENDS
+
+    parser.add_argument("--positions", choices=POSITION_MODES, default="stable",
+                        help="stable: kept tokens keep their positions; canonical: renumber 0..n-1 after every edit")
+    parser.add_argument("--backend", choices=["auto", *BACKENDS], default=backend_default,
+                        help="auto: the fused backend of the device when it builds, else reference")
+
+
+def document_options(args, model):
+    """The DocumentOptions of parsed --positions/--backend, the backend resolved once (``auto`` to a name)."""
+    from vqt.engine.options import DocumentOptions
+    from vqt.engine.positions import PositionPolicy
+    from vqt.ops import get_backend
+
+    return DocumentOptions(backend=get_backend(args.backend, model.device).name,
+                           positions=PositionPolicy(mode=args.positions))

@@ -34,6 +34,7 @@ from pygls.protocol.language_server import lsp_method
 from vqt._version import __version__
 from vqt.text.changes import LineIndex, apply_content_changes
 from vqt.engine.document import EditStats
+from vqt.engine.options import DocumentOptions
 from vqt.modeling.model import VQTModel
 from vqt.text.persist import state_digest
 from vqt.text.document import TextDocument
@@ -91,10 +92,10 @@ class DocumentStore:
     """
 
     def __init__(self, model: VQTModel, tokenizer: Tokenizer, max_live: int = 8, state_dir: Optional[str | Path] = None,
-                 dense: bool = False, **doc_kwargs: Any) -> None:
+                 dense: bool = False, options: Optional[DocumentOptions] = None) -> None:
         if max_live < 1:
             raise ValueError(f"max_live must be at least 1, got {max_live}")
-        self.model, self.tokenizer, self.doc_kwargs = model, tokenizer, doc_kwargs
+        self.model, self.tokenizer, self.options = model, tokenizer, options or DocumentOptions()
         self.max_live, self.dense = max_live, dense
         self._tmp = tempfile.TemporaryDirectory(prefix="vqt-lsp-") if state_dir is None else None
         self.state_dir = Path(self._tmp.name if self._tmp else state_dir)
@@ -155,7 +156,7 @@ class DocumentStore:
     def _build(self, text: str, version: int) -> tuple[Optional[TextDocument], str]:
         """A state computed by a dense forward, or (None, why) when the text is too long for the model."""
         try:
-            doc = TextDocument(self.model, self.tokenizer, text, **self.doc_kwargs)
+            doc = TextDocument(self.model, self.tokenizer, text, self.options)
         except ValueError:
             problem = self._too_long(text)
             if not problem:
@@ -432,7 +433,7 @@ def build_server(store: DocumentStore, n_completions: int = 10) -> VQTServer:
 
 def main(args: argparse.Namespace) -> int:
     """Serve over stdio until the client says exit (``vqt lsp``)."""
-    from vqt.apps.loading import load_model
+    from vqt.apps.loading import document_options, load_model
 
     logging.basicConfig(filename=args.log, level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
     logger.setLevel(logging.INFO)
@@ -440,6 +441,6 @@ def main(args: argparse.Namespace) -> int:
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
     logger.info("vqt lsp: model %s: %s", name, model.describe())
     store = DocumentStore(model, tok, max_live=args.max_live, state_dir=args.state_dir, dense=args.dense,
-                          position_mode=args.positions, backend=args.backend)
+                          options=document_options(args, model))
     build_server(store, args.completions).start_io()
     return 0

@@ -37,7 +37,9 @@ struct Keys {
   int64_t n;
 };
 
-// Inputs of attention_rows: queries q (m, H, hd) at pos_q (m,) against one key set.
+// Inputs of attention_rows: queries q (m, H, hd) at pos_q (m,) against one key set and, when sink_s
+// is not null, an attention sink: one more key, always visible, with score sink_s (m, H) and value
+// sink_v (H, hdv) for each query head.
 template <typename T>
 struct RowsInputs {
   const T* q;
@@ -46,6 +48,8 @@ struct RowsInputs {
   Heads L;
   Window w;
   double scale;
+  const T* sink_s;
+  const T* sink_v;
 };
 
 // Inputs of attention_delta: accumulators U (m, H, hdv), Z and M (m, H) of queries q (m, H, hd);

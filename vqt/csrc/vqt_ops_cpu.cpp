@@ -29,6 +29,7 @@ namespace vqt {
 namespace {
 
 using torch::Tensor;
+namespace py = pybind11;
 
 // Register blocks: up to kVecs vectors of kLanes doubles (GCC/Clang vector extensions, lowered to
 // whatever the target has: one AVX-512 register per vector, two AVX2 or four SSE ones).
@@ -309,8 +310,14 @@ void attention_row(int64_t i, const RowsInputs<T>& in, const KeyBlock& B, T* U, 
   for (int64_t h = 0; h < L.H; ++h) {
     const int64_t ih = i * L.H + h, kv = L.kv(h);
     B.scores(S.q.data() + h * L.hd, kv, lo, hi - lo, in.scale, S.s.data());
-    const double m = stored<T>(nan_max_of(S.s.data(), hi - lo, -kInf));
-    const double z = B.accumulate(S.s.data(), m, kv, lo, hi - lo, S.u.data());
+    const double sink = in.sink_s ? static_cast<double>(in.sink_s[ih]) : -kInf;
+    const double m = stored<T>(nan_max_of(S.s.data(), hi - lo, sink));
+    double z = B.accumulate(S.s.data(), m, kv, lo, hi - lo, S.u.data());
+    if (in.sink_s) {  // the sink: one more always-visible key
+      const double p = std::exp(sink - m);
+      z += p;
+      for (int64_t d = 0; d < L.hdv; ++d) S.u[d] += p * static_cast<double>(in.sink_v[h * L.hdv + d]);
+    }
     // Without a finite score the reference's softmax is exp(-inf - (-inf)) = NaN; so is ours.
     const bool none = m == -kInf;
     if (none) std::fill(S.u.begin(), S.u.end(), kNaN);
@@ -508,14 +515,16 @@ void lookup_row(int64_t i, const T* table, const int64_t* codes, int64_t G, int6
 
 std::tuple<Tensor, Tensor, Tensor> attention_rows(const Tensor& q, const Tensor& pos_q, const Tensor& k,
                                                   const Tensor& v, const Tensor& pos_k, std::optional<double> window,
-                                                  double scale) {
+                                                  double scale, const std::optional<Tensor>& sink_s,
+                                                  const std::optional<Tensor>& sink_v) {
   VQT_CHECK_CPU(q);
   const Heads L = check_attention_rows(q, pos_q, k, v, pos_k);
+  check_sink(sink_s, sink_v, q.size(0), L, q.scalar_type(), q.device());
   Tensor U, Z, M;
   std::tie(U, Z, M) = empty_accumulators(q, L);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vqt_attention_rows_cpu", [&] {
     using T = scalar_t;
-    const auto in = rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale);
+    const auto in = rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale, sink_s, sink_v);
     const KeyBlock keys(in.keys, L, visible_to_any(in.keys.pos, sorted_keys(in.keys), in.pos_q, q.size(0), in.w));
     T *Up = U.data_ptr<T>(), *Zp = Z.data_ptr<T>(), *Mp = M.data_ptr<T>();
     for_each_row(
@@ -616,13 +625,42 @@ void scatter_rows(const T* src, const std::vector<int64_t>& idx, int64_t width, 
   for (size_t i = 0; i < idx.size(); ++i) std::copy_n(src + i * width, width, dst + idx[i] * width);
 }
 
-// layer_attend with, optionally, the codebook's codeword norms precomputed by codebook_norms.
-std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
+// What one layer step did (vqt.ops.tables.LayerCounts, by field name).
+struct Counts {
+  int64_t dirty = 0, affected = 0, flipped = 0, code_flips = 0, searches = 0, skips = 0, refreshes = 0,
+          delta_pairs = 0, full_pairs = 0, full_rows = 0, skip_checks = 0, mlp_rows = 0;
+
+  py::dict to_dict() const {
+    py::dict d;
+    d["dirty"] = dirty, d["affected"] = affected, d["flipped"] = flipped, d["code_flips"] = code_flips;
+    d["searches"] = searches, d["skips"] = skips, d["refreshes"] = refreshes, d["delta_pairs"] = delta_pairs;
+    d["full_pairs"] = full_pairs, d["full_rows"] = full_rows, d["skip_checks"] = skip_checks;
+    d["mlp_rows"] = mlp_rows;
+    return d;
+  }
+};
+
+// Named fields of the Python records (vqt/ops/tables.py): the seam is by name, never by position.
+Tensor field(const py::handle& o, const char* name) { return o.attr(name).cast<Tensor>(); }
+std::optional<Tensor> optional_field(const py::handle& o, const char* name) {
+  const py::object a = o.attr(name);
+  return a.is_none() ? std::nullopt : std::optional<Tensor>(a.cast<Tensor>());
+}
+std::optional<double> optional_number(const py::handle& o, const char* name) {
+  const py::object a = o.attr(name);
+  return a.is_none() ? std::nullopt : std::optional<double>(a.cast<double>());
+}
+
+// layer_attend with, optionally, the codebook's codeword norms precomputed by codebook_norms, and an
+// attention sink: the per-slot sink scores (C, H), the dirty rows' new ones (m, H) and the value each
+// query head reads (H, hdv).
+std::tuple<Tensor, Tensor, Counts> attend_impl(
     Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes, Tensor radius,
     const Tensor& q_new, const Tensor& k_new, const Tensor& v_new, const Tensor& dirty_t, const Tensor& deleted_t,
     const Tensor& order_t, const Tensor& pos_t, const Tensor& old_pos_t, const Tensor& is_new_t,
     const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
-    double scale, double tau, const std::optional<Tensor>& norms) {
+    double scale, double tau, const std::optional<Tensor>& norms, const std::optional<Tensor>& sink,
+    const std::optional<Tensor>& s_new, const std::optional<Tensor>& sink_v) {
   VQT_CHECK_CPU(q);
   const auto dt = q.scalar_type();
   const auto dev = q.device();
@@ -668,6 +706,13 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
       TORCH_CHECK(norms->size(0) == G && norms->size(1) == codebook->size(1), "codebook_norms must be (G, K)");
     }
   }
+  TORCH_CHECK(sink.has_value() == s_new.has_value() && sink.has_value() == sink_v.has_value(),
+              "the sink table, the new sink scores and the sink values come together (or none)");
+  if (sink) {
+    check_tensor(*sink, "sink", 2, dt, dev);
+    TORCH_CHECK(sink->size(0) == C && sink->size(1) == L.H, "sink must be (", C, ", ", L.H, "), got ", sink->sizes());
+    check_sink(s_new, sink_v, m, L, dt, dev);
+  }
   const Window w = window_of(window);
   const double* P = pos_t.data_ptr<double>();
   const double* P0 = old_pos_t.data_ptr<double>();
@@ -675,7 +720,7 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
   const int64_t qw = L.H * L.hd, kw = L.Hkv * L.hd, vw = L.Hkv * L.hdv, uw = L.H * L.hdv;
 
   Tensor post_t, attn_out;
-  std::vector<int64_t> stats;
+  Counts stats;
   AT_DISPATCH_FLOATING_TYPES(dt, "vqt_layer_attend_cpu", [&] {
     using T = scalar_t;
     T *qp = q.data_ptr<T>(), *kp = k.data_ptr<T>(), *vp = v.data_ptr<T>(), *Up = U.data_ptr<T>(),
@@ -693,6 +738,7 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
       std::copy_n(q_new.data_ptr<T>() + i * qw, qw, qp + s * qw);
       std::copy_n(k_new.data_ptr<T>() + i * kw, kw, kp + s * kw);
       std::copy_n(v_new.data_ptr<T>() + i * vw, vw, vp + s * vw);
+      if (sink) std::copy_n(s_new->data_ptr<T>() + i * L.H, L.H, sink->data_ptr<T>() + s * L.H);
       pos_add[i] = P[s];
     }
     const KeyBlock added(Keys<T>{k_new.data_ptr<T>(), v_new.data_ptr<T>(), pos_add.data(), m}, L);
@@ -763,14 +809,16 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
     const int64_t nf = static_cast<int64_t>(full.size());
     int64_t full_pairs = 0;
     if (nf) {
-      std::vector<T> qf(nf * qw);
+      std::vector<T> qf(nf * qw), sf(sink ? nf * L.H : 0);
       std::vector<double> pf(nf);
       gather_rows(qp, full, qw, qf.data());
+      if (sink) gather_rows(sink->data_ptr<T>(), full, L.H, sf.data());
       for (int64_t i = 0; i < nf; ++i) pf[i] = P[full[i]];
       const KeyBlock band(Keys<T>{kp, vp, P, C}, L,
                           visible_to_any(P, std::vector<int64_t>(order.p, order.p + order.n), pf.data(), nf, w,
                                          &full_pairs));
-      const RowsInputs<T> in{qf.data(), pf.data(), Keys<T>{nullptr, nullptr, nullptr, band.n}, L, w, scale};
+      const RowsInputs<T> in{qf.data(), pf.data(), Keys<T>{nullptr, nullptr, nullptr, band.n}, L, w, scale,
+                             sink ? sf.data() : nullptr, sink ? sink_v->data_ptr<T>() : nullptr};
       std::vector<T> Uf(nf * uw), Zf(nf * L.H), Mf(nf * L.H);
       for_each_row(
           nf, band.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(band.n, L); },
@@ -796,7 +844,7 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
     if (!codebook) {
       scatter_rows(a.data(), rows, uw, arp);
       post.insert(post.end(), aff.begin(), aff.end());  // without codes, every updated output moved
-      stats = {na, na, na, 0, 0, static_cast<int64_t>(refresh.size()), delta_pairs, full_pairs, 0};
+      stats.flipped = stats.code_flips = na;
     } else {
       T* radp = radius.data_ptr<T>();
       int64_t* cp = codes.data_ptr<int64_t>();
@@ -831,8 +879,8 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
         code_flips += changed;
         if (changed) post.push_back(aff[i]);
       }
-      stats = {na, static_cast<int64_t>(post.size()) - m, code_flips, n_searched, skips,
-               static_cast<int64_t>(refresh.size()), delta_pairs, full_pairs, existing * G};
+      stats.flipped = static_cast<int64_t>(post.size()) - m, stats.code_flips = code_flips;
+      stats.searches = n_searched, stats.skips = skips, stats.skip_checks = existing * G;
       const int64_t K = table->size(1), d = table->size(2);
       attn_out = at::empty({static_cast<int64_t>(post.size()), d}, table->options());
       const T* tp = table->data_ptr<T>();
@@ -842,20 +890,28 @@ std::tuple<Tensor, Tensor, std::vector<int64_t>> attend_impl(
         lookup_row(0, tp, cp + post[i] * G, G, K, d, op + i * d);
       }
     }
+    stats.dirty = m, stats.affected = na, stats.refreshes = static_cast<int64_t>(refresh.size());
+    stats.delta_pairs = delta_pairs, stats.full_pairs = full_pairs, stats.full_rows = nf;
     post_t = at::empty({static_cast<int64_t>(post.size())}, dirty_t.options());
     std::copy(post.begin(), post.end(), post_t.data_ptr<int64_t>());
   });
   return {post_t, attn_out, stats};
 }
 
-std::tuple<Tensor, Tensor, std::vector<int64_t>> layer_attend(
-    Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes, Tensor radius,
-    const Tensor& q_new, const Tensor& k_new, const Tensor& v_new, const Tensor& dirty, const Tensor& deleted,
-    const Tensor& order, const Tensor& pos, const Tensor& old_pos, const Tensor& is_new,
-    const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
-    double scale, double tau) {
-  return attend_impl(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order, pos, old_pos,
-                     is_new, codebook, table, window, scale, tau, std::nullopt);
+// layer_attend on named records: w (LayerWeights), t (LayerTables), plan (EditPlan); see
+// vqt/ops/composite.py layer_attend. Returns (post, attn_out or None, counts by name).
+py::tuple layer_attend(const py::object& w, const py::object& t, const Tensor& q_new, const Tensor& k_new,
+                       const Tensor& v_new, const std::optional<Tensor>& s_new, const Tensor& dirty,
+                       const py::object& plan) {
+  const auto sink_v = optional_field(w, "sink_v").has_value() ? std::optional<Tensor>(w.attr("sink_values")().cast<Tensor>().contiguous())
+                                                              : std::nullopt;
+  auto [post, attn_out, counts] = attend_impl(
+      field(t, "q"), field(t, "k"), field(t, "v"), field(t, "U"), field(t, "Z"), field(t, "M"), field(t, "a_ref"),
+      field(t, "codes"), field(t, "radius"), q_new, k_new, v_new, dirty, field(plan, "deleted"), field(plan, "order"),
+      field(plan, "pos"), field(plan, "old_pos"), field(plan, "is_new"), optional_field(w, "codebook"),
+      optional_field(w, "table"), optional_number(plan, "window"), w.attr("scale").cast<double>(),
+      plan.attr("tau").cast<double>(), optional_field(w, "codebook_norms"), optional_field(t, "sink"), s_new, sink_v);
+  return py::make_tuple(post, attn_out.defined() ? py::cast(attn_out) : py::none(), counts.to_dict());
 }
 
 // (G, K) float64 |e_k|^2 of a (G, K, gd) codebook, as layer_attend computes them for its searches.
@@ -875,8 +931,8 @@ Tensor codebook_norms(const Tensor& codebook) {
 
 // layer_commit (semantics: vqt/ops/composite.py layer_commit): stores the recomputed rows, counts
 // them, and returns the slots whose row changed bitwise, or that are new or forced.
-Tensor layer_commit(Tensor target, const Tensor& post_t, const Tensor& x_next, const Tensor& is_new_t,
-                    const Tensor& is_forced_t, Tensor recomputed) {
+Tensor commit_impl(Tensor target, const Tensor& post_t, const Tensor& x_next, const Tensor& is_new_t,
+                   const Tensor& is_forced_t, Tensor recomputed) {
   VQT_CHECK_CPU(target);
   check_float(target, "target");
   const int64_t C = target.size(0);
@@ -914,42 +970,52 @@ Tensor layer_commit(Tensor target, const Tensor& post_t, const Tensor& x_next, c
   return out;
 }
 
-// layer_step: a whole layer of an incremental update in one call, for the Llama-style block of
-// vqt/model.py with a quantizer: RMSNorm -> fused q/k/v projection -> RoPE (rotate-half, from the
-// per-slot cos/sin tables) on the dirty rows, layer_attend, then y = x + lookup, x' = y +
-// W_down(silu(gate) * up) of RMSNorm(y) on the rows it returns, and layer_commit. The dense matmuls
-// and elementwise ops are the same ATen operators, in the same order, as Block.qkv and Block.finish
-// call from Python, so the rows are bitwise those of the composite path. Returns (the next layer's
-// dirty slots, layer_attend's counts followed by the number of rows the MLP recomputed).
-std::tuple<Tensor, std::vector<int64_t>> layer_step(
-    const Tensor& x, Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes,
-    Tensor radius, Tensor target, const Tensor& dirty, const Tensor& deleted, const Tensor& order, const Tensor& pos,
-    const Tensor& old_pos, const Tensor& is_new, const Tensor& is_forced, Tensor recomputed,
-    const std::optional<Tensor>& cos, const std::optional<Tensor>& sin, const Tensor& attn_norm, double attn_eps,
-    const Tensor& w_qkv, const Tensor& codebook, const Tensor& norms, const Tensor& table, const Tensor& mlp_norm,
-    double mlp_eps,
-    const Tensor& w_gate_up, const Tensor& w_down, double scale, std::optional<double> window, double tau) {
+Tensor layer_commit(Tensor target, const Tensor& post, const Tensor& x_next, const py::object& plan) {
+  return commit_impl(target, post, x_next, field(plan, "is_new"), field(plan, "is_forced"), field(plan, "recomputed"));
+}
+
+// layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block
+// of vqt/modeling/model.py: RMSNorm -> fused q/k/v projection -> sink scores from the raw queries ->
+// RoPE (rotate-half, from the per-slot cos/sin tables) on the dirty rows, layer_attend, then y = x +
+// lookup, x' = y + W_down(silu(gate) * up) of RMSNorm(y) on the rows it returns, and layer_commit.
+// The dense matmuls and elementwise ops are the same ATen operators, in the same order, as
+// vqt/ops/layer.py, so the rows are bitwise those of the composite path. w, t, plan: LayerWeights,
+// LayerTables, EditPlan (by field name). Returns (the next layer's dirty slots, counts by name).
+py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, const Tensor& dirty,
+                     const py::object& plan) {
+  const Tensor x = field(t, "x");
   VQT_CHECK_CPU(x);
-  TORCH_CHECK(x.dim() == 2 && q.dim() == 3 && k.dim() == 3, "x must be (C, d), q (C, H, hd), k (C, Hkv, hd)");
-  TORCH_CHECK(cos.has_value() == sin.has_value(), "cos and sin come together (or neither)");
-  const int64_t d = x.size(1), H = q.size(1), Hkv = k.size(1), hd = q.size(2);
+  const int64_t H = w.attr("n_heads").cast<int64_t>(), Hkv = w.attr("n_kv_heads").cast<int64_t>();
+  const int64_t d = x.size(1), hd = w.attr("head_dim").cast<int64_t>();
+  const double scale = w.attr("scale").cast<double>();
   const Tensor xd = x.index_select(0, dirty);
-  const Tensor qkv = at::linear(at::rms_norm(xd, {d}, attn_norm, attn_eps), w_qkv).view({xd.size(0), H + 2 * Hkv, hd});
+  const Tensor attn_norm = field(w, "attn_norm");
+  const Tensor qkv = at::linear(at::rms_norm(xd, {d}, attn_norm, w.attr("attn_eps").cast<double>()), field(w, "w_qkv"))
+                         .view({xd.size(0), H + 2 * Hkv, hd});
   Tensor qk = qkv.slice(1, 0, H + Hkv);
-  if (cos) {
-    const Tensor c = cos->index_select(0, dirty), s = sin->index_select(0, dirty);
+  std::optional<Tensor> s_new;
+  if (const auto sink_k = optional_field(w, "sink_k")) {  // as vqt.ops.layer.sink_scores
+    s_new = ((qk.slice(1, 0, H) * sink_k->repeat_interleave(H / Hkv, 0)).sum(-1) * scale + field(w, "sink_logit"))
+                .contiguous();
+  }
+  const py::object angles = plan.attr("angles");
+  if (!angles.is_none()) {
+    const auto cs = angles.cast<std::pair<Tensor, Tensor>>();
+    const Tensor c = cs.first.index_select(0, dirty), s = cs.second.index_select(0, dirty);
     qk = qk * c + at::cat({-qk.slice(-1, hd / 2), qk.slice(-1, 0, hd / 2)}, -1) * s;
   }
-  auto [post, attn_out, stats] =
-      attend_impl(q, k, v, U, Z, M, a_ref, codes, radius, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
-                  qkv.slice(1, H + Hkv).contiguous(), dirty, deleted, order, pos, old_pos, is_new, codebook, table,
-                  window, scale, tau, norms);
+  const py::tuple attended = layer_attend(w, t, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
+                                          qkv.slice(1, H + Hkv).contiguous(), s_new, dirty, plan);
+  const Tensor post = attended[0].cast<Tensor>(), attn_out = attended[1].cast<Tensor>();
+  py::dict counts = attended[2];
   const Tensor y = x.index_select(0, post) + attn_out;
-  const auto gate_up = at::linear(at::rms_norm(y, {d}, mlp_norm, mlp_eps), w_gate_up).chunk(2, -1);
-  const Tensor out = y + at::linear(at::silu(gate_up[0]) * gate_up[1], w_down);
-  Tensor next = layer_commit(target, post, out.contiguous(), is_new, is_forced, recomputed);
-  stats.push_back(post.numel());
-  return {next, stats};
+  const Tensor mlp_norm = field(w, "mlp_norm");
+  const auto gate_up =
+      at::linear(at::rms_norm(y, {d}, mlp_norm, w.attr("mlp_eps").cast<double>()), field(w, "w_gate_up")).chunk(2, -1);
+  const Tensor out = y + at::linear(at::silu(gate_up[0]) * gate_up[1], field(w, "w_down"));
+  Tensor next = layer_commit(target, post, out.contiguous(), plan);
+  counts["mlp_rows"] = post.numel();
+  return py::make_tuple(next, counts);
 }
 
 // finish_outputs (semantics: vqt/ops/composite.py finish_outputs), with the same ATen operators in

@@ -36,16 +36,18 @@ cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 std::tuple<Tensor, Tensor, Tensor> attention_rows(const Tensor& q, const Tensor& pos_q, const Tensor& k,
                                                   const Tensor& v, const Tensor& pos_k, std::optional<double> window,
-                                                  double scale) {
+                                                  double scale, const std::optional<Tensor>& sink_s,
+                                                  const std::optional<Tensor>& sink_v) {
   VQT_CHECK_CUDA(q);
   const Heads L = check_attention_rows(q, pos_q, k, v, pos_k);
+  check_sink(sink_s, sink_v, q.size(0), L, q.scalar_type(), q.device());
   check_grid(q.size(0), L.H, gpu::attention_shared_bytes(L));
   const c10::cuda::CUDAGuard guard(q.device());
   Tensor U, Z, M;
   std::tie(U, Z, M) = empty_accumulators(q, L);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "vqt_attention_rows_cuda", [&] {
     using T = scalar_t;
-    VQT_CHECK_LAUNCH(gpu::attention_rows(rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale), q.size(0),
+    VQT_CHECK_LAUNCH(gpu::attention_rows(rows_inputs<T>(q, pos_q, k, v, pos_k, L, window, scale, sink_s, sink_v), q.size(0),
                                          U.data_ptr<T>(), Z.data_ptr<T>(), M.data_ptr<T>(), stream()));
   });
   return {U, Z, M};

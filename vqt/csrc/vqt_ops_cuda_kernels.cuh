@@ -143,8 +143,14 @@ __global__ void __launch_bounds__(kThreads) attention_rows_kernel(RowsInputs<T> 
   const int64_t i = blockIdx.x, h = blockIdx.y, ih = i * L.H + h;
   const Query qr = load_query(in.q + ih * L.hd, h, in.pos_q[i], L, smem);
   double* acc = smem + L.hd;
-  const double m = stored<T>(max_score(qr, in.keys, L, in.w, in.scale, -INFINITY, red));
-  const double z = accumulate(qr, in.keys, L, in.w, in.scale, m, acc, acc + L.hdv, red);
+  const double sink = in.sink_s ? static_cast<double>(in.sink_s[ih]) : -INFINITY;
+  const double m = stored<T>(max_score(qr, in.keys, L, in.w, in.scale, sink, red));
+  double z = accumulate(qr, in.keys, L, in.w, in.scale, m, acc, acc + L.hdv, red);
+  if (in.sink_s) {  // the sink: one more always-visible key (acc[d] belongs to thread d % kThreads)
+    const double p = exp(sink - m);
+    z += p;
+    for (int64_t d = threadIdx.x; d < L.hdv; d += kThreads) acc[d] += p * static_cast<double>(in.sink_v[h * L.hdv + d]);
+  }
   const bool none = m == -INFINITY;  // no finite score: the reference's softmax is NaN, and so is ours
   for (int64_t d = threadIdx.x; d < L.hdv; d += kThreads) U[ih * L.hdv + d] = static_cast<T>(none ? NAN : acc[d]);
   if (threadIdx.x == 0) {

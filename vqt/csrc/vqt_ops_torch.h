@@ -150,11 +150,32 @@ Keys<T> keys_of(const torch::Tensor& k, const torch::Tensor& v, const torch::Ten
   return {k.data_ptr<T>(), v.data_ptr<T>(), pos.data_ptr<double>(), k.size(0)};
 }
 
+// Validates an attention sink: scores sink_s (m, H) and values sink_v (H, hdv), both present or neither.
+inline void check_sink(const std::optional<torch::Tensor>& sink_s, const std::optional<torch::Tensor>& sink_v,
+                       int64_t m, const Heads& L, torch::ScalarType dt, torch::Device dev) {
+  TORCH_CHECK(sink_s.has_value() == sink_v.has_value(), "sink_s and sink_v come together (or neither)");
+  if (!sink_s) return;
+  check_tensor(*sink_s, "sink_s", 2, dt, dev);
+  check_tensor(*sink_v, "sink_v", 2, dt, dev);
+  TORCH_CHECK(sink_s->size(0) == m && sink_s->size(1) == L.H, "sink_s must be (", m, ", ", L.H, "), got ",
+              sink_s->sizes());
+  TORCH_CHECK(sink_v->size(0) == L.H && sink_v->size(1) == L.hdv, "sink_v must be (", L.H, ", ", L.hdv, "), got ",
+              sink_v->sizes());
+}
+
+template <typename T>
+const T* data_or_null(const std::optional<torch::Tensor>& t) {
+  return t ? t->data_ptr<T>() : nullptr;
+}
+
 template <typename T>
 RowsInputs<T> rows_inputs(const torch::Tensor& q, const torch::Tensor& pos_q, const torch::Tensor& k,
                           const torch::Tensor& v, const torch::Tensor& pos_k, const Heads& L,
-                          std::optional<double> window, double scale) {
-  return {q.data_ptr<T>(), pos_q.data_ptr<double>(), keys_of<T>(k, v, pos_k), L, window_of(window), scale};
+                          std::optional<double> window, double scale,
+                          const std::optional<torch::Tensor>& sink_s = std::nullopt,
+                          const std::optional<torch::Tensor>& sink_v = std::nullopt) {
+  return {q.data_ptr<T>(), pos_q.data_ptr<double>(), keys_of<T>(k, v, pos_k), L, window_of(window), scale,
+          data_or_null<T>(sink_s), data_or_null<T>(sink_v)};
 }
 
 template <typename T>

@@ -16,12 +16,14 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from vqt.engine.cache import SlotCache
+from vqt.engine.macs import Baselines, MacCounter, baseline_macs
+from vqt.engine.options import DocumentOptions
+from vqt.engine.positions import plan_position_array
 from vqt.engine.spans import check_spans
-from vqt.engine.macs import MacCounter, dense_and_prefix_macs, dense_macs
 from vqt.modeling.model import VQTModel
-from vqt.ops import get_backend
-from vqt.ops.composite import STATS, finish_outputs, layer_attend, layer_commit
-from vqt.engine.positions import PositionMode, SpacingPolicy, plan_position_array
+from vqt.ops import Backend, get_backend
+from vqt.ops.tables import EditPlan, LayerCounts
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -48,10 +50,10 @@ class EditStats:
     recomputed: Optional[torch.Tensor] = field(default=None, repr=False)  # (n,) layers that recomputed each token
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
-    # (dense_macs, prefix_macs), or what computes them: counting the baselines' MACs is left until asked.
-    baselines: Union[tuple[int, int], Callable[[], tuple[int, int]]] = field(default=(0, 0), repr=False)
+    # The baselines' MACs, or what computes them: counting them is left until asked.
+    baselines: Union[Baselines, Callable[[], Baselines]] = field(default=Baselines(0, 0, 0), repr=False)
 
-    def _baselines(self) -> tuple[int, int]:
+    def _baselines(self) -> Baselines:
         if callable(self.baselines):
             self.baselines = self.baselines()
         return self.baselines
@@ -59,12 +61,17 @@ class EditStats:
     @property
     def dense_macs(self) -> int:
         """MACs of a dense forward of the edited document."""
-        return self._baselines()[0]
+        return self._baselines().dense
 
     @property
     def prefix_macs(self) -> int:
         """MACs of common-prefix KV-cache reuse on the same edit (same positions)."""
-        return self._baselines()[1]
+        return self._baselines().prefix
+
+    @property
+    def cone_macs(self) -> int:
+        """MACs of recomputing the edit's cone of influence without quantization (same positions)."""
+        return self._baselines().cone
 
     @property
     def ratio(self) -> float:
@@ -76,38 +83,25 @@ class EditStats:
         """Ops reduction of prefix reuse alone."""
         return self.dense_macs / self.prefix_macs if self.prefix_macs else float("inf")
 
+    @property
+    def cone_ratio(self) -> float:
+        """What VQ saves over the cone of influence: cone MACs / incremental MACs."""
+        return self.cone_macs / self.macs if self.macs else float("inf")
+
     def summary(self) -> str:
-        return (f"n={self.n_tokens} macs={self.macs:.3g} ratio={self.ratio:.1f}x (prefix {self.prefix_ratio:.1f}x) "
+        return (f"n={self.n_tokens} macs={self.macs:.3g} ratio={self.ratio:.1f}x (prefix {self.prefix_ratio:.1f}x, "
+                f"over the cone {self.cone_ratio:.1f}x) "
                 f"dirty={self.dirty_per_layer} flips={self.flips_per_layer} skips={self.certified_skips} "
                 f"refresh={self.refreshes} {self.seconds * 1e3:.1f}ms" + (" FULL RECOMPUTE" if self.full_recompute else ""))
 
 
-@dataclass
-class LayerCache:
-    """Per-slot rows of one layer (capacity C)."""
-
-    x: torch.Tensor  # (C, d) layer input
-    q: torch.Tensor  # (C, H, hd)
-    k: torch.Tensor  # (C, Hkv, hd)
-    v: torch.Tensor  # (C, Hkv, hd)
-    U: torch.Tensor  # (C, H, hd)
-    Z: torch.Tensor  # (C, H)
-    M: torch.Tensor  # (C, H)
-    a_ref: torch.Tensor  # (C, G, gd) where each code was last searched (dense twin: the current output)
-    codes: torch.Tensor  # (C, G)
-    radius: torch.Tensor  # (C, G) certified radius around a_ref
-
-    def grow(self, extra: int) -> None:
-        for name, t in vars(self).items():
-            setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
-
-
-Edit = tuple[int, int, TokenIds]
 
 
 # Walking a model's modules for its tensors costs more than a small edit, so the list is cached and
-# walked again only after some module, parameter or buffer was (re)assigned anywhere.
+# walked again only after some module, parameter or buffer was (re)assigned anywhere. The hooks that
+# count such assignments are installed when the first model key is asked for, not at import.
 _registrations = 0
+_hooks_installed = False
 _watched: "weakref.WeakKeyDictionary[VQTModel, tuple[int, list[torch.Tensor], tuple[int, ...]]]" = \
     weakref.WeakKeyDictionary()
 
@@ -117,14 +111,15 @@ def _count_registration(*_args) -> None:
     _registrations += 1
 
 
-for _register in (torch.nn.modules.module.register_module_parameter_registration_hook,
-                  torch.nn.modules.module.register_module_buffer_registration_hook,
-                  torch.nn.modules.module.register_module_module_registration_hook):
-    _register(_count_registration)
-
-
-def _model_key(model: VQTModel) -> tuple:
-    """Changes whenever any parameter or buffer is replaced or modified in place."""
+def model_key(model: VQTModel) -> tuple:
+    """Changes whenever any parameter or buffer of ``model`` is replaced or modified in place."""
+    global _hooks_installed
+    if not _hooks_installed:
+        for register in (torch.nn.modules.module.register_module_parameter_registration_hook,
+                         torch.nn.modules.module.register_module_buffer_registration_hook,
+                         torch.nn.modules.module.register_module_module_registration_hook):
+            register(_count_registration)
+        _hooks_installed = True
     hit = _watched.get(model)
     if hit is None or hit[0] != _registrations:
         tensors = list(model.parameters()) + list(model.buffers())
@@ -134,72 +129,89 @@ def _model_key(model: VQTModel) -> tuple:
     return hit[2], sum(t._version for t in hit[1])
 
 
+Edit = tuple[int, int, TokenIds]
+
+
+@dataclass
+class _Planned:
+    """The bookkeeping of one update before its layers run."""
+
+    plan: EditPlan
+    dirty: torch.Tensor  # layer 0's dirty slots (new and moved)
+    new_slots: torch.Tensor
+    renumbered: torch.Tensor  # kept slots whose position changed
+    first_changed: int  # index of the first changed token (where prefix reuse starts)
+
+
 class Document:
     """A document's incremental state under a frozen VQT model.
 
     ``replace``/``apply_edits`` update it after token edits so that it always equals a dense
     forward of the same model on the current tokens and positions (codes identical in
-    float64; see DESIGN.md section 2 for the float32 contract).
+    float64; see DESIGN.md section 8 for the float32 contract). Settings come as one
+    ``DocumentOptions`` (``options``), or as its fields by keyword (``backend="cpu"``,
+    ``position_mode="canonical"``, ``positions=PositionPolicy(...)``, ``tau=...``).
     """
 
-    def __init__(self, model: VQTModel, token_ids: TokenIds = (), position_mode: PositionMode = "stable",
-                 backend: str = "reference", positions: Optional[Sequence[float]] = None,
-                 tau: Optional[float] = None, spacing: Optional[SpacingPolicy] = None) -> None:
+    def __init__(self, model: VQTModel, token_ids: TokenIds = (), options: Optional[DocumentOptions] = None,
+                 positions: Optional[Sequence[float]] = None, **settings) -> None:
         if not isinstance(model, VQTModel):
             raise TypeError(f"model must be a VQTModel, got {type(model).__name__}")
         if model.training:
             raise ValueError("the model is in training mode: call model.eval() first (cached codes need frozen codebooks)")
-        if position_mode not in ("stable", "canonical"):
-            raise ValueError(f"unknown position_mode {position_mode!r} (use 'stable' or 'canonical')")
+        if "position_mode" in settings and settings["position_mode"] not in ("stable", "canonical"):
+            raise ValueError(f"unknown position_mode {settings['position_mode']!r} (use 'stable' or 'canonical')")
         self.model, self.cfg = model, model.config
-        self.position_mode: PositionMode = position_mode
-        # Default: the model's own minimum spacing (how squeezed it saw positions in training).
-        self.spacing = spacing if spacing is not None else SpacingPolicy(min_spacing=model.config.min_spacing)
-        self.ops = get_backend(backend, model.device)
-        self.backend = self.ops.name
-        fused = getattr(self.ops, "layer_attend", None)
-        self._attend = fused if fused is not None else functools.partial(layer_attend, self.ops)
-        self._commit = getattr(self.ops, "layer_commit", layer_commit)
-        self._finish = getattr(self.ops, "finish_outputs", finish_outputs)
-        # A backend may run a whole (quantized, Llama-style) layer in one call: vqt.ops.cpu.layer_step.
-        self._step = getattr(self.ops, "layer_step", None)
-        self._step_weights: list = []  # per layer, gathered at _build (valid while the model key holds)
-        # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
-        self.tau = tau if tau is not None else (1e-4 if model.dtype == torch.float64 else 1e-2)
+        self.configure(DocumentOptions.make(options, **settings))
         # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
         self._pos_matters = self.cfg.pos_encoding == "rope" or self.cfg.window is not None
         tok = self._check_tokens(token_ids, "token_ids")
         self._check_length(len(tok))
         self._build(tok, positions)
 
+    def configure(self, options: DocumentOptions) -> None:
+        """Adopt engine settings (resolving the backend); the cached state is kept as it is."""
+        self.options = options
+        # The policy with the model's own minimum spacing (how squeezed it saw positions in training).
+        self.position_policy = options.positions.for_model(self.cfg.min_spacing)
+        self.backend: Backend = get_backend(options.backend, self.model.device)
+        # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
+        self.tau = options.tau if options.tau is not None else (1e-4 if self.model.dtype == torch.float64 else 1e-2)
+        if hasattr(self, "cache"):
+            self.bind_model()
+
     # ----------------------------------------------------------------- views
     def __len__(self) -> int:
-        return self._order_t.numel()
+        return len(self.cache)
+
+    @property
+    def position_mode(self) -> str:
+        return self.position_policy.mode
 
     @property
     def token_ids(self) -> list[int]:
-        return self._tokens[self._order_t].tolist()
+        return self.cache.tokens[self.cache.order].tolist()
 
     @property
     def positions(self) -> torch.Tensor:
         """(n,) float64 positions in document order."""
-        return self._pos[self._order_t].clone()
+        return self.cache.positions[self.cache.order].clone()
 
     @property
     def codes(self) -> torch.Tensor:
         """(L, n, G) current codes in document order."""
-        o = self._order_t
-        return torch.stack([c.codes[o] for c in self._layers]) if self._layers else torch.zeros(0, len(o), self.cfg.n_groups, dtype=torch.long)
+        o = self.cache.order
+        return torch.stack([t.codes[o] for t in self.cache.layers])
 
     @property
     def hidden(self) -> torch.Tensor:
         """(n, d) final hidden states (after the final norm) in document order."""
-        return self._hidden[self._order_t].clone()
+        return self.cache.hidden[self.cache.order].clone()
 
     @property
     def pooled(self) -> torch.Tensor:
         """(d,) mean of the final hidden states, maintained incrementally."""
-        return self._pooled_sum / max(len(self), 1)
+        return self.cache.pooled_sum / max(len(self), 1)
 
     def classify(self) -> torch.Tensor:
         """Class logits from the pooled features (needs a model with a classification head)."""
@@ -208,30 +220,24 @@ class Document:
 
     def logits(self, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
         """LM logits computed now, only for the requested token indices (default: all)."""
-        idx = self._order_t if indices is None else self._order_t[torch.as_tensor(indices, dtype=torch.long)]
+        o = self.cache.order
+        idx = o if indices is None else o[torch.as_tensor(indices, dtype=torch.long)]
         with torch.no_grad():
-            return self.model.logits(self._hidden[idx])
+            return self.model.logits(self.cache.hidden[idx])
 
     def state_bytes_per_token(self) -> int:
-        """Bytes of cached state per token (every per-slot row of every layer, plus the output rows)."""
-        rows = [t for c in self._layers for t in vars(c).values()] + [self._tokens, self._pos, self._resid, self._hidden]
-        rows += list(self._angles or ())  # the per-slot RoPE table
-        return sum(t[0].numel() * t.element_size() for t in rows)
+        """Bytes of cached state per token (every per-slot row of every layer, the output rows and
+        the per-slot RoPE table)."""
+        return self.cache.bytes_per_slot() + sum(t[0].numel() * t.element_size() for t in self._angles or ())
 
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes per token of a plain KV cache of the same model (keys and values of every layer)."""
         c = self.cfg
-        return c.n_layers * 2 * c.n_kv_heads * c.head_dim * self._layers[0].k.element_size()
+        return c.n_layers * 2 * c.n_kv_heads * c.head_dim * self.cache.layers[0].k.element_size()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every cached tensor in document order (for comparisons and tests)."""
-        o = self._order_t
-        out = {"tokens": self._tokens[o], "positions": self._pos[o], "hidden": self._hidden[o],
-               "residual": self._resid[o], "pooled_sum": self._pooled_sum}
-        for li, c in enumerate(self._layers):
-            for name, t in vars(c).items():
-                out[f"layer{li}.{name}"] = t[o]
-        return {k: v.clone() for k, v in out.items()}
+        """Every cached tensor in document order (copies; for comparisons and tests)."""
+        return self.cache.live_state()
 
     # ---------------------------------------------------------------- checks
     def _check_tokens(self, token_ids: TokenIds, what: str) -> torch.Tensor:
@@ -267,60 +273,31 @@ class Document:
     # ----------------------------------------------------------------- build
     def _build(self, tok: torch.Tensor, positions: Optional[Sequence[float]]) -> None:
         """Dense pass over the whole document; allocates the slot table."""
-        cfg, model = self.cfg, self.model
         n = tok.numel()
         if positions is None:
             positions = [float(i) for i in range(n)]
-        out = model.forward_dense(tok, positions)
-        cap = max(16, 2 * n)
-        dev, dt = model.device, model.dtype
-        pad = lambda t: torch.cat([t, t.new_zeros((cap - n, *t.shape[1:]))])  # noqa: E731
-        self._layers = []
-        for s in out.layers:
-            a_ref = s.a
-            codes = s.codes if s.codes is not None else torch.zeros(n, cfg.n_groups, dtype=torch.long, device=dev)
-            radius = s.radius if s.radius is not None else torch.zeros(n, cfg.n_groups, dtype=dt, device=dev)
-            self._layers.append(LayerCache(*(pad(t) for t in (s.x, s.q, s.k, s.v, s.U, s.Z, s.M, a_ref, codes, radius))))
-        self._tokens = pad(tok)
-        self._pos = pad(torch.as_tensor(positions, dtype=torch.float64, device=dev).reshape(-1))
-        self._resid = pad(out.residual)
-        self._hidden = pad(out.hidden)
-        self._set_angles()
-        self._pooled_sum = out.hidden.sum(0)
-        self._order_t = torch.arange(n, device=dev)  # slot of each token, in document order
-        self._free = list(range(cap - 1, n - 1, -1))  # pop() hands out the lowest free slot
-        self._bind_model()
+        out = self.model.forward_dense(tok, positions)
+        pos = torch.as_tensor(positions, dtype=torch.float64, device=self.model.device).reshape(-1)
+        self.cache = SlotCache.from_dense(out.layers, tok, pos, out.residual, out.hidden)
+        self.bind_model()
 
-    def _bind_model(self) -> None:
-        """Record the model's version and gather what the fused layer step reads from it."""
-        self._model_key = _model_key(self.model)
-        if self._step is not None:
-            self._step_weights = [self.ops.layer_weights(b) if b.quantizer is not None else None
-                                  for b in self.model.blocks]
+    def bind_model(self) -> None:
+        """Record the model's version, gather what the layer steps read from it, and derive the
+        per-slot RoPE table from the positions. Called after the cache is (re)built or loaded."""
+        self._model_key = model_key(self.model)
+        self._weights = [self.backend.prepare(b.layer_weights()) for b in self.model.blocks]
+        self._set_angles()
 
     def _set_angles(self, slots: Optional[torch.Tensor] = None) -> None:
         """Recompute the per-slot RoPE table (cos, sin) for ``slots`` (default: every slot)."""
+        pos = self.cache.positions
         if self.cfg.pos_encoding != "rope":
             self._angles = None
-        elif slots is None:
-            self._angles = self.model.rope_angles(self._pos)
+        elif slots is None or self._angles[0].shape[0] != pos.shape[0]:
+            self._angles = self.model.rope_angles(pos)
         elif slots.numel():
-            for table, new in zip(self._angles, self.model.rope_angles(self._pos[slots])):
+            for table, new in zip(self._angles, self.model.rope_angles(pos[slots])):
                 table[slots] = new
-
-    def _alloc(self, count: int) -> list[int]:
-        if len(self._free) < count:
-            old = self._tokens.shape[0]
-            extra = max(old, count - len(self._free) + 16)
-            for c in self._layers:
-                c.grow(extra)
-            for name in ("_tokens", "_pos", "_resid", "_hidden"):
-                t = getattr(self, name)
-                setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
-            if self._angles is not None:
-                self._angles = tuple(torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]) for t in self._angles)
-            self._free = list(range(old + extra - 1, old - 1, -1)) + self._free
-        return [self._free.pop() for _ in range(count)]
 
     # ---------------------------------------------------------------- edits
     def replace(self, start: int, end: int, new_token_ids: TokenIds) -> EditStats:
@@ -340,10 +317,10 @@ class Document:
         norm = self._normalize_edits(edits)
         if self.model.training:
             raise ValueError("the model was put in training mode: call model.eval() before editing")
-        if _model_key(self.model) != self._model_key:
+        if model_key(self.model) != self._model_key:
             return self._full_recompute(norm, t0, "the model's parameters changed since this document was built")
-        order = self._order_t
-        tokens, pos = self._tokens[order], self._pos[order]
+        order = self.cache.order
+        tokens, pos = self.cache.tokens[order], self.cache.positions[order]
         try:
             with torch.no_grad():
                 return self._update(norm, t0)
@@ -358,108 +335,86 @@ class Document:
         tokens = self.token_ids
         for s, e, ids in reversed(norm):
             tokens[s:e] = ids.tolist()
-        tok = torch.tensor(tokens, dtype=torch.long, device=self.model.device)
-        self._build(tok, None)
-        pos = self._pos[: len(tokens)]
-        dm = dense_macs(self.cfg, pos)
-        L = self.cfg.n_layers
-        return EditStats(dm, len(tokens), [len(tokens)] * L, [0] * L, [0] * L, [0] * L, 0, 0, 0, 0,
-                         time.perf_counter() - t0, full_recompute=True, reason=reason, baselines=(dm, dm))
+        self._build(torch.tensor(tokens, dtype=torch.long, device=self.model.device), None)
+        n, L = len(tokens), self.cfg.n_layers
+        dm = baseline_macs(self.cfg, self.cache.positions[:n], 0).dense
+        return EditStats(macs=dm, n_tokens=n, dirty_per_layer=[n] * L, affected_per_layer=[0] * L,
+                         flips_per_layer=[0] * L, code_flips_per_layer=[0] * L, certified_skips=0, searches=0,
+                         refreshes=0, renumbered=0, seconds=time.perf_counter() - t0, full_recompute=True,
+                         reason=reason, baselines=Baselines(dm, dm, dm))
 
-    def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
-        cfg, model = self.cfg, self.model
-        dev = model.device
-        macs = MacCounter(cfg)
-
-        # 1. New order: kept slots and new tokens; old positions for kept ones.
-        old_order = self._order_t
-        new_slots = self._alloc(sum(ids.numel() for _, _, ids in norm))
-        new_t = torch.tensor(new_slots, dtype=torch.long, device=dev)
+    def _plan(self, norm: list[tuple[int, int, torch.Tensor]]) -> _Planned:
+        """New order, slots for the new tokens, new positions (DESIGN.md section 3): the plan every
+        layer step shares. Writes the new tokens, positions and RoPE rows into the cache."""
+        cache, dev = self.cache, self.model.device
+        old_order = cache.order
+        new_t = torch.tensor(cache.alloc(sum(ids.numel() for _, _, ids in norm)), dtype=torch.long, device=dev)
         pieces, deleted_pieces, cur, used = [], [], 0, 0
         for s, e, ids in norm:
             pieces += [old_order[cur:s], new_t[used:used + ids.numel()]]
             deleted_pieces.append(old_order[s:e])
             cur, used = e, used + ids.numel()
         pieces.append(old_order[cur:])
-        order_t = torch.cat(pieces)
-        del_t = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
+        order = torch.cat(pieces)
+        deleted = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
         first_changed = norm[0][0] if norm else len(old_order)
-        is_new = torch.zeros(self._tokens.shape[0], dtype=torch.bool, device=dev)
+        is_new = torch.zeros(cache.capacity, dtype=torch.bool, device=dev)
         is_new[new_t] = True
-        new_at = is_new[order_t]
+        new_at = is_new[order]
 
-        kept_pos = self._pos[order_t]
+        kept_pos = cache.positions[order]
         kept_pos[new_at] = float("nan")
-        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_mode, self.spacing))
-        new_pos = new_pos.to(dev)
+        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_policy)).to(dev)
         renumbered_at = (~new_at & (kept_pos != new_pos)).nonzero().squeeze(1)
-        renumbered = order_t[renumbered_at]
+        renumbered = order[renumbered_at]
         if renumbered_at.numel():
             first_changed = min(first_changed, int(renumbered_at[0]))
-        old_pos_all = self._pos.clone()
-        self._pos[order_t] = new_pos
+        old_pos = cache.positions.clone()
+        cache.positions[order] = new_pos
         if new_t.numel():
-            self._tokens[new_t] = torch.cat([ids for _, _, ids in norm])
+            cache.tokens[new_t] = torch.cat([ids for _, _, ids in norm])
+            cache.layers[0].x[new_t] = self.model.embed(cache.tokens[new_t])
         moved = torch.cat([new_t, renumbered])  # slots whose position is new
         self._set_angles(moved)
         forced = moved if self._pos_matters else new_t
         is_forced = is_new.clone()
         is_forced[forced] = True
+        plan = EditPlan(deleted=deleted, order=order, pos=cache.positions, old_pos=old_pos, is_new=is_new,
+                        is_forced=is_forced, recomputed=torch.zeros(cache.capacity, dtype=torch.int32, device=dev),
+                        angles=self._angles, window=self.cfg.window, tau=self.tau)
+        return _Planned(plan, forced, new_t, renumbered, first_changed)
 
-        if new_t.numel():
-            self._layers[0].x[new_t] = model.embed(self._tokens[new_t])
-        pos, angles = self._pos, self._angles
-        pos_order = pos[order_t]  # sorted
-        dirty = forced
-        per_layer = []  # (quantized, dirty rows, MLP rows, layer_attend's counts by name)
-        recomputed = torch.zeros(self._tokens.shape[0], dtype=torch.int32, device=dev)
+    def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
+        planned = self._plan(norm)
+        plan, cache = planned.plan, self.cache
+        dirty, counts = planned.dirty, []
+        for li, (w, t) in enumerate(zip(self._weights, cache.layers)):  # DESIGN.md section 2, steps 2-5
+            target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else cache.residual
+            dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
+            counts.append(c)
+        self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted, plan.is_new,
+                                    self.model.norm.weight, self.model.norm.eps)
+        cache.order = plan.order
+        cache.release(plan.deleted)
+        return self._stats(planned, counts, t0)
 
-        for li, (block, c) in enumerate(zip(model.blocks, self._layers)):
-            target = self._layers[li + 1].x if li + 1 < len(self._layers) else self._resid
-            n_dirty = dirty.numel()
-            quantized = block.quantizer is not None
-            if self._step is not None and quantized:  # the whole layer in one fused call
-                dirty, counts = self._step(self._step_weights[li], c, target, dirty, del_t, order_t, pos, old_pos_all,
-                                           is_new, is_forced, recomputed, angles, cfg.window, self.tau)
-                n_post = counts[-1]
-            else:
-                # 2-4. New q, k, v of dirty rows; delta updates, full rows and re-quantization (DESIGN.md section 2).
-                q, k, v = block.qkv(c.x[dirty], pos[dirty], angles and (angles[0][dirty], angles[1][dirty]))
-                post, attn_out, counts = self._attend(
-                    c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, q, k, v, dirty, del_t, order_t, pos,
-                    old_pos_all, is_new, block.quantizer.codebook if quantized else None,
-                    block.lookup_table() if quantized else None, cfg.window, block.scale, self.tau)
-                # 5. Lookup + MLP for dirty and flipped rows; the next layer's dirty set.
-                if attn_out is None:
-                    attn_out = block.attn_output(c.a_ref[post])
-                x_next = block.finish(c.x[post], attn_out)
-                dirty = self._commit(target, post, x_next, is_new, is_forced, recomputed)
-                n_post = post.numel()
-            per_layer.append((quantized, n_dirty, n_post, dict(zip(STATS, counts))))
-
-        # Final norm and pooled sum for rows whose output changed.
-        self._finish(self._resid, self._hidden, self._pooled_sum, dirty, del_t, is_new, model.norm.weight,
-                     model.norm.eps)
-
-        self._order_t = order_t
-        self._free.extend(reversed(del_t.tolist()))
-        for quantized, n_dirty, n_post, st in per_layer:
-            macs.qkv(n_dirty)
-            if st["affected"]:
-                macs.attention(st["delta_pairs"], "attention_delta")
-            macs.attention(st["full_pairs"])
-            if quantized:
-                macs.quantize_skip(st["skip_checks"])
-                macs.quantize_search(st["searches"])
-            macs.output(n_post)
-            macs.mlp(n_post)
-        total = lambda name: sum(st[name] for *_, st in per_layer)  # noqa: E731
+    def _stats(self, planned: _Planned, counts: list[LayerCounts], t0: float) -> EditStats:
+        plan, cfg = planned.plan, self.cfg
+        macs = MacCounter(cfg)
+        for w, c in zip(self._weights, counts):
+            macs.layer(c, w.quantized)
+        pos_order = plan.pos[plan.order]
+        # For the cone: document indices of the rows whose input moved, and the positions keys left from.
+        is_moved = plan.is_forced[plan.order]
+        changed = is_moved.nonzero().squeeze(1)
+        removed = torch.cat([plan.old_pos[plan.deleted], plan.old_pos[planned.renumbered]])
+        total = lambda name: sum(getattr(c, name) for c in counts)  # noqa: E731
         return EditStats(
-            macs=macs.total, baselines=functools.partial(dense_and_prefix_macs, cfg, pos_order, first_changed),
-            n_tokens=order_t.numel(), dirty_per_layer=[n for _, n, _, _ in per_layer],
-            affected_per_layer=[st["affected"] for *_, st in per_layer],
-            flips_per_layer=[st["flipped"] for *_, st in per_layer],
-            code_flips_per_layer=[st["code_flips"] for *_, st in per_layer], certified_skips=total("skips"),
-            searches=total("searches"), refreshes=total("refreshes"), renumbered=len(renumbered),
-            seconds=time.perf_counter() - t0, first_changed=first_changed, inserted=len(new_slots),
-            deleted=del_t.numel(), macs_by_kind=dict(macs.by_kind), recomputed=recomputed[order_t].cpu())
+            macs=macs.total, baselines=functools.partial(baseline_macs, cfg, pos_order, planned.first_changed, changed,
+                                                         removed),
+            n_tokens=plan.order.numel(), dirty_per_layer=[c.dirty for c in counts],
+            affected_per_layer=[c.affected for c in counts], flips_per_layer=[c.flipped for c in counts],
+            code_flips_per_layer=[c.code_flips for c in counts], certified_skips=total("skips"),
+            searches=total("searches"), refreshes=total("refreshes"), renumbered=planned.renumbered.numel(),
+            seconds=time.perf_counter() - t0, first_changed=planned.first_changed, inserted=planned.new_slots.numel(),
+            deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind), recomputed=plan.recomputed[plan.order].cpu())

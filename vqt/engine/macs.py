@@ -4,18 +4,28 @@ Counted: every matmul (Q/K/V projections, the MLP, the output projection or the
 lookup-table sum, the codebook search, the certified-skip distance) and every
 attention term (one query-key pair costs a score and a weighted value, i.e. 2 * head_dim
 MACs per query head, whether it comes from a full row or from a delta update).
-Not counted: element-wise work (norms, RoPE, softmax exponentials), which is O(d) per
-row and the same in both paths, and the LM head, which is computed lazily on request.
+An attention sink costs one more pair per full row (its score and its value); delta
+updates never touch it. Not counted: element-wise work (norms, RoPE, softmax exponentials),
+which is O(d) per row and the same in both paths, and the LM head, which is computed lazily
+on request.
+
+Baselines (DESIGN.md section 4), all on the same positions: a dense forward, common-prefix
+KV-cache reuse, and the cone of influence (every row an edit can reach through the window,
+recomputed in full, layer by layer, with no quantization).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
+from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from vqt.modeling.config import VQTConfig
+from vqt.ops.tables import LayerCounts
 from vqt.ops.visibility import visible_counts
 
 
@@ -56,32 +66,106 @@ class MacCounter:
         self.by_kind["mlp"] += rows * 3 * self.cfg.d_model * self.cfg.d_ff
 
     def rows(self, rows: int, pairs: int) -> None:
-        """One layer recomputed from scratch on ``rows`` positions that see ``pairs`` keys in all."""
+        """One layer recomputed from scratch on ``rows`` positions that see ``pairs`` keys in all
+        (the sink, when the model has one, is counted here: one more pair per row)."""
         self.qkv(rows)
-        self.attention(pairs)
+        self.attention(pairs + (rows if self.cfg.sink != "none" else 0))
         if self.cfg.quantize:
             self.quantize_search(rows * self.cfg.n_groups)
         self.output(rows)
         self.mlp(rows)
 
+    def layer(self, counts: LayerCounts, quantized: bool) -> None:
+        """What one incremental layer step did (``LayerCounts``), in MACs."""
+        self.qkv(counts.dirty)
+        if counts.affected:
+            self.attention(counts.delta_pairs, "attention_delta")
+        sink_pairs = counts.full_rows if self.cfg.sink != "none" else 0
+        self.attention(counts.full_pairs + sink_pairs)
+        if quantized:
+            self.quantize_skip(counts.skip_checks)
+            self.quantize_search(counts.searches)
+        self.output(counts.mlp_rows)
+        self.mlp(counts.mlp_rows)
+
+
+@dataclass(frozen=True)
+class Baselines:
+    """MACs of the baselines on one edited document."""
+
+    dense: int  # a dense forward
+    prefix: int  # common-prefix KV-cache reuse: recompute from the first changed token on
+    cone: int  # the cone of influence, without quantization
+
+
+def _per_row_and_pair(cfg: VQTConfig) -> tuple[int, int]:
+    per_row, per_pair = MacCounter(cfg), MacCounter(cfg)
+    per_row.rows(1, 0)
+    per_pair.rows(0, 1)
+    return per_row.total - per_pair.total * (cfg.sink != "none"), per_pair.total
+
+
+def baseline_macs(cfg: VQTConfig, positions: torch.Tensor, first: int, changed: Optional[torch.Tensor] = None,
+                  removed: Optional[torch.Tensor] = None) -> Baselines:
+    """Dense, prefix-reuse and cone MACs of one edited document.
+
+    positions: the sorted positions after the edit; first: index of the first changed token.
+    changed: indices (in document order) of the tokens whose layer-0 input or position changed
+    (new and renumbered ones); removed: positions of keys that left (deleted tokens, and the old
+    positions of renumbered ones). Without them the cone equals prefix reuse.
+    """
+    p = positions.detach().to("cpu", torch.float64)
+    counts = visible_counts(p, p, cfg.window).numpy()
+    per_row, per_pair = _per_row_and_pair(cfg)
+    n, sink = len(p), int(cfg.sink != "none")
+    cost = lambda mask: int(mask.sum()) * per_row + int(counts[mask].sum() + sink * mask.sum()) * per_pair  # noqa: E731
+    everything = np.ones(n, dtype=bool)
+    after = np.arange(n) >= first
+    dense, prefix = cfg.n_layers * cost(everything), cfg.n_layers * cost(after)
+    if changed is None:
+        return Baselines(dense, prefix, prefix)
+    return Baselines(dense, prefix, cone_macs(cfg, p.numpy(), counts, changed, removed))
+
+
+def cone_macs(cfg: VQTConfig, pos: np.ndarray, counts: np.ndarray, changed: torch.Tensor,
+              removed: Optional[torch.Tensor]) -> int:
+    """MACs of recomputing, layer by layer, exactly the rows an edit can reach through the window with
+    no quantization: at layer l the rows whose input changed (their q, k, v and full row) and every
+    row that sees a changed key (its full row); each of those rows' output then changes at layer l+1.
+    Keys that left (``removed`` positions) change every layer's key set."""
+    nocodes = dataclasses.replace(cfg, quantize=False)
+    qkv_row = MacCounter(nocodes)
+    qkv_row.qkv(1)
+    per_row, per_pair = _per_row_and_pair(nocodes)
+    per_row -= qkv_row.total  # rows whose input did not change keep their q, k, v
+    n = len(pos)
+    gone = np.asarray([] if removed is None else removed.detach().cpu().double().numpy(), dtype=np.float64)
+    inputs = np.zeros(n, dtype=bool)
+    inputs[changed.cpu().numpy()] = True
+    sink = int(cfg.sink != "none")
+    total = 0
+    for _ in range(cfg.n_layers):
+        keys = np.concatenate([pos[inputs], gone])
+        # query i sees key j iff pos_j <= pos_i < pos_j + window: mark each key's reach with a cover array
+        lo = np.searchsorted(pos, keys, side="left")
+        hi = np.full_like(lo, n) if cfg.window is None else np.searchsorted(pos, keys + cfg.window, side="left")
+        cover = np.zeros(n + 1, dtype=np.int64)
+        np.add.at(cover, lo, 1)
+        np.add.at(cover, hi, -1)
+        rows = inputs | (np.cumsum(cover[:n]) > 0)
+        total += int(inputs.sum()) * qkv_row.total + int(rows.sum()) * per_row
+        total += int(counts[rows].sum() + sink * rows.sum()) * per_pair
+        inputs = rows
+    return total
+
+
+
 
 def dense_macs(cfg: VQTConfig, positions: torch.Tensor) -> int:
     """MACs of a dense forward over a document with these (sorted) positions."""
-    return prefix_reuse_macs(cfg, positions, 0)
+    return baseline_macs(cfg, positions, 0).dense
 
 
 def prefix_reuse_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -> int:
     """MACs of common-prefix KV-cache reuse: every layer recomputes positions[first:] in full."""
-    return dense_and_prefix_macs(cfg, positions, first)[1]
-
-
-def dense_and_prefix_macs(cfg: VQTConfig, positions: torch.Tensor, first: int) -> tuple[int, int]:
-    """(dense_macs, prefix_reuse_macs) of one document, sharing the visibility count."""
-    p = positions.detach().to("cpu", torch.float64)
-    counts = visible_counts(p, p, cfg.window)
-    per_row, per_pair = MacCounter(cfg), MacCounter(cfg)
-    per_row.rows(1, 0)
-    per_pair.rows(0, 1)
-    total, after = int(counts.sum()), int(counts[first:].sum())
-    return (cfg.n_layers * (len(p) * per_row.total + total * per_pair.total),
-            cfg.n_layers * ((len(p) - first) * per_row.total + after * per_pair.total))
+    return baseline_macs(cfg, positions, first).prefix

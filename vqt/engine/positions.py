@@ -9,25 +9,39 @@ after every edit: exact against the standard model, and as costly as prefix reus
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Optional, Sequence
 
 import numpy as np
 
 PositionMode = Literal["stable", "canonical"]
+POSITION_MODES = ("stable", "canonical")
 
 
 @dataclass(frozen=True)
-class SpacingPolicy:
-    """When and how stable positions are renumbered."""
+class PositionPolicy:
+    """How positions follow edits: the mode, and when and how stable positions are renumbered."""
 
-    min_spacing: float = 1 / 32  # tighter than this -> renumber a window
+    mode: PositionMode = "stable"
+    # Tighter than this -> renumber a window. None: the model's own ``config.min_spacing`` (how squeezed
+    # it saw positions in training); ``for_model`` fills it in.
+    min_spacing: Optional[float] = None
     max_spacing: float = 32.0  # a gap wider than this (after deletions) -> renumber a window
     target_low: float = 0.5  # a renumbered window ends with a spacing inside [target_low, target_high]
     target_high: float = 4.0
 
+    def __post_init__(self) -> None:
+        if self.mode not in ("stable", "canonical"):
+            raise ValueError(f"unknown position mode {self.mode!r} (use 'stable' or 'canonical')")
+        if self.min_spacing is not None and not 0 < self.min_spacing <= 1:
+            raise ValueError(f"min_spacing must be in (0, 1], got {self.min_spacing}")
 
-def _respace(pos: np.ndarray, a: int, b: int, policy: SpacingPolicy) -> None:
+    def for_model(self, model_min_spacing: float) -> "PositionPolicy":
+        """This policy with the model's minimum spacing where none was set."""
+        return self if self.min_spacing is not None else replace(self, min_spacing=model_min_spacing)
+
+
+def _respace(pos: np.ndarray, a: int, b: int, policy: PositionPolicy) -> None:
     """Reassign pos[a..b] (inclusive), growing the window until its spacing is acceptable."""
     n = len(pos)
     grow_left = True
@@ -56,8 +70,7 @@ def _respace(pos: np.ndarray, a: int, b: int, policy: SpacingPolicy) -> None:
         pos[a:b + 1] = left + (right - left) * (i + 1) / (count + 1)
 
 
-def plan_positions(kept: Sequence[Optional[float]], mode: PositionMode,
-                   policy: SpacingPolicy = SpacingPolicy()) -> list[float]:
+def plan_positions(kept: Sequence[Optional[float]], policy: PositionPolicy) -> list[float]:
     """Positions for the edited document.
 
     kept: one entry per token of the new document in order: the token's old position if it
@@ -65,15 +78,16 @@ def plan_positions(kept: Sequence[Optional[float]], mode: PositionMode,
     token whose returned position differs from its old one was renumbered.
     """
     arr = np.array([np.nan if p is None else p for p in kept], dtype=np.float64)
-    return plan_position_array(arr, mode, policy).tolist()
+    return plan_position_array(arr, policy).tolist()
 
 
-def plan_position_array(kept: np.ndarray, mode: PositionMode, policy: SpacingPolicy = SpacingPolicy()) -> np.ndarray:
-    """``plan_positions`` on a float64 array with NaN for new tokens (returns a new array)."""
-    if mode == "canonical":
+def plan_position_array(kept: np.ndarray, policy: PositionPolicy) -> np.ndarray:
+    """``plan_positions`` on a float64 array with NaN for new tokens (returns a new array).
+    ``policy.min_spacing`` must be set (``PositionPolicy.for_model``)."""
+    if policy.mode == "canonical":
         return np.arange(len(kept), dtype=np.float64)
-    if mode != "stable":
-        raise ValueError(f"unknown position mode {mode!r} (use 'stable' or 'canonical')")
+    if policy.min_spacing is None:
+        raise ValueError("the position policy has no min_spacing: resolve it with PositionPolicy.for_model")
     pos = np.array(kept, dtype=np.float64)
     edges = np.diff(np.isnan(pos).astype(np.int8), prepend=0, append=0)
     for a, b in zip(np.flatnonzero(edges == 1), np.flatnonzero(edges == -1) - 1):
@@ -93,4 +107,4 @@ def plan_position_array(kept: np.ndarray, mode: PositionMode, policy: SpacingPol
 
 def _respace_run(pos: np.ndarray, a: int, b: int) -> None:
     """Evenly place new tokens a..b between their neighbours (spacing 1 towards an open end)."""
-    _respace(pos, a, b, SpacingPolicy(target_low=0.0, target_high=float("inf")))
+    _respace(pos, a, b, PositionPolicy(target_low=0.0, target_high=float("inf")))

@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
 import torch
 
+from vqt.engine.options import DocumentOptions
 from vqt.histories.edits import revision_edits
 from vqt.modeling.model import VQTModel
 from vqt.text.document import TextDocument
@@ -91,13 +92,13 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
            window_tokens: int = 1024, max_edits: Optional[int] = None, baselines: bool = True,
            verify: bool = False, max_edit_chars: Optional[int] = 2000, skip_reverts: bool = False,
            observe: Optional[Callable[[TextDocument, EditRecord], None]] = None,
-           **doc_kwargs) -> Iterator[EditRecord]:
+           options: Optional[DocumentOptions] = None) -> Iterator[EditRecord]:
     """Yield one ``EditRecord`` per atomic edit that touches the window.
 
     baselines: also time a dense forward and prefix reuse on every edited window (same
     process, same model). verify: check every step against the dense forward. observe: called
     with the document and the record after every edit, before the record is yielded (to
-    measure anything else about the edited state).
+    measure anything else about the edited state). options: the documents' engine settings.
     """
     if model.training:
         raise ValueError("call model.eval() before replaying")
@@ -126,7 +127,7 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                 0.75 * window_tokens <= len(doc.doc) <= min(1.25 * window_tokens, model.config.max_len)):
             parent = texts[pair.parent_rev_id]
             wend = _window_end(tokenizer, parent, window_tokens)
-            doc = TextDocument(model, tokenizer, parent[:wend], **doc_kwargs)
+            doc = TextDocument(model, tokenizer, parent[:wend], options)
             dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions) if baselines or verify else None
         full_len = len(texts[pair.parent_rev_id])  # length of the whole text the next edit applies to
         for i, e in enumerate(pair.edits):

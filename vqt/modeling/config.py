@@ -10,6 +10,7 @@ from typing import Any, Literal, Optional
 
 Granularity = Literal["layer", "head", "product"]
 PosEncoding = Literal["rope", "none"]
+SinkKind = Literal["none", "token", "logit"]
 
 
 @dataclass
@@ -29,6 +30,12 @@ class VQTConfig:
     pos_encoding: PosEncoding = "rope"
     rope_theta: float = 10000.0
     window: Optional[float] = None  # sliding window on positions: key j visible iff pos_i - w < pos_j <= pos_i
+    # Attention sink (DESIGN.md section 7): one more key per layer, visible to every query, that no edit
+    # can touch. Its key, value and a per-head logit are model parameters; its score is computed from the
+    # query before RoPE, i.e. at a fixed relative offset, so no position change alters it. "token": the
+    # parameters hold a real token's key and value (set by conversion); "logit": zero key and value, a
+    # learned logit only (mass parked in the denominator). Both run the same code.
+    sink: SinkKind = "none"
     norm_eps: float = 1e-5
     tie_embeddings: bool = True
     n_classes: int = 0  # >0 adds a classification head on mean-pooled final features
@@ -61,6 +68,7 @@ class VQTConfig:
             (self.granularity in ("layer", "head", "product"), f"unknown granularity {self.granularity!r} (use 'layer', 'head' or 'product')"),
             (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
             (self.window is None or self.window > 0, f"window must be positive or None, got {self.window}"),
+            (self.sink in ("none", "token", "logit"), f"unknown sink {self.sink!r} (use 'none', 'token' or 'logit')"),
             (self.max_len > 0, "max_len must be positive"),
             (0 < self.min_spacing <= 1, f"min_spacing must be in (0, 1], got {self.min_spacing}"),
         ]

@@ -21,10 +21,12 @@ from einops import rearrange
 from torch import nn
 
 from vqt.modeling.config import VQTConfig
-from vqt.ops import reference as ops
-from vqt.ops.visibility import visible
 from vqt.modeling.quantize import VectorQuantizer
+from vqt.ops import layer
+from vqt.ops import reference as ops
 from vqt.ops.search import nearest
+from vqt.ops.tables import LayerTables, LayerWeights
+from vqt.ops.visibility import visible
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -54,17 +56,8 @@ def rope_angles(pos: torch.Tensor, hd: int, theta: float, dtype: torch.dtype) ->
     return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
-def rope(x: torch.Tensor, pos: torch.Tensor, theta: float,
-         angles: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
-    """Rotate x (..., n, heads, hd) by positions pos (..., n); ``angles`` reuses rope_angles(pos, ...)."""
-    hd = x.shape[-1]
-    cos, sin = angles if angles is not None else rope_angles(pos, hd, theta, x.dtype)
-    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
-
-
 class Block(nn.Module):
-    """RMSNorm -> GQA attention -> quantizer -> lookup-table output -> SwiGLU MLP."""
+    """RMSNorm -> GQA attention (with an optional sink) -> quantizer -> lookup-table output -> SwiGLU MLP."""
 
     def __init__(self, cfg: VQTConfig, layer_idx: int) -> None:
         super().__init__()
@@ -80,6 +73,10 @@ class Block(nn.Module):
         self.w_gate = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_up = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_down = nn.Linear(cfg.d_ff, d, bias=False)
+        if cfg.sink != "none":  # the sink's key (in the query's frame), value and per-head logit
+            self.sink_k = nn.Parameter(torch.zeros(cfg.n_kv_heads, hd))
+            self.sink_v = nn.Parameter(torch.zeros(cfg.n_kv_heads, hd))
+            self.sink_logit = nn.Parameter(torch.zeros(cfg.n_heads))
         self._projections = {"qkv": ("wq", "wk", "wv"), "gate_up": ("w_gate", "w_up")}
         self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # concatenated projection weights (see fused_weight)
         self._table: Optional[torch.Tensor] = None
@@ -89,17 +86,27 @@ class Block(nn.Module):
     def scale(self) -> float:
         return 1.0 / math.sqrt(self.cfg.head_dim)
 
+    @property
+    def has_sink(self) -> bool:
+        return self.cfg.sink != "none"
+
     def qkv(self, x: torch.Tensor, pos: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]] = None
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied
-        (``angles``: ``VQTModel.rope_angles(pos)`` when the caller already has them)."""
-        h = self.attn_norm(x)
-        H, Hkv, hd = self.cfg.n_heads, self.cfg.n_kv_heads, self.cfg.head_dim
-        qkv = self._project(h, "qkv").view(*h.shape[:-1], H + 2 * Hkv, hd)
-        qk, v = qkv[..., : H + Hkv, :], qkv[..., H + Hkv:, :]
-        if self.cfg.pos_encoding == "rope":  # q and k rotated together: one set of elementwise ops
-            qk = rope(qk, pos, self.cfg.rope_theta, angles or rope_angles(pos, hd, self.cfg.rope_theta, x.dtype))
-        return qk[..., :H, :], qk[..., H:, :], v
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """x (..., n, d), pos (..., n) -> q (..., n, H, hd), k and v (..., n, Hkv, hd), RoPE applied, and
+        the sink scores (..., n, H) (None without a sink). ``angles``: ``VQTModel.rope_angles(pos)``
+        when the caller already has them."""
+        cfg = self.cfg
+        if cfg.pos_encoding == "rope" and angles is None:
+            angles = rope_angles(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+        sink = (self.sink_k, self.sink_logit, self.scale) if self.has_sink else None
+        return layer.qkv(x, self.attn_norm.weight, self.attn_norm.eps, self._weight("qkv"), cfg.n_heads,
+                         cfg.n_kv_heads, angles if cfg.pos_encoding == "rope" else None, sink)
+
+    def sink_values(self) -> Optional[torch.Tensor]:
+        """(H, hd) the sink value each query head reads, None without a sink."""
+        if not self.has_sink:
+            return None
+        return self.sink_v.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=0)
 
     def fused_weight(self, name: str) -> torch.Tensor:
         """The concatenated weight of projection ``name`` ("qkv": wq, wk, wv; "gate_up": w_gate, w_up),
@@ -112,13 +119,28 @@ class Block(nn.Module):
             self._fused[name] = cached
         return cached[1]
 
-    def _project(self, h: torch.Tensor, name: str) -> torch.Tensor:
-        """The projections of ``name`` applied to h and concatenated, as one matmul (with autograd,
-        the weights stay separate leaves)."""
+    def _weight(self, name: str) -> torch.Tensor:
+        """The concatenated weight of projection ``name`` (with autograd, the parts stay separate leaves)."""
         weights = [getattr(self, lin).weight for lin in self._projections[name]]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return F.linear(h, torch.cat(weights))
-        return F.linear(h, self.fused_weight(name))
+            return torch.cat(weights)
+        return self.fused_weight(name)
+
+    def layer_weights(self) -> LayerWeights:
+        """What an incremental step of this layer reads (detached; valid until a weight changes)."""
+        cfg, q = self.cfg, self.quantizer
+        sink = {}
+        if self.has_sink:
+            sink = {"sink_k": self.sink_k.detach(), "sink_v": self.sink_v.detach(),
+                    "sink_logit": self.sink_logit.detach()}
+        return LayerWeights(
+            attn_norm=self.attn_norm.weight.detach(), attn_eps=float(self.attn_norm.eps),
+            w_qkv=self.fused_weight("qkv"), n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+            scale=self.scale, mlp_norm=self.mlp_norm.weight.detach(), mlp_eps=float(self.mlp_norm.eps),
+            w_gate_up=self.fused_weight("gate_up"), w_down=self.w_down.weight.detach(),
+            codebook=None if q is None else q.codebook.detach().contiguous(),
+            table=None if q is None else self.lookup_table(),
+            w_o=self.wo.weight.detach() if q is None else None, **sink)
 
     def lookup_table(self) -> torch.Tensor:
         """T (G, K, d) with T[g, c] = W_o[:, group g] @ E[g, c], cached until either weight changes."""
@@ -140,20 +162,24 @@ class Block(nn.Module):
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """y = x + attn_out; x' = y + SwiGLU(RMSNorm(y)). Per token."""
-        y = x + attn_out
-        gate, up = self._project(self.mlp_norm(y), "gate_up").chunk(2, -1)
-        return y + self.w_down(F.silu(gate) * up)
+        return layer.mlp_residual(x + attn_out, self.mlp_norm.weight, self.mlp_norm.eps, self._weight("gate_up"),
+                                  self.w_down.weight)
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Batched training path: x (B, T, d), pos (B, T). Returns (x', VQ loss, extras)."""
-        q, k, v = self.qkv(x, pos)
+        q, k, v, s = self.qkv(x, pos)
         rep = self.cfg.n_heads // self.cfg.n_kv_heads
+        k = rearrange(k, "b n h d -> b h n d").repeat_interleave(rep, 1)
+        v = rearrange(v, "b n h d -> b h n d").repeat_interleave(rep, 1)
         mask = visible(pos, pos, self.cfg.window).unsqueeze(-3)  # (B, 1, T, T)
-        a = F.scaled_dot_product_attention(
-            rearrange(q, "b n h d -> b h n d"),
-            rearrange(k, "b n h d -> b h n d").repeat_interleave(rep, 1),
-            rearrange(v, "b n h d -> b h n d").repeat_interleave(rep, 1),
-            attn_mask=mask)
+        if s is not None:
+            # The sink as key 0: a zero key whose score comes in through the additive mask (B, H, T, 1 + T).
+            B, T = pos.shape
+            bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            mask = torch.cat([rearrange(s, "b n h -> b h n").unsqueeze(-1), bias.expand(B, self.cfg.n_heads, T, T)], -1)
+            k = torch.cat([k.new_zeros(B, self.cfg.n_heads, 1, k.shape[-1]), k], 2)
+            v = torch.cat([self.sink_values().unsqueeze(1).expand(B, -1, 1, -1), v], 2)
+        a = F.scaled_dot_product_attention(rearrange(q, "b n h d -> b h n d"), k, v, attn_mask=mask)
         a = rearrange(a, "b h n d -> b n (h d)")
         loss = x.new_zeros(())
         extras: dict = {"attn": a}
@@ -165,23 +191,6 @@ class Block(nn.Module):
 
 
 @dataclass
-class LayerState:
-    """What a dense pass computes at one layer, for every position (the engine's initial state)."""
-
-    x: torch.Tensor  # (n, d) layer input
-    q: torch.Tensor  # (n, H, hd)
-    k: torch.Tensor  # (n, Hkv, hd)
-    v: torch.Tensor  # (n, Hkv, hd)
-    U: torch.Tensor  # (n, H, hd) attention numerator
-    Z: torch.Tensor  # (n, H) denominator
-    M: torch.Tensor  # (n, H) stabilizer (row max of scores)
-    a: torch.Tensor  # (n, G, gd) attention output, split into code groups
-    codes: Optional[torch.Tensor]  # (n, G), None for the dense twin
-    radius: Optional[torch.Tensor]  # (n, G) certified radius around a
-    gap: Optional[torch.Tensor]  # (n, G) d2 - d1
-
-
-@dataclass
 class DenseOutput:
     """Result of ``VQTModel.forward_dense`` on one document."""
 
@@ -189,7 +198,7 @@ class DenseOutput:
     gaps: Optional[torch.Tensor]  # (L, n, G) distance gap d2 - d1 of each code
     hidden: torch.Tensor  # (n, d) final hidden states (after the final norm)
     residual: torch.Tensor  # (n, d) last block's output, before the final norm
-    layers: list[LayerState]
+    layers: list[LayerTables]  # every layer's rows (a_ref = the attention output; zero codes for a dense twin)
 
     def codes_agree(self, codes: torch.Tensor) -> bool:
         """The exactness contract for codes: identical, except where this forward's own distance gap
@@ -316,33 +325,34 @@ class VQTModel(nn.Module):
         x = self.embed(tok[rows])
         angles = self.rope_angles(pos[rows])  # the same for every layer
         layers = []
+        gaps = []
         for li, block in enumerate(self.blocks):
-            q, k, v = block.qkv(x, pos[rows], angles)
+            q, k, v, s = block.qkv(x, pos[rows], angles)
             if cache is not None:
                 c = cache.layers[li]
                 k, v = torch.cat([c.k[pr], k]), torch.cat([c.v[pr], v])
-            U, Z, M = ops.attention_rows(q, pos[rows], k, v, pos, cfg.window, block.scale)
+            U, Z, M = ops.attention_rows(q, pos[rows], k, v, pos, cfg.window, block.scale, s, block.sink_values())
             a = (U / Z.unsqueeze(-1)).reshape(n - start, cfg.n_groups, cfg.group_dim)
-            codes = radius = gap = None
             if before_quantize is not None:
                 before_quantize(block, a)
             if block.quantizer is not None:
                 res = nearest(a, block.quantizer.codebook)
-                codes, radius, gap = res.codes, res.radius, res.gap
-            state = LayerState(x, q, k[rows], v[rows], U, Z, M, a, codes, radius, gap)
+                codes, radius = res.codes, res.radius
+                gaps.append(res.gap if cache is None else torch.cat([cache.gaps[li, pr], res.gap]))
+            else:
+                codes = torch.zeros(n - start, cfg.n_groups, dtype=torch.long, device=x.device)
+                radius = torch.zeros(n - start, cfg.n_groups, dtype=x.dtype, device=x.device)
+            state = LayerTables(x, q, k[rows], v[rows], U, Z, M, a, codes, radius, s)
             if cache is not None:
-                state = LayerState(*(None if new is None else torch.cat([old[pr], new])
-                                     for old, new in zip(vars(cache.layers[li]).values(), vars(state).values())))
+                old = cache.layers[li]
+                state = LayerTables(**{name: torch.cat([getattr(old, name)[pr], t]) for name, t in state.items()})
             layers.append(state)
-            x = block.finish(x, block.attn_output(codes if codes is not None else a))
+            x = block.finish(x, block.attn_output(codes if block.quantizer is not None else a))
         hidden = self.norm(x)
         if cache is not None:
             x, hidden = torch.cat([cache.residual[pr], x]), torch.cat([cache.hidden[pr], hidden])
-        codes = gaps = None
-        if cfg.quantize:
-            codes = torch.stack([s.codes for s in layers])
-            gaps = torch.stack([s.gap for s in layers])
-        return DenseOutput(codes, gaps, hidden, x, layers)
+        codes = torch.stack([s.codes for s in layers]) if cfg.quantize else None
+        return DenseOutput(codes, torch.stack(gaps) if cfg.quantize else None, hidden, x, layers)
 
     # ----------------------------------------------------------- calibration
     @torch.no_grad()

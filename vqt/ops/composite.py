@@ -1,52 +1,48 @@
-"""One layer's attention step of an incremental update, composed from a backend's four operators.
+"""One layer's incremental step composed from a backend's four operators (DESIGN.md section 2, steps 2-5).
 
-``layer_attend`` is steps 2-4 of DESIGN.md section 2 for one layer, on the engine's slot tables:
-removed and added keys, exact delta updates of the clean queries that see them (with the
-cancellation guard), full rows for dirty queries, re-quantization with the certified skip, and
-the lookup-table output of every row the MLP must recompute. The fused CPU backend implements
-the same function in one C++ call (``vqt.ops.cpu.layer_attend``); any backend without its own
-runs this composition of its operators.
+``layer_attend`` is steps 2-4 on the slot tables of one layer: removed and added keys, exact delta
+updates of the clean queries that see them (with the cancellation guard), full rows for dirty
+queries, re-quantization with the certified skip, and the lookup-table output of every row the
+MLP must recompute. ``layer_step`` wraps it with q/k/v before and the MLP and commit after. A
+backend without fused versions runs these (``vqt.ops.Backend``); the fused CPU backend runs the
+same semantics in one C++ call each.
 """
 
 from __future__ import annotations
 
-from types import ModuleType
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
+import torch.nn.functional as F
 
+from vqt.ops import layer
+from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
 from vqt.ops.visibility import visible_counts, visible_to_any
 
-# Order of the counts in layer_attend's stats list.
-STATS = ("affected", "flipped", "code_flips", "searches", "skips", "refreshes", "delta_pairs", "full_pairs",
-         "skip_checks")
+if TYPE_CHECKING:
+    from vqt.ops import Backend
 
 
-def layer_attend(ops: ModuleType, q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new,
-                 dirty: torch.Tensor, deleted: torch.Tensor, order: torch.Tensor, pos: torch.Tensor,
-                 old_pos: torch.Tensor, is_new: torch.Tensor, codebook: Optional[torch.Tensor],
-                 table: Optional[torch.Tensor], window: Optional[float], scale: float, tau: float
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], list[int]]:
-    """Update one layer's slot tables in place after its dirty rows got new (q, k, v).
+def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.Tensor, k_new: torch.Tensor,
+                 v_new: torch.Tensor, s_new: Optional[torch.Tensor], dirty: torch.Tensor, plan: EditPlan
+                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], LayerCounts]:
+    """Update one layer's tables ``t`` in place after its ``dirty`` rows got new (q, k, v) (and sink scores).
 
-    q..radius: the layer's per-slot tables (C, ...). q_new, k_new, v_new: the recomputed rows of
-    the ``dirty`` slots (the old k, v of existing dirty slots and of ``deleted`` ones leave the key
-    set; the new ones join it). ``order``: slots in document order (positions ``pos`` sorted along
-    it); ``old_pos``: positions before the edit; ``is_new``: (C,) slots inserted by this edit.
-    ``codebook``/``table``: the quantizer's codebook and lookup table, None for a dense twin.
-
-    Returns (post, attn_out, stats): the slots whose attention contribution must be recomputed
-    (dirty ones, then clean ones whose code flipped, in document order), their lookup-table
-    output (None without a quantizer: the caller projects ``a_ref[post]``), and the counts named
-    by ``STATS``.
+    The old k, v of existing dirty slots and of deleted ones leave the key set; the new ones join it.
+    Returns (post, attn_out, counts): the slots whose attention contribution must be recomputed
+    (dirty ones, then clean ones whose code flipped, in document order), their lookup-table output
+    (None without a quantizer: the caller projects ``t.a_ref[post]``), and what was done.
     """
+    is_new, order, pos, old_pos, window = plan.is_new, plan.order, plan.pos, plan.old_pos, plan.window
     old_dirty = dirty[~is_new[dirty]]
-    rem = torch.cat([deleted, old_dirty])
-    k_rem, v_rem, pos_rem = k[rem], v[rem], old_pos[rem]  # (indexing copies)
-    q[dirty], k[dirty], v[dirty] = q_new, k_new, v_new
+    rem = torch.cat([plan.deleted, old_dirty])
+    k_rem, v_rem, pos_rem = t.k[rem], t.v[rem], old_pos[rem]  # (indexing copies)
+    t.q[dirty], t.k[dirty], t.v[dirty] = q_new, k_new, v_new
+    if s_new is not None:
+        t.sink[dirty] = s_new
     pos_add = pos[dirty]
 
-    # Clean queries whose visible key set changed get an exact delta update.
+    # Clean queries whose visible key set changed get an exact delta update (the sink never changes).
     in_dirty = torch.zeros_like(is_new)
     in_dirty[dirty] = True
     clean = order[~in_dirty[order]]
@@ -55,51 +51,69 @@ def layer_attend(ops: ModuleType, q, k, v, U, Z, M, a_ref, codes, radius, q_new,
     aff = clean[hits > 0]
     refresh = aff[:0]
     if aff.numel():
-        U[aff], Z[aff], M[aff], ref_mask = ops.attention_delta(q[aff], old_pos[aff], pos[aff], U[aff], Z[aff], M[aff],
-                                                               k_rem, v_rem, pos_rem, k_new, v_new, pos_add,
-                                                               window, scale, tau)
+        t.U[aff], t.Z[aff], t.M[aff], ref_mask = ops.attention_delta(
+            t.q[aff], old_pos[aff], pos[aff], t.U[aff], t.Z[aff], t.M[aff], k_rem, v_rem, pos_rem, k_new, v_new,
+            pos_add, window, w.scale, plan.tau)
         refresh = aff[ref_mask]
 
-    # Full rows: dirty queries and guarded refreshes, against every key they can see.
+    # Full rows: dirty queries and guarded refreshes, against every key they can see (and the sink).
     full = torch.cat([dirty, refresh])
     full_pairs = 0
     if full.numel():
         pf = pos[full]
         seen, full_pairs = visible_to_any(pf, pos[order], window)
         band = order[seen]
-        U[full], Z[full], M[full] = ops.attention_rows(q[full], pf, k[band], v[band], pos[band], window, scale)
+        sink = (t.sink[full], w.sink_values()) if w.has_sink else (None, None)
+        t.U[full], t.Z[full], t.M[full] = ops.attention_rows(t.q[full], pf, t.k[band], t.v[band], pos[band], window,
+                                                             w.scale, *sink)
 
+    counts = LayerCounts(dirty=dirty.numel(), affected=aff.numel(), refreshes=refresh.numel(),
+                         delta_pairs=int(hits.sum()), full_pairs=full_pairs, full_rows=full.numel())
     # Re-quantize every row whose attention output changed.
     rows = torch.cat([dirty, aff])
-    a = (U[rows] / Z[rows].unsqueeze(-1)).reshape(a_ref[rows].shape)
-    if codebook is None:
-        a_ref[rows] = a
-        post = torch.cat([dirty, aff])  # without codes, every updated output moved
-        stats = [aff.numel(), aff.numel(), aff.numel(), 0, 0, refresh.numel(), int(hits.sum()), full_pairs, 0]
-        return post, None, stats
-    old_codes = codes[aff]
-    radius[dirty[is_new[dirty]]] = float("-inf")  # new rows have no reference point: always searched
-    new_codes, a_ref[rows], radius[rows], searched = ops.requantize(a, codebook, codes[rows], a_ref[rows], radius[rows])
-    codes[rows] = new_codes
+    a = (t.U[rows] / t.Z[rows].unsqueeze(-1)).reshape(t.a_ref[rows].shape)
+    if w.codebook is None:
+        t.a_ref[rows] = a
+        counts.flipped = counts.code_flips = aff.numel()  # without codes, every updated output moved
+        return rows, None, counts
+    old_codes = t.codes[aff]
+    t.radius[dirty[is_new[dirty]]] = float("-inf")  # new rows have no reference point: always searched
+    new_codes, t.a_ref[rows], t.radius[rows], searched = ops.requantize(a, w.codebook, t.codes[rows], t.a_ref[rows],
+                                                                        t.radius[rows])
+    t.codes[rows] = new_codes
     existing = ~is_new[rows]
     code_changed = new_codes[dirty.numel():] != old_codes
     flipped = aff[code_changed.any(-1)]
     post = torch.cat([dirty, flipped])
-    stats = [aff.numel(), flipped.numel(), int(code_changed.sum()), int(searched.sum()),
-             int((~searched[existing]).sum()), refresh.numel(), int(hits.sum()), full_pairs,
-             int(existing.sum()) * codes.shape[1]]
-    return post, ops.lookup(table, codes[post]), stats
+    counts.flipped, counts.code_flips = flipped.numel(), int(code_changed.sum())
+    counts.searches, counts.skips = int(searched.sum()), int((~searched[existing]).sum())
+    counts.skip_checks = int(existing.sum()) * t.codes.shape[1]
+    return post, ops.lookup(w.table, t.codes[post]), counts
 
 
-def layer_commit(target: torch.Tensor, post: torch.Tensor, x_next: torch.Tensor, is_new: torch.Tensor,
-                 is_forced: torch.Tensor, recomputed: torch.Tensor) -> torch.Tensor:
+def layer_commit(target: torch.Tensor, post: torch.Tensor, x_next: torch.Tensor, plan: EditPlan) -> torch.Tensor:
     """Store the recomputed rows ``x_next`` of slots ``post`` into the next layer's input table
-    ``target`` and count them in ``recomputed``; returns the next layer's dirty slots: those whose
-    row changed bitwise (new ones always) or that are ``is_forced``, in ``post`` order."""
-    recomputed[post] += 1
-    moved = (x_next != target[post]).any(-1) | is_new[post]
+    ``target`` and count them in ``plan.recomputed``; returns the next layer's dirty slots: those
+    whose row changed bitwise (new ones always) or that are forced, in ``post`` order."""
+    plan.recomputed[post] += 1
+    moved = (x_next != target[post]).any(-1) | plan.is_new[post]
     target[post] = x_next
-    return post[moved | is_forced[post]]  # (no duplicates: post lists every slot once)
+    return post[moved | plan.is_forced[post]]  # (no duplicates: post lists every slot once)
+
+
+def layer_step(ops: "Backend", w: LayerWeights, t: LayerTables, target: torch.Tensor, dirty: torch.Tensor,
+               plan: EditPlan) -> tuple[torch.Tensor, LayerCounts]:
+    """One whole layer of an incremental update: q/k/v of the dirty rows, ``ops.layer_attend``, the
+    output and MLP of the rows it returns, ``ops.layer_commit``. Returns (next dirty slots, counts)."""
+    angles = None if plan.angles is None else (plan.angles[0][dirty], plan.angles[1][dirty])
+    sink = (w.sink_k, w.sink_logit, w.scale) if w.has_sink else None
+    q, k, v, s = layer.qkv(t.x[dirty], w.attn_norm, w.attn_eps, w.w_qkv, w.n_heads, w.n_kv_heads, angles, sink)
+    post, attn_out, counts = ops.layer_attend(w, t, q, k, v, s, dirty, plan)
+    if attn_out is None:
+        attn_out = F.linear(t.a_ref[post].flatten(1), w.w_o)
+    x_next = layer.mlp_residual(t.x[post] + attn_out, w.mlp_norm, w.mlp_eps, w.w_gate_up, w.w_down)
+    counts.mlp_rows = post.numel()
+    return ops.layer_commit(target, post, x_next, plan), counts
 
 
 def finish_outputs(resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, rows: torch.Tensor,
@@ -108,5 +122,5 @@ def finish_outputs(resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.
     hidden states kept up to date (deleted slots and the old values of changed ones leave it)."""
     old_rows = rows[~is_new[rows]]
     pooled_sum -= hidden[deleted].sum(0) + hidden[old_rows].sum(0)
-    hidden[rows] = torch.nn.functional.rms_norm(resid[rows], norm_weight.shape, norm_weight, eps)
+    hidden[rows] = F.rms_norm(resid[rows], norm_weight.shape, norm_weight, eps)
     pooled_sum += hidden[rows].sum(0)

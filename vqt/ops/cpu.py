@@ -1,10 +1,10 @@
 """Fused CPU backend: the reference operators in C++ with OpenMP (vqt/csrc/vqt_ops_cpu.cpp).
 
-Besides the four operators of the schema, it fuses the engine's per-layer work:
+Besides the four operators of the schema, it fuses the per-layer work of ``vqt.ops.Backend``:
 ``layer_attend`` (one C++ call for a layer's delta updates, full rows, re-quantization and
 lookup, semantics in vqt/ops/composite.py), ``layer_commit``, ``finish_outputs`` and
 ``layer_step``, a whole quantized layer (qkv, layer_attend, MLP, commit) in one call, bitwise
-equal to the composite path. The engine uses whichever of these a backend provides.
+equal to the composite path. The C++ side reads the records of vqt/ops/tables.py by field name.
 
 The extension is compiled just in time on first use (ninja, cached under ``$VQT_BUILD_DIR`` or
 ``~/.cache/vqt/torch_extensions``). Inference only: the results carry no autograd history.
@@ -12,6 +12,7 @@ The extension is compiled just in time on first use (ninja, cached under ``$VQT_
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -22,7 +23,8 @@ from typing import Callable, Optional
 
 import torch
 
-from vqt.ops import reference
+from vqt.ops import Backend
+from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
 
 name = "cpu"
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
@@ -81,88 +83,70 @@ def required(build: Callable[[], tuple[Optional[ModuleType], str]]) -> ModuleTyp
     return module
 
 
-def fused_ops(build: Callable[[], tuple[Optional[ModuleType], str]]) -> tuple[Callable, ...]:
-    """The four operators with the reference signatures, forwarding to the extension that ``build`` returns.
+class FusedBackend(Backend):
+    """The four operators forwarding to a compiled extension (``build`` returns it or why it failed).
 
     Inputs may have any layout (they are made contiguous) and may require grad (they are detached).
     """
 
-    def extension() -> ModuleType:
-        return required(build)
+    def __init__(self, name: str, build: Callable[[], tuple[Optional[ModuleType], str]]) -> None:
+        self.name, self._build = name, build
 
-    def dense(*tensors: torch.Tensor) -> list[torch.Tensor]:
-        return [t.detach().contiguous() for t in tensors]
+    @property
+    def ext(self) -> ModuleType:
+        return required(self._build)
 
-    def width(window) -> Optional[float]:
-        return None if window is None else float(window)
+    @staticmethod
+    def _dense(*tensors: Optional[torch.Tensor]) -> list[Optional[torch.Tensor]]:
+        return [None if t is None else t.detach().contiguous() for t in tensors]
 
-    @functools.wraps(reference.attention_rows)
-    def attention_rows(q, pos_q, k, v, pos_k, window, scale):
-        return extension().attention_rows(*dense(q, pos_q, k, v, pos_k), width(window), float(scale))
+    def attention_rows(self, q, pos_q, k, v, pos_k, window, scale, sink_s=None, sink_v=None):
+        return self.ext.attention_rows(*self._dense(q, pos_q, k, v, pos_k), _width(window), float(scale),
+                                       *self._dense(sink_s, sink_v))
 
-    @functools.wraps(reference.attention_delta)
-    def attention_delta(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add, pos_add, window, scale, tau):
-        return extension().attention_delta(*dense(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add,
-                                                  pos_add), width(window), float(scale), float(tau))
+    def attention_delta(self, q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add, pos_add, window,
+                        scale, tau):
+        return self.ext.attention_delta(*self._dense(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add,
+                                                     pos_add), _width(window), float(scale), float(tau))
 
-    @functools.wraps(reference.requantize)
-    def requantize(a, codebook, codes, a_ref, radius):
-        return extension().requantize(*dense(a, codebook, codes, a_ref, radius))
+    def requantize(self, a, codebook, codes, a_ref, radius):
+        return self.ext.requantize(*self._dense(a, codebook, codes, a_ref, radius))
 
-    @functools.wraps(reference.lookup)
-    def lookup(table, codes):
-        return extension().lookup(*dense(table, codes))
-
-    return attention_rows, attention_delta, requantize, lookup
+    def lookup(self, table, codes):
+        return self.ext.lookup(*self._dense(table, codes))
 
 
-attention_rows, attention_delta, requantize, lookup = fused_ops(_build)
+def _width(window) -> Optional[float]:
+    return None if window is None else float(window)
 
 
+class CpuBackend(FusedBackend):
+    """The fused CPU operators, plus the whole layer step, the commit and the final norm in C++."""
 
-def _module() -> ModuleType:
-    return required(_build)
+    def prepare(self, weights: LayerWeights) -> LayerWeights:
+        if weights.codebook is None:
+            return weights
+        return dataclasses.replace(weights, codebook_norms=self.ext.codebook_norms(weights.codebook.contiguous()))
 
+    def layer_attend(self, w: LayerWeights, t: LayerTables, q_new, k_new, v_new, s_new, dirty, plan: EditPlan):
+        post, attn_out, counts = self.ext.layer_attend(w, t, *self._dense(q_new, k_new, v_new, s_new), dirty, plan)
+        return post, attn_out, LayerCounts(**counts)
 
-def layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order, pos, old_pos,
-                 is_new, codebook, table, window, scale, tau):
-    """``vqt.ops.composite.layer_attend`` in one fused call (the slot tables are updated in place)."""
-    q_new, k_new, v_new = (t.detach().contiguous() for t in (q_new, k_new, v_new))
-    extra = [None if t is None else t.detach().contiguous() for t in (codebook, table)]
-    return _module().layer_attend(q, k, v, U, Z, M, a_ref, codes, radius, q_new, k_new, v_new, dirty, deleted, order,
-                                  pos, old_pos, is_new, *extra, None if window is None else float(window),
-                                  float(scale), float(tau))
+    def layer_commit(self, target, post, x_next, plan: EditPlan):
+        return self.ext.layer_commit(target, post, x_next.detach().contiguous(), plan)
 
+    def layer_step(self, w: LayerWeights, t: LayerTables, target, dirty, plan: EditPlan):
+        """A quantized layer in one C++ call (bitwise equal to the composite step); a dense twin's
+        layer runs the composite step on the fused operators."""
+        if not w.quantized:
+            return super().layer_step(w, t, target, dirty, plan)
+        next_dirty, counts = self.ext.layer_step(w, t, target, dirty, plan)
+        return next_dirty, LayerCounts(**counts)
 
-def layer_commit(target, post, x_next, is_new, is_forced, recomputed):
-    """``vqt.ops.composite.layer_commit`` in one fused call (target and recomputed updated in place)."""
-    return _module().layer_commit(target, post, x_next.detach().contiguous(), is_new, is_forced, recomputed)
-
-
-def layer_weights(block) -> tuple:
-    """The weights ``layer_step`` reads, gathered once per model version (the engine caches them
-    and rebuilds after any parameter change). ``block`` must have a quantizer."""
-    codebook = block.quantizer.codebook.detach().contiguous()
-    return (block.attn_norm.weight.detach(), float(block.attn_norm.eps), block.fused_weight("qkv"), codebook,
-            _module().codebook_norms(codebook), block.lookup_table(), block.mlp_norm.weight.detach(),
-            float(block.mlp_norm.eps), block.fused_weight("gate_up"), block.w_down.weight.detach(), float(block.scale))
+    def finish_outputs(self, resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps):
+        self.ext.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight.detach(), float(eps))
 
 
-def layer_step(weights: tuple, cache, target: torch.Tensor, dirty: torch.Tensor, deleted: torch.Tensor,
-               order: torch.Tensor, pos: torch.Tensor, old_pos: torch.Tensor, is_new: torch.Tensor,
-               is_forced: torch.Tensor, recomputed: torch.Tensor, angles: Optional[tuple[torch.Tensor, torch.Tensor]],
-               window, tau: float) -> tuple[torch.Tensor, list[int]]:
-    """One whole layer of an incremental update (Block.qkv, layer_attend, Block.finish and
-    layer_commit) in one C++ call, bitwise equal to running them in turn. ``weights``: the layer's
-    ``layer_weights``; ``cache``: the engine's LayerCache of that layer (updated in place). Returns
-    (the next layer's dirty slots, layer_attend's counts plus the number of MLP rows)."""
-    c = cache
-    cos, sin = angles if angles is not None else (None, None)
-    return _module().layer_step(c.x, c.q, c.k, c.v, c.U, c.Z, c.M, c.a_ref, c.codes, c.radius, target, dirty,
-                                deleted, order, pos, old_pos, is_new, is_forced, recomputed, cos, sin, *weights,
-                                None if window is None else float(window), float(tau))
-
-
-def finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps):
-    """``vqt.ops.composite.finish_outputs`` in one call (hidden and pooled_sum updated in place)."""
-    _module().finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight.detach(), float(eps))
+@functools.lru_cache(maxsize=None)
+def backend() -> CpuBackend:
+    return CpuBackend(name, _build)

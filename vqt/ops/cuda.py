@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from vqt.ops.cpu import fused_ops, jit_load
+from vqt.ops.cpu import FusedBackend, jit_load
 
 name = "cuda"
 
@@ -34,4 +34,7 @@ def available() -> tuple[bool, str]:
     return module is not None, why
 
 
-attention_rows, attention_delta, requantize, lookup = fused_ops(_build)
+@functools.lru_cache(maxsize=None)
+def backend() -> FusedBackend:
+    """The four CUDA operators; the layer step is the composite of them (vqt.ops.composite)."""
+    return FusedBackend(name, _build)

@@ -32,12 +32,15 @@ def _weighted_values(p: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def attention_rows(q: torch.Tensor, pos_q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_k: torch.Tensor,
-                   window: Optional[float], scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                   window: Optional[float], scale: float, sink_s: Optional[torch.Tensor] = None,
+                   sink_v: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Full attention rows as accumulators (U (m, H, hd), Z (m, H), M (m, H)); output = U / Z.
 
     ``pos_k`` must be sorted ascending: each block of query rows then only reads the
     contiguous band of keys it can see (causal, and windowed when ``window`` is set).
-    Every query must see at least one key (itself, in a document).
+    Every query must see at least one key (itself, in a document). With an attention sink,
+    ``sink_s`` (m, H) are the queries' sink scores and ``sink_v`` (H, hd) the value each head
+    reads from it: one more key, always visible, that no edit touches.
     """
     us, zs, ms = [], [], []
     for lo in range(0, q.shape[0], _ROW_CHUNK):
@@ -47,9 +50,15 @@ def attention_rows(q: torch.Tensor, pos_q: torch.Tensor, k: torch.Tensor, v: tor
         kc, vc, pkc = k[first:last], v[first:last], pos_k[first:last]
         s = _scores(qc, kc, scale).masked_fill(~visible(pc, pkc, window), float("-inf"))
         m = s.amax(-1)  # (H, mc)
+        if sink_s is not None:
+            m = torch.maximum(m, sink_s[lo:lo + _ROW_CHUNK].T)
         p = torch.exp(s - m.unsqueeze(-1))
-        us.append(_weighted_values(p, vc))
-        zs.append(p.sum(-1).T)
+        u, z = _weighted_values(p, vc), p.sum(-1).T
+        if sink_s is not None:
+            ps = torch.exp(sink_s[lo:lo + _ROW_CHUNK] - m.T)  # (mc, H)
+            u, z = u + ps.unsqueeze(-1) * sink_v, z + ps
+        us.append(u)
+        zs.append(z)
         ms.append(m.T)
     if not us:
         e = q.new_zeros(0, q.shape[1])

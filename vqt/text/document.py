@@ -14,6 +14,7 @@ from vqt.text.changes import ChangedRange, LineIndex, PositionEncoding, apply_co
     utf8_to_offset
 from vqt.engine.spans import check_spans
 from vqt.engine.document import Document, EditStats
+from vqt.engine.options import DocumentOptions
 from vqt.modeling.model import VQTModel
 from vqt.text.tokenizer import Tokenizer, check_text
 
@@ -79,14 +80,16 @@ class TextDocument:
     _position_encoding: PositionEncoding = "utf-16"
     _changed: Optional[tuple[EditStats, list[int]]] = None  # (the last tracked update, its changed tokens)
 
-    def __init__(self, model: VQTModel, tokenizer: Optional[Tokenizer] = None, text: str = "", **doc_kwargs) -> None:
+    def __init__(self, model: VQTModel, tokenizer: Optional[Tokenizer] = None, text: str = "",
+                 options: Optional[DocumentOptions] = None, **settings) -> None:
+        """``options`` (or its fields by keyword, as for ``Document``): the engine settings."""
         check_text(text, "text")
         self.tokenizer = tokenizer or Tokenizer.default()
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
         ids, self._offsets = self.tokenizer.encode_with_offsets(text)
-        self.doc = Document(model, ids, **doc_kwargs)
+        self.doc = Document(model, ids, options, **settings)
         self._text = text
         self.last_stats: Optional[EditStats] = None
 
@@ -244,7 +247,7 @@ class TextDocument:
             check_text(text, "saved text")
             stats = None if meta["last_stats"] is None else persist.stats_from_json(meta["last_stats"])
             version, encoding, changed = meta["version"], check_encoding(meta["position_encoding"]), meta["changed"]
-            doc = cls(model, tokenizer, "", **persist.document_kwargs(state))
+            doc = cls(model, tokenizer, "", persist.document_options(state))
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"{path}: malformed document metadata ({e})") from None
         ids, offsets = tokenizer.encode_with_offsets(text)

@@ -25,18 +25,16 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from vqt.engine.document import Document, EditStats, LayerCache, _model_key
+from vqt.engine.document import Document, EditStats, model_key
+from vqt.engine.macs import Baselines
+from vqt.engine.options import DocumentOptions
 from vqt.modeling.model import VQTModel
-from vqt.engine.positions import SpacingPolicy
 from vqt.text.tokenizer import Tokenizer
 
 MAGIC = b"VQTSTATE\n"
 FORMAT = "vqt-document-state"
 FORMAT_VERSION = 1
 _NOT_FUNCTION = ("extra", "min_spacing")  # config entries that do not change what the model computes
-_DOC_TENSORS = {"tokens": "_tokens", "positions": "_pos", "residual": "_resid", "hidden": "_hidden",
-                "pooled_sum": "_pooled_sum"}
-_LAYER_FIELDS = tuple(f.name for f in dataclasses.fields(LayerCache))
 _TENSOR_TAG = "__tensor__"
 
 
@@ -45,7 +43,7 @@ class DocumentState:
     """A Document's cached tensors (slot table, order and free lists) and engine settings."""
 
     tensors: dict[str, torch.Tensor]
-    settings: dict[str, Any]  # position_mode, backend, tau, spacing (JSON-able)
+    settings: dict[str, Any]  # DocumentOptions.to_json()
     model: str  # fingerprint of the model that computed the tensors
 
 
@@ -66,7 +64,7 @@ _tokenizer_fps: "weakref.WeakKeyDictionary[Tokenizer, str]" = weakref.WeakKeyDic
 
 def model_fingerprint(model: VQTModel) -> str:
     """SHA-256 of the config (less free-form metadata) and every weight; cached until a weight changes."""
-    key = _model_key(model)
+    key = model_key(model)
     hit = _model_fps.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
@@ -93,23 +91,15 @@ def state_digest(doc: Document) -> str:
 # ------------------------------------------------------------------ in memory
 def capture(doc: Document, copy: bool = True) -> DocumentState:
     """The document's whole state (cloned unless ``copy`` is False)."""
-    t = {name: getattr(doc, attr) for name, attr in _DOC_TENSORS.items()}
-    for li, c in enumerate(doc._layers):
-        t.update({f"layer{li}.{f}": getattr(c, f) for f in _LAYER_FIELDS})
+    t = doc.cache.state_dict()
     if copy:
         t = {k: v.clone() for k, v in t.items()}
-    t["order"] = doc._order_t.cpu().clone()
-    t["free"] = torch.tensor(doc._free, dtype=torch.long)
-    settings = {"position_mode": doc.position_mode, "backend": doc.backend, "tau": doc.tau,
-                "spacing": dataclasses.asdict(doc.spacing)}
-    return DocumentState(t, settings, model_fingerprint(doc.model))
+    return DocumentState(t, doc.options.to_json(), model_fingerprint(doc.model))
 
 
-def document_kwargs(state: DocumentState) -> dict[str, Any]:
-    """Keyword arguments that build a Document with the state's engine settings."""
-    s = state.settings
-    return {"position_mode": s["position_mode"], "backend": s["backend"], "tau": s["tau"],
-            "spacing": SpacingPolicy(**s["spacing"])}
+def document_options(state: DocumentState) -> DocumentOptions:
+    """The engine settings the state was captured with."""
+    return DocumentOptions.from_json(state.settings)
 
 
 def restore(doc: Document, state: DocumentState) -> None:
@@ -120,40 +110,21 @@ def restore(doc: Document, state: DocumentState) -> None:
     """
     if state.model != model_fingerprint(doc.model):
         raise ValueError("the state was computed with another model (or the model's weights changed since)")
-    src, cur = state.tensors, capture(doc, copy=False).tensors
-    if set(src) != set(cur):
-        missing, unexpected = sorted(set(cur) - set(src)), sorted(set(src) - set(cur))
-        raise ValueError(f"the state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    cap = src["tokens"].shape[0]
-    for k, now in cur.items():
-        v = src[k]
-        want = now.shape if k in ("pooled_sum", "order", "free") else (cap, *now.shape[1:])
-        if v.dtype != now.dtype or (k not in ("order", "free") and tuple(v.shape) != tuple(want)):
-            raise ValueError(f"state tensor {k} is {v.dtype}{tuple(v.shape)}, "
-                             f"this model needs {now.dtype}{tuple(want)}")
-    order, free = src["order"].tolist(), src["free"].tolist()
-    if sorted(order + free) != list(range(cap)):
-        raise ValueError(f"the state's order and free lists do not partition its {cap} slots")
-    if len(order) > doc.cfg.max_len:
-        raise ValueError(f"the state holds {len(order)} tokens, more than the model's max_len={doc.cfg.max_len}")
-    doc.model.check_inputs(src["tokens"][src["order"]])
-
-    dev = doc.model.device
-    t = {k: v.to(dev, copy=True) for k, v in src.items() if k not in ("order", "free")}
-    for name, attr in _DOC_TENSORS.items():
-        setattr(doc, attr, t[name])
-    doc._layers = [LayerCache(**{f: t[f"layer{li}.{f}"] for f in _LAYER_FIELDS}) for li in range(doc.cfg.n_layers)]
-    doc._set_angles()  # derived from the positions
-    doc._order_t, doc._free = torch.tensor(order, dtype=torch.long, device=dev), free
-    kw = document_kwargs(state)
-    doc.position_mode, doc.tau, doc.spacing = kw["position_mode"], kw["tau"], kw["spacing"]
-    doc._bind_model()
+    src = state.tensors
+    options = dataclasses.replace(document_options(state), backend=doc.options.backend)  # (the backend is the doc's)
+    n = int(src["order"].numel()) if "order" in src else 0
+    if n > doc.cfg.max_len:
+        raise ValueError(f"the state holds {n} tokens, more than the model's max_len={doc.cfg.max_len}")
+    if "tokens" in src and "order" in src:
+        doc.model.check_inputs(src["tokens"][src["order"]])
+    doc.cache.load_state_dict(src)  # checks shapes, dtypes and the slot partition before changing anything
+    doc.configure(options)
 
 
 def stats_to_json(stats: EditStats) -> dict[str, Any]:
     """An EditStats as JSON-able values (tensor fields become tagged lists)."""
     values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
-    values["baselines"] = list(stats._baselines())
+    values["baselines"] = dataclasses.astuple(stats._baselines())
     return {k: {_TENSOR_TAG: v.tolist(), "dtype": str(v.dtype).removeprefix("torch.")} if isinstance(v, torch.Tensor)
             else v for k, v in values.items()}
 
@@ -164,7 +135,8 @@ def stats_from_json(d: dict[str, Any]) -> EditStats:
               if isinstance(v, dict) and _TENSOR_TAG in v else v for k, v in d.items()}
     if "dense_macs" in values:  # written before the baselines' MACs became lazy
         values["baselines"] = (values.pop("dense_macs"), values.pop("prefix_macs"))
-    values["baselines"] = tuple(values.get("baselines", (0, 0)))
+    base = tuple(values.get("baselines", (0, 0)))
+    values["baselines"] = Baselines(*base) if len(base) == 3 else Baselines(base[0], base[1], base[1])  # no cone: prefix
     return EditStats(**values)
 
 

@@ -1,0 +1,117 @@
+"""A document's slot table: every per-token row of every layer, by slot (DESIGN.md section 2).
+
+Every token owns one slot (one row in every table) for as long as it lives; ``order`` says which
+slot comes where in the document and deleted slots go to a free list, so an insertion or a
+deletion moves no large arrays. The cache owns its tensors, hands out slots (``alloc``, growing
+the tables when it runs out) and takes them back (``release``), and reads and writes itself
+as a flat dict of tensors (``state_dict``/``load_state_dict``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import torch
+
+from vqt.ops.tables import LayerTables
+
+_DOC_TENSORS = ("tokens", "positions", "residual", "hidden")  # per-slot rows outside the layers
+
+
+class SlotCache:
+    """Per-slot rows of one document: ``layers`` (one ``LayerTables`` each), token ids, positions,
+    the last block's output (``residual``) and the final hidden states, plus ``pooled_sum`` (the sum
+    of the live hidden rows), ``order`` (slots in document order) and the free list."""
+
+    def __init__(self, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
+                 residual: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, order: torch.Tensor,
+                 free: list[int]) -> None:
+        self.layers, self.tokens, self.positions = layers, tokens, positions
+        self.residual, self.hidden, self.pooled_sum = residual, hidden, pooled_sum
+        self.order, self.free = order, free  # free: pop() hands out the lowest free slot
+
+    @classmethod
+    def from_dense(cls, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
+                   residual: torch.Tensor, hidden: torch.Tensor) -> "SlotCache":
+        """The cache of a dense pass over n tokens (slot i = token i), with room to grow."""
+        n = tokens.numel()
+        cap = max(16, 2 * n)
+        pad = lambda t: torch.cat([t, t.new_zeros((cap - n, *t.shape[1:]))])  # noqa: E731
+        return cls([t.map(pad) for t in layers], pad(tokens), pad(positions), pad(residual), pad(hidden),
+                   hidden.sum(0), torch.arange(n, device=tokens.device), list(range(cap - 1, n - 1, -1)))
+
+    @property
+    def capacity(self) -> int:
+        return self.tokens.shape[0]
+
+    def __len__(self) -> int:
+        return self.order.numel()
+
+    def alloc(self, count: int) -> list[int]:
+        """``count`` free slots (lowest first), growing every table when there are not enough."""
+        if len(self.free) < count:
+            old = self.capacity
+            extra = max(old, count - len(self.free) + 16)
+            for t in self.layers:
+                t.grow(extra)
+            for name in _DOC_TENSORS:
+                t = getattr(self, name)
+                setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+            self.free = list(range(old + extra - 1, old - 1, -1)) + self.free
+        return [self.free.pop() for _ in range(count)]
+
+    def release(self, slots: torch.Tensor) -> None:
+        """Return deleted slots to the free list."""
+        self.free.extend(reversed(slots.tolist()))
+
+    def bytes_per_slot(self) -> int:
+        """Bytes of one slot's rows over every table."""
+        rows = [getattr(self, n) for n in _DOC_TENSORS]
+        return sum(t.bytes_per_row() for t in self.layers) + sum(t[0].numel() * t.element_size() for t in rows)
+
+    # --------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor (all capacity rows, free ones included), the order and the free list, by name."""
+        out = {name: getattr(self, name) for name in _DOC_TENSORS}
+        out["pooled_sum"] = self.pooled_sum
+        for li, t in enumerate(self.layers):
+            out.update({f"layer{li}.{name}": v for name, v in t.items()})
+        out["order"] = self.order.cpu()
+        out["free"] = torch.tensor(self.free, dtype=torch.long)
+        return out
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Replace this cache's contents by ``state`` (copied), after checking that it has the same
+        tensors with the same dtypes and row shapes, and that order and free list partition its slots.
+        Raises ValueError naming what does not fit, and then changes nothing."""
+        cur = self.state_dict()
+        if set(state) != set(cur):
+            missing, unexpected = sorted(set(cur) - set(state)), sorted(set(state) - set(cur))
+            raise ValueError(f"the state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+        cap = state["tokens"].shape[0]
+        for k, now in cur.items():
+            v = state[k]
+            want = now.shape if k in ("pooled_sum", "order", "free") else (cap, *now.shape[1:])
+            if v.dtype != now.dtype or (k not in ("order", "free") and tuple(v.shape) != tuple(want)):
+                raise ValueError(f"state tensor {k} is {v.dtype}{tuple(v.shape)}, this model needs {now.dtype}{tuple(want)}")
+        order, free = state["order"].tolist(), state["free"].tolist()
+        if sorted(order + free) != list(range(cap)):
+            raise ValueError(f"the state's order and free lists do not partition its {cap} slots")
+        dev = self.tokens.device
+        t = {k: v.to(dev, copy=True) for k, v in state.items() if k not in ("order", "free")}
+        for name in _DOC_TENSORS:
+            setattr(self, name, t[name])
+        self.pooled_sum = t["pooled_sum"]
+        self.layers = [LayerTables(**{f.name: t.get(f"layer{li}.{f.name}") for f in dataclasses.fields(LayerTables)})
+                       for li in range(len(self.layers))]
+        self.order, self.free = torch.tensor(order, dtype=torch.long, device=dev), free
+
+    def live_state(self) -> dict[str, torch.Tensor]:
+        """Every per-token tensor in document order (copies), plus the pooled sum: what must equal a
+        dense forward, whatever the slot layout."""
+        o = self.order
+        out = {"tokens": self.tokens[o], "positions": self.positions[o], "hidden": self.hidden[o],
+               "residual": self.residual[o], "pooled_sum": self.pooled_sum.clone()}
+        for li, t in enumerate(self.layers):
+            out.update({f"layer{li}.{name}": v[o] for name, v in t.items()})
+        return out
+

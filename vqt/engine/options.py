@@ -1,0 +1,57 @@
+"""``DocumentOptions``: every engine setting of a document in one frozen object.
+
+Built once at the edge (the CLI, the language server, a replay, a saved state) and passed down
+unchanged; nothing below it takes loose keyword settings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from vqt.engine.positions import PositionPolicy
+
+
+@dataclass(frozen=True)
+class DocumentOptions:
+    """Engine settings of a ``Document``."""
+
+    backend: str = "reference"  # "reference" (the oracle), "cpu", "cuda" or "auto" (vqt.ops.get_backend)
+    positions: PositionPolicy = field(default_factory=PositionPolicy)
+    # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass after removals.
+    # None: 1e-4 for float64 models, 1e-2 for float32 ones.
+    tau: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.backend, str):
+            raise TypeError(f"backend must be a name (str), got {self.backend!r}")
+        if not isinstance(self.positions, PositionPolicy):
+            raise TypeError(f"positions must be a PositionPolicy, got {self.positions!r}")
+        if self.tau is not None and not 0 <= self.tau < 1:
+            raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+
+    @classmethod
+    def make(cls, options: Optional["DocumentOptions"] = None, *, backend: Optional[str] = None,
+             position_mode: Optional[str] = None, positions: Optional[PositionPolicy] = None,
+             tau: Optional[float] = None) -> "DocumentOptions":
+        """``options`` (default: the defaults) with the given settings replaced; ``position_mode`` is a
+        shorthand for ``positions=PositionPolicy(mode=...)``."""
+        opts = options if options is not None else cls()
+        if positions is not None and position_mode is not None:
+            raise ValueError("give positions or position_mode, not both")
+        if position_mode is not None:
+            positions = dataclasses.replace(opts.positions, mode=position_mode)
+        changes = {k: v for k, v in (("backend", backend), ("positions", positions), ("tau", tau)) if v is not None}
+        return dataclasses.replace(opts, **changes) if changes else opts
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "DocumentOptions":
+        """Inverse of ``to_json``; also reads the settings of version-1 saved states."""
+        if "position_mode" in d:  # version 1: position_mode, backend, tau, spacing
+            return cls(backend=d["backend"], tau=d["tau"],
+                       positions=PositionPolicy(mode=d["position_mode"], **d.get("spacing", {})))
+        return cls(backend=d["backend"], tau=d["tau"], positions=PositionPolicy(**d["positions"]))

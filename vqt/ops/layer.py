@@ -1,0 +1,56 @@
+"""The per-row math of one Llama-style layer, shared by the model (dense and training passes) and the
+incremental step, so that both run the same ATen operators in the same order.
+
+q/k/v: RMSNorm, one matmul of the concatenated projection, RoPE (rotate-half) on q and k. Sink
+score: ``scale * q_raw . sink_k + sink_logit`` from the query *before* RoPE, so no position change
+can alter it (DESIGN.md section 7). After attention: y = x + attention output, x' = y + SwiGLU(RMSNorm(y)).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+Angles = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., heads, hd) by per-row (cos, sin) (..., 1, hd), rotate-half convention."""
+    hd = x.shape[-1]
+    x1, x2 = x[..., : hd // 2], x[..., hd // 2:]
+    return x * cos + torch.cat([-x2, x1], -1) * sin
+
+
+def sink_scores(q_raw: torch.Tensor, sink_k: torch.Tensor, sink_logit: torch.Tensor, scale: float) -> torch.Tensor:
+    """q_raw (..., H, hd) before RoPE -> each query head's score for the sink (..., H)."""
+    H, Hkv = q_raw.shape[-2], sink_k.shape[0]
+    k = sink_k.repeat_interleave(H // Hkv, dim=0)  # (H, hd)
+    return (q_raw * k).sum(-1) * scale + sink_logit
+
+
+def qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Tensor, n_heads: int, n_kv_heads: int,
+        angles: Angles, sink: Optional[tuple[torch.Tensor, torch.Tensor, float]] = None
+        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """x (..., d) -> q (..., H, hd), k and v (..., Hkv, hd), and the sink scores (..., H) or None.
+
+    ``angles``: the rows' RoPE (cos, sin), None without RoPE. ``sink``: (sink_k, sink_logit, scale).
+    """
+    h = F.rms_norm(x, norm_weight.shape, norm_weight, eps)
+    H, Hkv = n_heads, n_kv_heads
+    out = F.linear(h, w_qkv)
+    hd = out.shape[-1] // (H + 2 * Hkv)
+    out = out.view(*h.shape[:-1], H + 2 * Hkv, hd)
+    qk, v = out[..., : H + Hkv, :], out[..., H + Hkv:, :]
+    s = None if sink is None else sink_scores(qk[..., :H, :], *sink)
+    if angles is not None:  # q and k rotated together: one set of elementwise ops
+        qk = rope(qk, *angles)
+    return qk[..., :H, :], qk[..., H:, :], v, s
+
+
+def mlp_residual(y: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
+                 w_down: torch.Tensor) -> torch.Tensor:
+    """x' = y + W_down(silu(gate) * up) of RMSNorm(y). Per row."""
+    gate, up = F.linear(F.rms_norm(y, norm_weight.shape, norm_weight, eps), w_gate_up).chunk(2, -1)
+    return y + F.linear(F.silu(gate) * up, w_down)

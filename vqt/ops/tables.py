@@ -1,0 +1,124 @@
+"""The named records that cross the engine-backend seam (and the Python-C++ one).
+
+``LayerTables``: one layer's per-row tensors, for every position of a dense pass or every slot of
+a document's cache. ``LayerWeights``: what one layer step reads from the model, gathered once
+per model version. ``EditPlan``: what every layer step of one update shares (slots, positions,
+flags). ``LayerCounts``: what a layer step did, by name. The fused C++ step reads and returns
+these by field name, never by position.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+
+@dataclass
+class LayerTables:
+    """Rows of one layer (R rows: positions of a dense pass, or slots of a cache)."""
+
+    x: torch.Tensor  # (R, d) layer input
+    q: torch.Tensor  # (R, H, hd) queries, RoPE applied
+    k: torch.Tensor  # (R, Hkv, hd) keys, RoPE applied
+    v: torch.Tensor  # (R, Hkv, hd) values
+    U: torch.Tensor  # (R, H, hd) attention numerator (softmax weights times values, at stabilizer M)
+    Z: torch.Tensor  # (R, H) denominator
+    M: torch.Tensor  # (R, H) stabilizer (the row's largest score, the sink's included)
+    a_ref: torch.Tensor  # (R, G, gd) where each code was last searched (a dense pass: the output itself)
+    codes: torch.Tensor  # (R, G) long (zeros for a dense twin)
+    radius: torch.Tensor  # (R, G) certified radius around a_ref
+    sink: Optional[torch.Tensor] = None  # (R, H) each query's attention-sink score (models with a sink)
+
+    def items(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every table present, in field order."""
+        for f in dataclasses.fields(self):
+            t = getattr(self, f.name)
+            if t is not None:
+                yield f.name, t
+
+    def map(self, fn) -> "LayerTables":
+        """A new record with ``fn`` applied to every table present."""
+        return LayerTables(**{name: fn(t) for name, t in self.items()})
+
+    def grow(self, extra: int) -> None:
+        """Append ``extra`` zero rows to every table."""
+        for name, t in self.items():
+            setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+
+    def bytes_per_row(self) -> int:
+        return sum(t[0].numel() * t.element_size() for _, t in self.items())
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """What an incremental step of one Llama-style layer reads from the model (detached tensors)."""
+
+    attn_norm: torch.Tensor  # (d,)
+    attn_eps: float
+    w_qkv: torch.Tensor  # ((H + 2 Hkv) hd, d): wq, wk, wv concatenated
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    scale: float  # softmax temperature 1 / sqrt(hd)
+    mlp_norm: torch.Tensor  # (d,)
+    mlp_eps: float
+    w_gate_up: torch.Tensor  # (2 d_ff, d): w_gate, w_up concatenated
+    w_down: torch.Tensor  # (d, d_ff)
+    codebook: Optional[torch.Tensor] = None  # (G, K, gd); None for a dense twin
+    table: Optional[torch.Tensor] = None  # (G, K, d) lookup table E @ W_o per group
+    w_o: Optional[torch.Tensor] = None  # (d, H hd) for a dense twin (its output is W_o a)
+    sink_k: Optional[torch.Tensor] = None  # (Hkv, hd) sink key in the query's frame (score = scale q_raw . k)
+    sink_v: Optional[torch.Tensor] = None  # (Hkv, hd) sink value
+    sink_logit: Optional[torch.Tensor] = None  # (H,) added to every sink score
+    codebook_norms: Optional[torch.Tensor] = None  # (G, K) float64 |e|^2, precomputed by a backend that wants them
+
+    @property
+    def quantized(self) -> bool:
+        return self.codebook is not None
+
+    @property
+    def has_sink(self) -> bool:
+        return self.sink_k is not None
+
+    def sink_values(self) -> Optional[torch.Tensor]:
+        """(H, hd) the sink value each query head reads (GQA: head h reads kv head h // (H / Hkv))."""
+        if self.sink_v is None:
+            return None
+        return self.sink_v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
+
+
+@dataclass
+class EditPlan:
+    """What every layer step of one incremental update shares (C = slot capacity)."""
+
+    deleted: torch.Tensor  # slots of the removed tokens
+    order: torch.Tensor  # slots in document order after the edit (positions sorted along it)
+    pos: torch.Tensor  # (C,) float64 positions after the edit
+    old_pos: torch.Tensor  # (C,) float64 positions before it
+    is_new: torch.Tensor  # (C,) bool: inserted by this edit
+    is_forced: torch.Tensor  # (C,) bool: recomputed at every layer (new, or moved to a new position)
+    recomputed: torch.Tensor  # (C,) int32: layers that recomputed each slot (updated by the steps)
+    angles: Optional[tuple[torch.Tensor, torch.Tensor]]  # per-slot RoPE (cos, sin), None without RoPE
+    window: Optional[float]
+    tau: float  # cancellation guard threshold
+
+
+@dataclass
+class LayerCounts:
+    """What one layer step did; vqt.engine.macs turns it into MACs."""
+
+    dirty: int = 0  # rows recomputed in full (new q, k, v and a full attention row)
+    affected: int = 0  # clean rows whose attention was delta-updated
+    flipped: int = 0  # of those, rows whose code changed
+    code_flips: int = 0  # individual codes that changed among those rows
+    searches: int = 0  # code searches performed (group vectors)
+    skips: int = 0  # code searches skipped by the certified radius
+    refreshes: int = 0  # rows recomputed by the cancellation guard
+    delta_pairs: int = 0  # (query, key) pairs of the delta updates
+    full_pairs: int = 0  # (query, key) pairs of the full rows (sink not included)
+    full_rows: int = 0  # full rows (dirty plus refreshed), each of which also scores the sink
+    skip_checks: int = 0  # group vectors checked against their certified radius
+    mlp_rows: int = 0  # rows whose output and MLP were recomputed
