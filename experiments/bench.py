@@ -90,9 +90,18 @@ def main() -> None:
                                    baselines=(be == backends[0]),
                                    options=DocumentOptions(backend=be)))
         base = runs[backends[0]]
+        # The cone of influence on its fastest exact path: the same weights without quantization, on the
+        # same engine and backend (every row whose attention changes is recomputed, by delta updates).
+        fastest = backends[-1]
+        cone = list(replay(model.without_quantization(), (r for path in paths for r in iter_history(path)), tok,
+                           window_tokens=window, max_edits=a.max_edits, baselines=False,
+                           options=DocumentOptions(backend=fastest)))
         print(f"\n=== window {window} tokens: {len(base)} real edits (median doc {quantiles([r.n_tokens for r in base])['median']:.0f} tokens)")
         print(f"MAC ratio vs dense        {fmt(quantiles([r.ratio for r in base]))}")
         print(f"MAC ratio prefix reuse    {fmt(quantiles([r.prefix_ratio for r in base]))}")
+        print(f"MAC ratio cone vs dense   {fmt(quantiles([r.dense_macs / r.cone_macs for r in base]))}")
+        print(f"VQ MAC saving over cone   {fmt(quantiles([r.cone_ratio for r in base]))}")
+        print(f"cone ({fastest}, no VQ) ms   {fmt(quantiles([r.seconds * 1e3 for r in cone]))}")
         print(f"dense forward ms          {fmt(quantiles([r.dense_seconds * 1e3 for r in base]))}")
         print(f"prefix reuse ms           {fmt(quantiles([r.prefix_seconds * 1e3 for r in base]))}")
         for be, recs in runs.items():
@@ -102,6 +111,7 @@ def main() -> None:
                   (f"  p95 single-token {sorted(single)[int(0.95 * (len(single) - 1))]:.1f} ms (n={len(single)})" if single else ""))
             print(f"  speedup vs dense        {fmt(quantiles([d.dense_seconds / r.seconds for d, r in zip(base, recs)]))}")
             print(f"  speedup vs prefix reuse {fmt(quantiles([d.prefix_seconds / r.seconds for d, r in zip(base, recs)]))}")
+            print(f"  speedup vs cone         {fmt(quantiles([c.seconds / r.seconds for c, r in zip(cone, recs)]))}")
             if be != "reference":
                 print(f"  speedup vs reference    {fmt(quantiles([d.seconds / r.seconds for d, r in zip(runs['reference'], recs)]))}")
         if a.single_token:

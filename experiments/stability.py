@@ -49,6 +49,8 @@ def stability_report(model: VQTModel, revisions: Iterable[Mapping[str, Any]], to
         "dirty_fraction": quantiles([r.dirty_fraction for r in records]),
         "mac_ratio": quantiles([r.ratio for r in records]),
         "prefix_mac_ratio": quantiles([r.prefix_ratio for r in records]),
+        "cone_mac_ratio": quantiles([r.dense_macs / r.cone_macs for r in records]),
+        "vq_over_cone": quantiles([r.cone_ratio for r in records]),
         "dirty_fraction_per_layer": np.median(frac, 0).tolist() if records else [],
     }
     return report, records
@@ -99,13 +101,14 @@ def main() -> None:
             with open(a.json, "a") as f:
                 f.write(json.dumps(rep) + "\n")
     print(f"\n{'checkpoint':<34} {'edits':>5} {'flip@L1':>8} {'dirty med':>9} {'dirty p90':>9} "
-          f"{'MAC med':>8} {'p10':>6} {'p90':>7} {'prefix':>7} {'ppl':>7} {'twin':>7}")
+          f"{'MAC med':>8} {'p10':>6} {'p90':>7} {'prefix':>7} {'cone':>7} {'VQ/cone':>8} {'ppl':>7} {'twin':>7}")
     for r in rows:
         q, d = r["mac_ratio"], r["dirty_fraction"]
         twin = f"{r['twin_perplexity']:.2f}" if r["twin_perplexity"] else "-"
         print(f"{r['checkpoint'][-34:]:<34} {r['edits']:>5} {r['layer1_flip_rate']:>8.4f} {d['median']:>9.4f} "
               f"{d['p90']:>9.4f} {q['median']:>7.1f}x {q['p10']:>5.1f}x {q['p90']:>6.1f}x "
-              f"{r['prefix_mac_ratio']['median']:>6.1f}x {r['perplexity']:>7.2f} {twin:>7}")
+              f"{r['prefix_mac_ratio']['median']:>6.1f}x {r['cone_mac_ratio']['median']:>6.1f}x "
+              f"{r['vq_over_cone']['median']:>7.2f}x {r['perplexity']:>7.2f} {twin:>7}")
     if a.plot:
         import matplotlib
 

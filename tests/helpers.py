@@ -19,6 +19,13 @@ def tiny_model(dtype: torch.dtype = torch.float64, seed: int = 0, calibrate: boo
     kw = dict(vocab_size=61, d_model=32, n_layers=3, n_heads=4, n_kv_heads=2, codebook_size=16, max_len=96)
     kw.update(overrides)
     model = VQTModel(VQTConfig(**kw)).to(dtype).eval()
+    if model.config.sink != "none":  # a sink that matters: sizeable logits, keys and values
+        with torch.no_grad():
+            for b in model.blocks:
+                b.sink_logit.normal_(0.0, 1.5)
+                if model.config.sink == "token":
+                    b.sink_k.normal_(0.0, 1.0)
+                    b.sink_v.normal_(0.0, 1.0)
     if calibrate and model.config.quantize:
         rng = random.Random(seed)
         model.calibrate_codebooks([rng.randrange(kw["vocab_size"]) for _ in range(256)], iters=5)

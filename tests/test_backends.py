@@ -321,7 +321,8 @@ def test_bad_inputs_are_rejected_with_reasons(fused):
 # ----------------------------------------------------------------------------- whole documents
 VOCAB, MAX_TOKENS = 61, 60
 DOC_CONFIGS = {"gqa-rope": dict(), "mha-window-layer-k64": dict(n_kv_heads=4, window=6.0, granularity="layer",
-                                                                  codebook_size=64)}
+                                                                  codebook_size=64),
+               "gqa-rope-sink-window": dict(sink="token", window=6.0)}
 
 
 @lru_cache(maxsize=None)

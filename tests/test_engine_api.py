@@ -10,7 +10,7 @@ import torch
 
 from helpers import assert_matches_dense, tiny_model
 from vqt import Document, VQTConfig, VQTModel
-from vqt.engine.macs import MacCounter, dense_macs, prefix_reuse_macs
+from vqt.engine.macs import MacCounter, baseline_macs, dense_macs, prefix_reuse_macs
 
 
 def random_edits(doc: Document, rng: random.Random, count: int, vocab: int = 61):
@@ -56,6 +56,18 @@ def test_mac_accounting_hand_computed():
     m = MacCounter(cfg)
     m.quantize_skip(5)
     assert m.total == 5 * 4 and m.by_kind["quantize"] == 20
+    sink = VQTConfig(**{**cfg.to_dict(), "sink": "token"})
+    # A sink is one more pair per row (score and value): 3 rows * 16.
+    assert dense_macs(sink, pos) == 1776 + 3 * 16
+    # Cone, hand-counted: window 2, positions 0..3, token 1 changed (two layers, no quantization:
+    # output W_o 64 per row). Layer 0: rows 1 (input changed: qkv) and 2 (sees key 1) recomputed;
+    # layer 1: rows 1, 2 have new inputs (qkv), rows 1..3 recomputed. Pairs: rows 1, 2, 3 see 2 keys.
+    # Per row: qkv 128, W_o 64, MLP 384; per pair 16.
+    cone = (1 * 128 + 2 * (64 + 384) + 4 * 16) + (2 * 128 + 3 * (64 + 384) + 6 * 16)
+    assert baseline_macs(win, p4, 1, torch.tensor([1]), torch.tensor([])).cone == cone
+    # A removed key at position 2.5 also reaches query 3 (2.5 <= 3 < 4.5): row 3 joins at layer 0, so at
+    # layer 1 its input changed too (one more qkv).
+    assert baseline_macs(win, p4, 1, torch.tensor([1]), torch.tensor([2.5])).cone == cone + (64 + 384 + 2 * 16) + 128
 
 
 def test_engine_macs_use_the_same_accounting():

@@ -12,7 +12,8 @@ from vqt import Document
 from vqt.engine.positions import plan_positions
 
 # Every value of every axis appears at least once: RoPE/none, GQA/MHA, the three
-# granularities, K from 4 to 256, with and without a window, quantized and dense twin.
+# granularities, K from 4 to 256, with and without a window, quantized and dense twin, no sink,
+# a token sink and a logit sink (with and without a window).
 CONFIGS = {
     "rope-gqa-head-k16": dict(),
     "rope-mha-layer-k256": dict(n_kv_heads=4, granularity="layer", codebook_size=256),
@@ -21,6 +22,9 @@ CONFIGS = {
     "none-window-layer-k64": dict(pos_encoding="none", window=5.0, granularity="layer", codebook_size=64, n_kv_heads=1),
     "rope-mha-product-k32-window": dict(n_kv_heads=4, granularity="product", n_subvectors=4, codebook_size=32, window=9.0),
     "dense-twin-window": dict(quantize=False, window=7.0),
+    "rope-sink-token-window-head-k16": dict(sink="token", window=6.0),
+    "none-sink-logit-layer-k64": dict(pos_encoding="none", sink="logit", granularity="layer", codebook_size=64),
+    "dense-twin-sink-token": dict(quantize=False, sink="token", window=5.0),
 }
 MODELS = {name: tiny_model(**kw) for name, kw in CONFIGS.items()}
 VOCAB = 61
@@ -189,3 +193,27 @@ def test_cancellation_guard_fires_and_recovers():
     stats = doc.delete(1, 2)
     assert stats.refreshes > 0
     assert_matches_dense(doc)
+
+
+@pytest.mark.parametrize("name", ["rope-sink-token-window-head-k16", "none-sink-logit-layer-k64"])
+def test_sink_score_does_not_depend_on_positions(name):
+    """The sink is scored at a fixed relative offset: shifting every position (RoPE is relative)
+    leaves every output unchanged, and the sink changes the outputs (it is not a no-op)."""
+    model = MODELS[name]
+    tok = list(range(3, 40))
+    pos = torch.arange(len(tok), dtype=torch.float64) * 0.75
+    a, b = model.forward_dense(tok, pos), model.forward_dense(tok, pos + 1234.5)
+    assert torch.equal(a.codes, b.codes)
+    torch.testing.assert_close(a.hidden, b.hidden, atol=1e-9, rtol=0)
+    without = tiny_model(**{**CONFIGS[name], "sink": "none"})
+    without.load_state_dict({k: v for k, v in model.state_dict().items() if "sink" not in k})
+    assert not torch.allclose(without.forward_dense(tok, pos).hidden, a.hidden, atol=1e-3)
+
+
+def test_sink_training_path_equals_dense_forward():
+    """The batched training path (SDPA with the sink as an extra key) computes what forward_dense does."""
+    model = tiny_model(sink="token", window=6.0, quantize=False)
+    tok = list(range(5, 35))
+    with torch.no_grad():
+        out = model(torch.tensor([tok]))
+    torch.testing.assert_close(out["hidden"][0], model.forward_dense(tok).hidden, atol=1e-9, rtol=0)

@@ -43,8 +43,10 @@ class EditRecord:
     macs: int
     dense_macs: int
     prefix_macs: int
+    cone_macs: int  # the cone of influence recomputed without quantization (vqt.engine.macs)
     ratio: float
     prefix_ratio: float
+    cone_ratio: float  # what VQ saves over the cone: cone_macs / macs
     dirty_per_layer: list[int]
     flips_per_layer: list[int]
     code_flips_per_layer: list[int]
@@ -77,7 +79,8 @@ class EditRecord:
 
 
 # EditRecord fields copied as they are from the engine's EditStats.
-_FROM_STATS = ("n_tokens", "first_changed", "macs", "dense_macs", "prefix_macs", "ratio", "prefix_ratio",
+_FROM_STATS = ("n_tokens", "first_changed", "macs", "dense_macs", "prefix_macs", "cone_macs", "ratio", "prefix_ratio",
+               "cone_ratio",
                "dirty_per_layer", "flips_per_layer", "code_flips_per_layer", "affected_per_layer",
                "certified_skips", "refreshes", "renumbered", "seconds", "macs_by_kind")
 
@@ -189,6 +192,9 @@ def summarize(records: list[EditRecord]) -> dict[str, dict[str, float]]:
     out = {
         "MAC ratio vs dense": quantiles([r.ratio for r in records]),
         "prefix-reuse MAC ratio": quantiles([r.prefix_ratio for r in records]),
+        "cone MAC ratio vs dense": quantiles([r.dense_macs / r.cone_macs if r.cone_macs else float("inf")
+                                              for r in records]),
+        "VQ saving over the cone": quantiles([r.cone_ratio for r in records]),
         "dirty fraction": quantiles([r.dirty_fraction for r in records]),
         "layer-1 code flip rate": quantiles([r.layer1_flip_rate for r in records]),
         "incremental ms": quantiles([r.seconds * 1e3 for r in records]),

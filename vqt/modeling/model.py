@@ -414,6 +414,14 @@ class VQTModel(nn.Module):
         model.load_state_dict(state)
         return model.to(device=map_location, dtype=dtype or saved_dtype).eval()
 
+    def without_quantization(self) -> "VQTModel":
+        """The same weights with the quantizers off (W_o applied to the raw attention output): the model
+        whose incremental cost is the cone of influence."""
+        cfg = VQTConfig.from_dict({**self.config.to_dict(), "quantize": False})
+        twin = VQTModel(cfg).to(device=self.device, dtype=self.dtype)
+        twin.load_state_dict({k: v for k, v in self.state_dict().items() if ".quantizer." not in k})
+        return twin.eval()
+
     def describe(self) -> str:
         c = self.config
         n = sum(p.numel() for p in self.parameters())
