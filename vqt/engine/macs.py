@@ -56,23 +56,23 @@ class MacCounter:
         """Distance of ``vectors`` group vectors to their reference point."""
         self.by_kind["quantize"] += vectors * self.cfg.group_dim
 
-    def output(self, rows: int) -> None:
-        """Lookup-table sum (quantized) or the W_o projection (dense twin)."""
+    def output(self, rows: int, quantized: bool) -> None:
+        """Lookup-table sum (a quantized layer) or the W_o projection (an unquantized one)."""
         c = self.cfg
-        per_row = c.n_groups * c.d_model if c.quantize else c.d_model * c.n_heads * c.head_dim
+        per_row = c.n_groups * c.d_model if quantized else c.d_model * c.n_heads * c.head_dim
         self.by_kind["output"] += rows * per_row
 
     def mlp(self, rows: int) -> None:
         self.by_kind["mlp"] += rows * 3 * self.cfg.d_model * self.cfg.d_ff
 
-    def rows(self, rows: int, pairs: int) -> None:
+    def rows(self, rows: int, pairs: int, quantized: bool) -> None:
         """One layer recomputed from scratch on ``rows`` positions that see ``pairs`` keys in all
         (the sink, when the model has one, is counted here: one more pair per row)."""
         self.qkv(rows)
         self.attention(pairs + (rows if self.cfg.sink != "none" else 0))
-        if self.cfg.quantize:
+        if quantized:
             self.quantize_search(rows * self.cfg.n_groups)
-        self.output(rows)
+        self.output(rows, quantized)
         self.mlp(rows)
 
     def layer(self, counts: LayerCounts, quantized: bool) -> None:
@@ -85,7 +85,7 @@ class MacCounter:
         if quantized:
             self.quantize_skip(counts.skip_checks)
             self.quantize_search(counts.searches)
-        self.output(counts.mlp_rows)
+        self.output(counts.mlp_rows, quantized)
         self.mlp(counts.mlp_rows)
 
 
@@ -98,10 +98,11 @@ class Baselines:
     cone: int  # the cone of influence, without quantization
 
 
-def _per_row_and_pair(cfg: VQTConfig) -> tuple[int, int]:
+def _per_row_and_pair(cfg: VQTConfig, quantized: bool) -> tuple[int, int]:
+    """MACs of one row of one layer (its sink pair excluded) and of one (query, key) pair."""
     per_row, per_pair = MacCounter(cfg), MacCounter(cfg)
-    per_row.rows(1, 0)
-    per_pair.rows(0, 1)
+    per_row.rows(1, 0, quantized)
+    per_pair.rows(0, 1, quantized)
     return per_row.total - per_pair.total * (cfg.sink != "none"), per_pair.total
 
 
@@ -116,12 +117,16 @@ def baseline_macs(cfg: VQTConfig, positions: torch.Tensor, first: int, changed: 
     """
     p = positions.detach().to("cpu", torch.float64)
     counts = visible_counts(p, p, cfg.window).numpy()
-    per_row, per_pair = _per_row_and_pair(cfg)
     n, sink = len(p), int(cfg.sink != "none")
-    cost = lambda mask: int(mask.sum()) * per_row + int(counts[mask].sum() + sink * mask.sum()) * per_pair  # noqa: E731
-    everything = np.ones(n, dtype=bool)
-    after = np.arange(n) >= first
-    dense, prefix = cfg.n_layers * cost(everything), cfg.n_layers * cost(after)
+
+    def cost(mask: np.ndarray) -> int:  # every layer recomputes the rows of mask from scratch
+        total = 0
+        for i in range(cfg.n_layers):
+            per_row, per_pair = _per_row_and_pair(cfg, cfg.layer_quantized(i))
+            total += int(mask.sum()) * per_row + int(counts[mask].sum() + sink * mask.sum()) * per_pair
+        return total
+
+    dense, prefix = cost(np.ones(n, dtype=bool)), cost(np.arange(n) >= first)
     if changed is None:
         return Baselines(dense, prefix, prefix)
     return Baselines(dense, prefix, cone_macs(cfg, p.numpy(), counts, changed, removed))
@@ -136,7 +141,7 @@ def cone_macs(cfg: VQTConfig, pos: np.ndarray, counts: np.ndarray, changed: torc
     nocodes = dataclasses.replace(cfg, quantize=False)
     qkv_row = MacCounter(nocodes)
     qkv_row.qkv(1)
-    per_row, per_pair = _per_row_and_pair(nocodes)
+    per_row, per_pair = _per_row_and_pair(nocodes, False)
     per_row -= qkv_row.total  # rows whose input did not change keep their q, k, v
     n = len(pos)
     gone = np.asarray([] if removed is None else removed.detach().cpu().double().numpy(), dtype=np.float64)

@@ -1,7 +1,8 @@
 """Training and evaluation text from the Wikipedia histories in ../shared/data, tokenized and cached.
 
-Training text: a sample of revisions of the Anarchism history. Held out for evaluation:
-the four MediaWiki API JSON articles, never used for training or for the tokenizer.
+Training text: a sample of revisions of the Anarchism history, and (for adapting pretrained
+models) the Rust RFC texts of the git bundle. Held out for evaluation: the four MediaWiki API
+JSON articles, never used for training or for the tokenizer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ SHARED_DATA = Path(os.environ.get("VQT_SHARED_DATA", Path(__file__).resolve().pa
 WIKI = SHARED_DATA / "wiki"
 ANARCHISM = WIKI / "enwiki-anarchism-history.xml.lzma"
 HELDOUT = sorted((WIKI / "api").glob("*.json.xz")) if (WIKI / "api").is_dir() else []
+RFC_BUNDLE = SHARED_DATA / "git" / "rust-rfcs.bundle"
 CACHE = Path(os.environ.get("VQT_CACHE", Path.home() / ".cache" / "vqt"))
 EOS = 0  # <|endoftext|> in the project tokenizer
 
@@ -38,6 +40,21 @@ def training_texts(every: int = 25, limit: Optional[int] = None) -> Iterator[str
             break
         if i % every == 0 and rev["text"]:
             yield rev["text"]
+
+
+def rfc_texts(limit: Optional[int] = None) -> Iterator[str]:
+    """The latest text of each Rust RFC (text/*.md) in the bundle, cloned once under $VQT_CACHE."""
+    import subprocess
+
+    clone = CACHE / "rust-rfcs"
+    if not (clone / ".git").is_dir():
+        require_data(RFC_BUNDLE)
+        clone.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "clone", "-q", str(RFC_BUNDLE), str(clone)], check=True)
+    for i, path in enumerate(sorted((clone / "text").glob("*.md"))):
+        if limit is not None and i >= limit:
+            break
+        yield path.read_text(encoding="utf-8", errors="replace")
 
 
 def heldout_texts() -> list[str]:

@@ -45,6 +45,9 @@ class VQTConfig:
 
     # Vector quantization of the attention output (DESIGN.md section 1).
     quantize: bool = True  # False gives the dense twin: same block, W_o applied to the raw attention output
+    # The layers that are quantized (None: every layer). An unquantized layer passes every change on, like
+    # the dense twin; a quantized one stops the cascade wherever codes stay put.
+    quantize_layers: Optional[list[int]] = None
     granularity: Granularity = "head"  # one codebook per layer, per head, or product (sub-codebooks per head)
     n_subvectors: int = 2  # sub-codebooks per head when granularity == "product"
     codebook_size: int = 64
@@ -70,6 +73,9 @@ class VQTConfig:
             (self.window is None or self.window > 0, f"window must be positive or None, got {self.window}"),
             (self.sink in ("none", "token", "logit"), f"unknown sink {self.sink!r} (use 'none', 'token' or 'logit')"),
             (self.max_len > 0, "max_len must be positive"),
+            (self.quantize_layers is None or all(isinstance(i, int) and 0 <= i < self.n_layers
+                                                 for i in self.quantize_layers),
+             f"quantize_layers must list layer indices in [0, {self.n_layers}), got {self.quantize_layers}"),
             (0 < self.min_spacing <= 1, f"min_spacing must be in (0, 1], got {self.min_spacing}"),
         ]
         if self.pos_encoding == "rope":
@@ -80,6 +86,10 @@ class VQTConfig:
         for ok, msg in checks:
             if not ok:
                 raise ValueError(msg)
+
+    def layer_quantized(self, i: int) -> bool:
+        """Whether layer i has a quantizer."""
+        return self.quantize and (self.quantize_layers is None or i in self.quantize_layers)
 
     @property
     def head_dim(self) -> int:

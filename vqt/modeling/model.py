@@ -68,7 +68,7 @@ class Block(nn.Module):
         self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.quantizer = VectorQuantizer(cfg) if cfg.quantize else None
+        self.quantizer = VectorQuantizer(cfg) if cfg.layer_quantized(layer_idx) else None
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.w_gate = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_up = nn.Linear(d, cfg.d_ff, bias=False)
@@ -213,6 +213,38 @@ class DenseOutput:
         return bool((self.gaps[diff] <= 4 * margin[diff]).all())
 
 
+def _load_base(cfg: VQTConfig) -> dict[str, torch.Tensor]:
+    """The base weights a delta checkpoint names: ``extra["base"]["loader"]`` is "module:function", called
+    with the config; it returns a full state dict (imported by name, so this module depends on no loader)."""
+    import importlib
+
+    base = cfg.extra["base"]
+    module, _, fn = str(base.get("loader", "")).partition(":")
+    try:
+        loader = getattr(importlib.import_module(module), fn)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot load the base weights {base!r}: {e}") from None
+    return loader(cfg)
+
+
+def _apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base state with ``delta``'s tensors put in and its low-rank factors added: W += B @ A."""
+    out = dict(base)
+    for k, v in delta.items():
+        if k.endswith((".lora_A", ".lora_B")):
+            continue
+        out[k] = v
+    for k, a in delta.items():
+        if k.endswith(".lora_A"):
+            prefix = k[: -len(".lora_A")]
+            b = delta.get(prefix + ".lora_B")
+            if b is None or prefix + ".weight" not in out:
+                raise ValueError(f"low-rank factor {k} has no matching lora_B or weight")
+            w = out[prefix + ".weight"]
+            out[prefix + ".weight"] = (w.double() + b.double() @ a.double()).to(w.dtype)
+    return out
+
+
 class VQTModel(nn.Module):
     """Token embedding, ``n_layers`` blocks, final RMSNorm, LM head, optional pooled classifier."""
 
@@ -339,9 +371,11 @@ class VQTModel(nn.Module):
                 res = nearest(a, block.quantizer.codebook)
                 codes, radius = res.codes, res.radius
                 gaps.append(res.gap if cache is None else torch.cat([cache.gaps[li, pr], res.gap]))
-            else:
+            else:  # an unquantized layer: zero codes, and a gap no float noise can close
                 codes = torch.zeros(n - start, cfg.n_groups, dtype=torch.long, device=x.device)
                 radius = torch.zeros(n - start, cfg.n_groups, dtype=x.dtype, device=x.device)
+                if cfg.quantize:
+                    gaps.append(torch.full((n, cfg.n_groups), float("inf"), dtype=x.dtype, device=x.device))
             state = LayerTables(x, q, k[rows], v[rows], U, Z, M, a, codes, radius, s)
             if cache is not None:
                 old = cache.layers[li]
@@ -367,19 +401,25 @@ class VQTModel(nn.Module):
         g = torch.Generator(device="cpu").manual_seed(seed)
         tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         pos = torch.arange(tok.numel(), dtype=torch.float64, device=self.device)
-        self._dense(tok, pos, None, 0, before_quantize=lambda block, a: block.quantizer.init_kmeans(
-            a, iters=iters, generator=g))
+        self._dense(tok, pos, None, 0, before_quantize=lambda block, a: block.quantizer is not None and
+                    block.quantizer.init_kmeans(a, iters=iters, generator=g))
 
     # ------------------------------------------------------------ checkpoints
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json and model.safetensors into ``directory``."""
+    def save_pretrained(self, directory: str | Path, state: Optional[dict[str, torch.Tensor]] = None) -> None:
+        """Write config.json and model.safetensors into ``directory``.
+
+        ``state`` (default: the whole state dict) may be a delta over a base model named in
+        ``config.extra["base"]`` (see ``from_pretrained``): only the tensors that differ from it, and
+        low-rank factors ``<linear>.lora_A``/``lora_B`` whose product is added to ``<linear>.weight``.
+        """
         from safetensors.torch import save_file
 
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         self.config.save(d / CONFIG_FILE)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(d / WEIGHTS_FILE), metadata={"format": "vqt", "version": "1"})
+        state = self.state_dict() if state is None else state
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(d / WEIGHTS_FILE),
+                  metadata={"format": "vqt", "version": "1"})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, map_location: str | torch.device = "cpu",
@@ -400,6 +440,9 @@ class VQTModel(nn.Module):
             state = load_file(str(d / WEIGHTS_FILE), device=str(map_location))
         except (SafetensorError, OSError) as e:
             raise ValueError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
+        saved_dtype = next(iter(state.values())).dtype if state else torch.float32
+        if "base" in cfg.extra:  # a delta over base weights read at run time (e.g. a registry package's GGUF)
+            state, saved_dtype = _apply_delta(_load_base(cfg), state), torch.float32
         model = cls(cfg)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))
@@ -409,7 +452,6 @@ class VQTModel(nn.Module):
         for k, v in state.items():
             if v.shape != expected[k].shape:
                 raise ValueError(f"checkpoint {d}: {k} has shape {tuple(v.shape)}, config implies {tuple(expected[k].shape)}")
-        saved_dtype = next(iter(state.values())).dtype if state else torch.float32
         model = model.to(saved_dtype)
         model.load_state_dict(state)
         return model.to(device=map_location, dtype=dtype or saved_dtype).eval()
@@ -426,6 +468,10 @@ class VQTModel(nn.Module):
         c = self.config
         n = sum(p.numel() for p in self.parameters())
         q = (f"VQ {c.granularity} x{c.n_groups} K={c.codebook_size}" if c.quantize else "dense twin (no VQ)")
+        if c.quantize and c.quantize_layers is not None:
+            q += f" on layers {c.quantize_layers}"
+        if c.sink != "none":
+            q += f", {c.sink} sink"
         return (f"VQT {c.n_layers}L d={c.d_model} H={c.n_heads}/{c.n_kv_heads} {c.pos_encoding} "
                 f"window={c.window} {q}, {n / 1e6:.2f}M params, {self.dtype}")
 

