@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from vqt._errors import UserError
+
 
 SHIPPED_MODEL = "vqt-small"
 
@@ -15,24 +17,31 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
 
     'demo' -> the built-in random demo model; a `vqt convert` folder -> SmolLM2 with its
     codebooks (and the GGUF tokenizer); another directory -> a checkpoint; None -> the
-    shipped model in data/ when present, else the demo model."""
+    shipped model in data/ when present, else the demo model. A model or tokenizer that cannot
+    be loaded is a ``UserError`` naming it."""
     from pathlib import Path
 
     from vqt.apps.demo import demo_model
     from vqt.modeling.model import VQTModel
     from vqt.text.tokenizer import DATA_DIR, Tokenizer
 
-    tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
+    try:
+        tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer {tokenizer_path}: {e} (give a tokenizers JSON file)") from e
     if spec is None:
         spec = str(DATA_DIR / SHIPPED_MODEL) if (DATA_DIR / SHIPPED_MODEL / "config.json").is_file() else "demo"
     if spec == "demo":
         tok = tok or Tokenizer.default()
         return demo_model(tok, dtype=dtype), "built-in demo model (untrained, k-means codebooks)", tok
-    if (Path(spec) / "vqt_convert.json").is_file():
-        from vqt.pretrained.convert import load_converted, tokenizer_from_gguf
+    try:
+        if (Path(spec) / "vqt_convert.json").is_file():
+            from vqt.pretrained.convert import load_converted, tokenizer_from_gguf
 
-        return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
-    return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
+            return load_converted(spec, dtype=dtype), f"{spec} (SmolLM2 + VQ codebooks)", tok or tokenizer_from_gguf()
+        return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {spec}: {e} (give a checkpoint folder, a `vqt convert` folder or 'demo')") from e
 
 
 def add_engine_arguments(parser, backend_default: str = "auto") -> None:
