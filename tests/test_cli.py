@@ -67,8 +67,10 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         (["replay", "--data", "/nonexistent.json"], r"^vqt replay: error: --data /nonexistent.json: no such file"),
         (["replay", "--model", str(tmp_path / "nomodel")], rf"--model {tmp_path}/nomodel: checkpoint directory .* does "
          r"not exist \(give a checkpoint folder"),
-        (["replay", "--tokenizer", str(tmp_path / "tok.json")], r"--tokenizer .*tok.json: tokenizer file .* does not exist"),
-        (["replay", "--jsonl", str(tmp_path / "no" / "e.jsonl"), *FAST], r"--jsonl .*e.jsonl: cannot write it \(No such"),
+        (["replay", "--tokenizer", str(tmp_path / "tok.json")],
+         r"--tokenizer .*tok.json: tokenizer file .* does not exist"),
+        (["replay", "--jsonl", str(tmp_path / "no" / "e.jsonl"), *FAST],
+         r"--jsonl .*e.jsonl: cannot write it \(No such"),
         (["replay", "--plot", a_file, *FAST], r"--plot .*a_file is a file: give a folder for the PNG plots"),
         (["replay", "--data", str(tmp_path), *FAST], r"is a folder: to replay one file's history from a git "
          r"repository, name the file with --file PATH"),
@@ -123,7 +125,8 @@ def test_bad_revisions_are_skipped_counted_or_stop_with_strict(tmp_path, capsys)
 def test_debug_shows_the_traceback_and_python_m_vqt_exits_1():
     argv = [sys.executable, "-m", "vqt", "replay", "--data", "/nonexistent.json"]
     plain = subprocess.run(argv, capture_output=True, text=True, timeout=120)
-    assert plain.returncode == 1 and plain.stderr == "vqt replay: error: --data /nonexistent.json: no such file or folder\n"
+    assert plain.returncode == 1
+    assert plain.stderr == "vqt replay: error: --data /nonexistent.json: no such file or folder\n"
     debug = subprocess.run(argv + ["--debug"], capture_output=True, text=True, timeout=120)
     assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr
     assert "vqt._errors.UserError: --data /nonexistent.json: no such file or folder" in debug.stderr

@@ -537,7 +537,8 @@ def test_a_long_fuzzed_stream_leaves_the_server_serving_and_exact(model, model_d
 
     rng, started = random.Random(13), time.monotonic()
     client = fresh(model_dir, tmp_path, "--max-live", "2")
-    docs = {f"file:///stream/{i}.txt": Mirror(rng.choice(["", "ab é", TEXT[:40], "x\r\ny\rz 😀\n"])) for i in range(3)}
+    starts = ["", "ab é", TEXT[:40], "x\r\ny\rz 😀\n"]
+    docs = {f"file:///stream/{i}.txt": Mirror(rng.choice(starts)) for i in range(3)}
     for uri, m in docs.items():
         open_doc(client, uri, m.text)
     requests, sent = [], 0
@@ -550,8 +551,9 @@ def test_a_long_fuzzed_stream_leaves_the_server_serving_and_exact(model, model_d
                 lines = lsp_position(m.text, len(m.text))["line"]
                 pos = [(rng.randint(0, lines), rng.randint(0, 12)) for _ in range(2)]
                 start, end = sorted(pos)
+                pieces = ["a", "b", " ", "é", "東", "😀", "\n", "\r\n"]
                 new = "" if len(m.text) > 150 and rng.random() < 0.7 else \
-                    "".join(rng.choice(["a", "b", " ", "é", "東", "😀", "\n", "\r\n"]) for _ in range(rng.randint(0, 6)))
+                    "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
                 version = m.version + rng.randint(1, 3)
                 change(client, uri, version, [{"range": {"start": {"line": start[0], "character": start[1]},
                                                          "end": {"line": end[0], "character": end[1]}}, "text": new}])

@@ -84,7 +84,7 @@ def test_bad_text_edits_leave_everything_unchanged(args, exc, match):
 
 
 def test_text_in_the_tokenizer_slot_is_named():
-    with pytest.raises(TypeError, match="tokenizer must be a Tokenizer, got str 'hello' .the text is the third argument"):
+    with pytest.raises(TypeError, match="tokenizer must be a Tokenizer, got str 'hello' .the text is the third"):
         TextDocument(MODEL, "hello")
 
 

@@ -7,7 +7,7 @@ import errno
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import BinaryIO
 
 
 @contextlib.contextmanager
@@ -36,6 +36,6 @@ def atomic_write(path: str | Path, opener: Callable[..., BinaryIO] = open) -> It
         tmp.unlink(missing_ok=True)
 
 
-def _renamed(error: OSError, path: Path) -> Any:
+def _renamed(error: OSError, path: Path) -> OSError:
     """The same OSError, naming ``path`` instead of the temporary file."""
     return type(error)(error.errno, error.strerror, str(path))

@@ -146,7 +146,8 @@ def _digest(header: dict, payload: bytes) -> str:
 
 
 def write_state(path: str | Path, state: DocumentState, tokenizer: Tokenizer, metadata: dict[str, Any]) -> None:
-    """Write ``state`` and the caller's JSON-able ``metadata`` to ``path`` (atomically: a failed write leaves nothing behind)."""
+    """Write ``state`` and the caller's JSON-able ``metadata`` to ``path``, atomically: a failed
+    write leaves neither a partial file nor a temporary one."""
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": state.model,
               "tokenizer": tokenizer_fingerprint(tokenizer), "settings": state.settings, "metadata": metadata,
