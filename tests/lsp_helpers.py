@@ -78,7 +78,11 @@ class RawClient:
 
     def send_body(self, body: bytes) -> None:
         """One framed message with an arbitrary body."""
-        self.proc.stdin.write(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        self.send_raw(b"Content-Length: %d\r\n\r\n" % len(body) + body)
+
+    def send_raw(self, data: bytes) -> None:
+        """Bytes as they are: broken frames, several frames at once."""
+        self.proc.stdin.write(data)
         self.proc.stdin.flush()
 
     def send(self, message: Any) -> None:

@@ -38,24 +38,40 @@ def test_converted_logits_match_reference_forward(smollm):
     assert nll.exp().item() < 100
 
 
-def test_codebooks_round_trip_and_incremental_exactness(smollm, tmp_path):
-    from vqt import Document
-    from vqt.pretrained.convert import default_gguf_path, load_converted, model_from_gguf, save_converted
+def test_delta_checkpoint_round_trip_sink_and_incremental_exactness(smollm, tmp_path):
+    """convert -> fp16 deltas over the GGUF (codebooks, sinks, low-rank factors) -> from_pretrained,
+    then the incremental engine on every backend against the dense forward of the loaded model."""
+    import json
 
-    _, tok = smollm
-    model = model_from_gguf(quantize=True, granularity="layer", codebook_size=16, window=16.0)
+    from vqt import Document, VQTModel
+    from vqt.pretrained.convert import convert, save_delta
+
+    teacher, tok = smollm
     ids = tok.encode(TEXT * 3)
-    model.calibrate_codebooks(ids, iters=3)
-    save_converted(model, tmp_path / "cb", default_gguf_path())
-    loaded = load_converted(tmp_path / "cb")
-    assert torch.equal(loaded.blocks[5].quantizer.codebook, model.blocks[5].quantizer.codebook.half().float())
-    doc = Document(loaded, ids[:48])
-    doc.replace(10, 12, ids[60:63])
-    out = loaded.forward_dense(doc.token_ids, doc.positions)
-    assert out.codes_agree(doc.codes)
-    torch.testing.assert_close(doc.hidden, out.hidden, atol=1e-3, rtol=1e-3)
-    (tmp_path / "cb" / "vqt_convert.json").write_text('{"base": "other.gguf", "quantize": true}')
-    with pytest.raises(ValueError, match="converted from other.gguf"):
-        load_converted(tmp_path / "cb")
-    with pytest.raises(FileNotFoundError, match="not a directory written by `vqt convert`"):
-        load_converted(tmp_path)
+    student, _ = convert(None, ids, window=16.0, sink="token", granularity="layer", codebook_size=16,
+                         quantize_layers=list(range(0, 30, 3)), kmeans_iters=3)
+    # The sink is the original model's key and value of token 0 at position 0 (layer 0: no attention yet).
+    alone = teacher.forward_dense([0])
+    torch.testing.assert_close(student.blocks[7].sink_v, alone.layers[7].v[0])
+    lora = {"blocks.2.wq.lora_A": torch.randn(4, 576) * 0.01, "blocks.2.wq.lora_B": torch.randn(576, 4) * 0.01}
+    size = save_delta(student, tmp_path / "m", lora)
+    assert size < 2e6, "only deltas are written, not the base weights"
+    loaded = VQTModel.from_pretrained(tmp_path / "m")
+    assert loaded.config.sink == "token" and loaded.config.window == 16.0
+    assert torch.equal(loaded.blocks[3].quantizer.codebook, student.blocks[3].quantizer.codebook.half().float())
+    assert loaded.blocks[1].quantizer is None
+    want = student.blocks[2].wq.weight.double() + lora["blocks.2.wq.lora_B"].half().double() @ \
+        lora["blocks.2.wq.lora_A"].half().double()
+    torch.testing.assert_close(loaded.blocks[2].wq.weight.double(), want, atol=1e-6, rtol=0)
+    torch.testing.assert_close(loaded.blocks[9].wk.weight, student.blocks[9].wk.weight, atol=0, rtol=0)
+    for backend in ("reference", "cpu"):
+        doc = Document(loaded, ids[:48], backend=backend)
+        doc.replace(10, 12, ids[60:63])
+        out = loaded.forward_dense(doc.token_ids, doc.positions)
+        assert out.codes_agree(doc.codes)
+        torch.testing.assert_close(doc.hidden, out.hidden, atol=1e-3, rtol=1e-3)
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    cfg["extra"]["base"]["file"] = "other.gguf"
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="made from other.gguf"):
+        VQTModel.from_pretrained(tmp_path / "m")

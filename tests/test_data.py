@@ -18,6 +18,7 @@ import pytest
 
 from vqt.histories.formats import (
     FEATURES,
+    BadRevision,
     HistoryFormatError,
     detect_format,
     iter_git_history,
@@ -267,8 +268,57 @@ def test_unknown_format(tmp_path: Path) -> None:
     path.write_text("just some text\n")
     with pytest.raises(HistoryFormatError, match=re.escape(str(path)) + ".*unknown history format"):
         list(iter_history(path))
-    with pytest.raises(ValueError, match="file_path"):
+    with pytest.raises(HistoryFormatError, match=r"is a folder \(a git repository\?\): name the file whose history"):
         list(iter_history(tmp_path))
+
+
+GOOD = {"revid": 1, "*": "first"}, {"revid": 3, "*": "third"}
+
+
+def _xml_with(revision: str) -> str:
+    good = "<revision><id>{}</id><text>t{}</text></revision>"
+    return _export("", f"<page><title>P</title><id>5</id>{good.format(1, 1)}{revision}{good.format(3, 3)}</page>\n")
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("text-int.json", json.dumps([GOOD[0], {"revid": 2, "*": 5}, GOOD[1]]),
+     r"revision 1 of 'Text-int' \(revid 2\): the text '\*' must be a string, got 5"),
+    ("text-null.json", json.dumps([GOOD[0], {"revid": 2, "*": None}, GOOD[1]]), "must be a string, got None"),
+    ("revid.json", json.dumps([GOOD[0], {"revid": "abc", "*": "x"}, GOOD[1]]),
+     "revision 1 .* revid must be an integer id, got 'abc'"),
+    ("slots.json", json.dumps([GOOD[0], {"revid": 2, "slots": 7}, GOOD[1]]), "slots.main must be an object"),
+    ("rev-id.jsonl", '{"text": "a"}\n{"text": "b", "rev_id": "abc"}\n{"text": "c"}\n',
+     "line 2: rev_id must be an integer id, got 'abc'"),
+    ("broken.jsonl", '{"text": "a"}\n{"text": \n{"text": "c"}\n', "line 2, column 10: Expecting value"),
+    ("id.xml", _xml_with("<revision><id>notanumber</id><text>x</text></revision>"),
+     r"revision index 1 of page 'P' \(before byte \d+\): <id> must be an integer id, got 'notanumber'"),
+    ("no-text.xml", _xml_with("<revision><foo/></revision>"),
+     r"revision index 1 of page 'P' .*has no <text> element \(children: <foo>\)"),
+])
+def test_bad_revisions_are_named_and_can_be_skipped(tmp_path: Path, name: str, content: str, match: str) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(BadRevision, match=re.escape(str(path)) + ".*" + match):
+        list(iter_history(path))
+    skipped: list[BadRevision] = []
+    kept = list(iter_history(path, on_bad_revision=skipped.append))
+    assert len(kept) == 2 and len(skipped) == 1 and re.search(match, str(skipped[0]))
+    assert [r["text"] for r in kept] in (["first", "third"], ["a", "c"], ["t1", "t3"])
+
+
+@pytest.mark.parametrize("content, match", [
+    (json.dumps({"query": {"pages": 5}}), "query.pages must be an object or a list of pages, got int 5"),
+    (json.dumps({"query": {"pages": [3]}}), "page 0 must be an object with a list of revisions, got 3"),
+    (json.dumps({"query": {"pages": [{"revisions": {"a": 1}}]}}), "page 0 must be an object with a list"),
+    (json.dumps({"batchcomplete": ""}), "expected a list of revisions or an API response with query.pages, got dict"),
+    ("", "unknown history format .* the file is empty"),
+])
+def test_files_of_the_wrong_shape_are_named(tmp_path: Path, content: str, match: str) -> None:
+    path = tmp_path / "history.json"
+    path.write_text(content)
+    with pytest.raises(HistoryFormatError, match=re.escape(str(path)) + ".*" + match) as info:
+        list(iter_history(path, on_bad_revision=lambda e: None))
+    assert not isinstance(info.value, BadRevision)
 
 
 def test_load_history_dataset(tmp_path: Path) -> None:

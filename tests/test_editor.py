@@ -252,6 +252,18 @@ def test_saved_state_continues_exactly(tmp_path):
     assert_matches_dense(loaded.doc)
 
 
+def test_failed_saves_leave_nothing_and_name_the_path(tmp_path):
+    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    folder = tmp_path / "states"
+    folder.mkdir()
+    with pytest.raises(IsADirectoryError, match=f"it is a folder: give a file name: '{folder}'"):
+        doc.save_state(folder)
+    missing = tmp_path / "nowhere" / "doc.vqts"
+    with pytest.raises(FileNotFoundError, match=f"the folder {missing.parent} does not exist: '{missing}'"):
+        doc.save_state(missing)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["states"]
+
+
 def rewrite_header(path, **changes):
     data = path.read_bytes()
     nl = data.index(b"\n", len(MAGIC))

@@ -101,7 +101,13 @@ def assert_same_state(a: dict, b: dict) -> None:
     ((0, 1, [61]), ValueError, "token id 61 is outside the vocabulary"),
     ((0, 1, [-3]), ValueError, "token id -3"),
     ((0, 1, "abc"), TypeError, "not str"),
-    ((0, 1, [1.5]), TypeError, "must be ints, got 1.5"),
+    ((0, 1, [1.5]), TypeError, r"new_token_ids\[0\] must be an integer, got 1.5"),
+    ((0, 1, torch.tensor([[1, 2], [3, 4]])), ValueError,
+     r"must be one-dimensional \(one document\), got shape \(2, 2\)"),
+    ((0, 1, [[1, 2]]), TypeError, r"must be an integer, got \[1, 2\]"),
+    ((0, 1, [2**64]), ValueError, "token id 18446744073709551616 in new_token_ids is outside every vocabulary"),
+    ((0, 1, [True]), TypeError, "must be an integer, got True"),
+    ((torch.tensor(0.0), 1, [1]), TypeError, "start must be an integer .token offset."),
     ((0.0, 1, [1]), TypeError, "start must be an int"),
     ((0, 1, torch.tensor([1.0])), TypeError, "must be integers"),
     ((0, 1, torch.tensor([1], device="meta")), ValueError, "are on meta"),
@@ -114,6 +120,47 @@ def test_bad_edits_raise_and_leave_state_unchanged(bad, exc, match):
         doc.replace(*bad)
     assert_same_state(before, snapshot(doc))
     assert_matches_dense(doc)
+
+
+def test_numpy_and_torch_integers_are_integers():
+    np = pytest.importorskip("numpy")
+    a, b = Document(tiny_model(), list(range(10))), Document(tiny_model(), np.arange(10))
+    a.replace(2, 4, [7, 8])
+    b.replace(np.int64(2), torch.tensor(4), [np.int32(7), torch.tensor(8)])
+    assert_same_state(snapshot(a), snapshot(b))
+    assert torch.equal(a.logits([np.int64(0), torch.tensor(-1)]), a.logits([0, len(a) - 1]))
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda d: d.apply_edits(None), TypeError, "edits must be a list of .start, end, new_token_ids., got None"),
+    (lambda d: d.apply_edits(5), TypeError, "edits must be a list"),
+    (lambda d: d.logits([len(d) + 5]), ValueError, "token index 15 is outside a document of 10 tokens"),
+    (lambda d: d.logits([-11]), ValueError, "token index -11 is outside"),
+    (lambda d: d.logits(3), TypeError, "indices must be a sequence of token indices, got 3"),
+    (lambda d: d.logits([1.0]), TypeError, "a token index must be an integer, got 1.0"),
+])
+def test_bad_calls_name_the_value(call, exc, match):
+    doc = Document(tiny_model(), list(range(10)))
+    before = snapshot(doc)
+    with pytest.raises(exc, match=match):
+        call(doc)
+    assert_same_state(before, snapshot(doc))
+
+
+@pytest.mark.parametrize("tokens, positions, exc, match", [
+    (torch.tensor([[1, 2, 3], [4, 5, 6]]), None, ValueError, r"got shape \(2, 3\)"),
+    ([1, 2, 3], [0.0, 1.0, float("inf")], ValueError, "positions must be finite, got inf at index 2"),
+    ([1], [float("nan")], ValueError, "positions must be finite, got nan at index 0"),
+    ([1, 2], [[0.0, 1.0]], ValueError, r"positions must be one-dimensional .one document., got shape \(1, 2\)"),
+    ([1, 2], [1.0, 0.5], ValueError, "strictly increasing, got 1.0 then 0.5 at index 0"),
+    ([2**64], None, ValueError, "token id 18446744073709551616"),
+])
+def test_bad_documents_and_dense_forwards_are_refused(tokens, positions, exc, match):
+    model = tiny_model()
+    with pytest.raises(exc, match=match):
+        Document(model, tokens, positions=positions)
+    with pytest.raises(exc, match=match):
+        model.forward_dense(tokens, positions)
 
 
 def test_overlapping_multi_span_rejected_atomically():

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import re
 import sys
+from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -19,7 +22,7 @@ from pygls.lsp.client import LanguageClient
 from helpers import tiny_model
 from lsp_helpers import RawClient, lsp_position, lsp_range
 from vqt import TextDocument, VQTModel
-from vqt.apps.lsp import DocumentStore, next_tokens
+from vqt.apps.lsp import DocumentStore, FrameReader, next_tokens
 from vqt.engine.macs import dense_macs
 from vqt.text.persist import state_digest
 from vqt.text.tokenizer import Tokenizer
@@ -384,3 +387,254 @@ def test_fuzzed_message_streams_leave_documents_exact(raw, model, data):
             assert not info["problem"]
             check_dense(model, info, text)
         raw.notify("textDocument/didClose", {"textDocument": {"uri": uri}})
+
+
+# ------------------------------------------------------------ broken framing and lifecycle
+def fresh(model_dir, tmp_path, *extra: str) -> RawClient:
+    client = RawClient(["--model", str(model_dir), "--dtype", "float64", *extra], tmp_path / "log")
+    client.start()
+    return client
+
+
+def frame(message: dict) -> bytes:
+    body = json.dumps(message).encode()
+    return b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def broken_frames(body: bytes) -> dict[str, bytes]:
+    """The four ways a frame breaks, each around ``body``."""
+    return {"a header without Content-Length": b"Content-Type: application/json\r\n\r\n" + body,
+            "Content-Length 'abc' is not a number": b"Content-Length: abc\r\n\r\n" + body,
+            "is longer than the message": b"Content-Length: %d\r\n\r\n" % (len(body) + 40) + body,
+            "not valid JSON": b"Content-Length: %d\r\n\r\n" % (len(body) - 7) + body}
+
+
+def test_frame_reader_splits_any_chunking_and_resynchronizes():
+    import random
+
+    rng = random.Random(0)
+    good = [frame({"jsonrpc": "2.0", "id": i, "method": "m", "params": {"text": "é\r\n😀" * i}}) for i in range(20)]
+    broken = list(broken_frames(json.dumps({"jsonrpc": "2.0", "method": "lost"}).encode()).values())
+    stream = b"".join(g + (rng.choice(broken) if i % 3 == 1 else b"") for i, g in enumerate(good))  # 7 broken
+    for _ in range(20):
+        reader, got, cut = FrameReader(), [], 0
+        while cut < len(stream):
+            step = rng.randint(1, 300)
+            reader.feed(stream[cut:cut + step])
+            got += list(reader.frames())
+            cut += step
+        reader.feed(b"")
+        got += list(reader.frames())
+        assert [json.loads(f)["id"] for f in got if isinstance(f, bytes) and f.endswith(b"}}")] == list(range(20))
+        assert len([f for f in got if isinstance(f, str) or not f.endswith(b"}}")]) == 7  # one per broken frame
+
+
+def test_broken_frames_get_parse_errors_and_the_server_keeps_serving(model, model_dir, tmp_path):
+    client = fresh(model_dir, tmp_path, "--log-level", "info")
+    try:
+        uri = "file:///framing.txt"
+        open_doc(client, uri, TEXT)
+        bad_change = {"jsonrpc": "2.0", "method": "textDocument/didChange",
+                      "params": {"textDocument": {"uri": uri, "version": 2}, "contentChanges": [{"text": "lost"}]}}
+        for i, (what, data) in enumerate(broken_frames(json.dumps(bad_change).encode()).items()):
+            request = {"jsonrpc": "2.0", "id": f"after-{i}", "method": "textDocument/hover", "params": at(uri, 0, 3)}
+            client.send_raw(data + frame(request))  # the broken frame and the next request in one write
+            error = client.wait(lambda m: m.get("id") is None and "error" in m, timeout=30)
+            error_of(error, -32700, "parse error: .*" + what)
+            assert "result" in client.wait(lambda m: m.get("id") == f"after-{i}", timeout=30)
+        check_dense(model, client.inspect(uri, full=True), TEXT)  # none of the broken changes landed
+        assert client.request("shutdown")["result"] is None
+        error_of(client.request("textDocument/hover", at(uri, 0, 0)), -32600,
+                 "the server is shut down: 'textDocument/hover' refused")
+        client.notify("exit", None)
+        assert client.proc.wait(timeout=30) == 0
+    finally:
+        client.close() if client.proc.poll() is None else client._stderr.close()
+    log = (tmp_path / "log").read_text()
+    assert "Traceback" not in log and "INFO vqt.apps.lsp: broken frame: a header without Content-Length" in log
+
+
+def test_exit_without_shutdown_is_status_1(model_dir, tmp_path):
+    client = fresh(model_dir, tmp_path)
+    client.notify("exit", None)
+    assert client.proc.wait(timeout=30) == 1
+    client._stderr.close()
+
+
+def test_handled_errors_are_one_line_at_the_level_the_client_chooses(model_dir, tmp_path):
+    (tmp_path / "quiet").mkdir()
+    quiet = fresh(model_dir, tmp_path / "quiet")
+    error_of(quiet.request("textDocument/hover", {"textDocument": {}}), -32602, "invalid params")
+    error_of(quiet.request("vqt/none", {}), -32601, "none")
+    assert quiet.close() == 0
+    assert "Traceback" not in (tmp_path / "quiet" / "log").read_text()
+    assert "invalid params" not in (tmp_path / "quiet" / "log").read_text()  # --log-level warning (the default)
+
+    (tmp_path / "traced").mkdir()
+    traced = RawClient(["--model", str(model_dir)], tmp_path / "traced" / "log")
+    traced.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}, "trace": "messages"})
+    traced.notify("initialized", {})
+    error_of(traced.request("textDocument/hover", {"textDocument": {}}), -32602, "invalid params")
+    assert traced.close() == 0
+    log = (tmp_path / "traced" / "log").read_text()
+    assert "Traceback" not in log and re.search(r"INFO .*invalid params for 'textDocument/hover'", log), log
+
+
+def test_no_request_waits_on_a_build(model_dir, tmp_path, monkeypatch):
+    """The fused backend is compiled before the server reads its first message, so initialize is the
+    only answer that can be late, and documents opened after it are answered at once."""
+    import shutil
+    import time
+
+    if shutil.which("ninja") is None:
+        pytest.skip("building the cpu extension needs ninja")
+    monkeypatch.setenv("VQT_BUILD_DIR", str(tmp_path / "empty-cache"))
+    t0 = time.monotonic()
+    client = RawClient(["--model", str(model_dir), "--backend", "cpu"], tmp_path / "log")
+    try:
+        client.request("initialize", {"processId": None, "rootUri": None, "capabilities": {}}, timeout=600)
+        built = time.monotonic() - t0
+        client.notify("initialized", {})
+        stderr = (tmp_path / "log.stderr").read_text()
+        assert "vqt: compiling the vqt_ops_cpu" in stderr and re.search(r"compiled the vqt_ops_cpu\w* extension "
+                                                                         r"\(took \d+ s\)", stderr), stderr
+        t1 = time.monotonic()
+        open_doc(client, "file:///after-build.txt", TEXT)
+        assert "result" in client.request("textDocument/hover", at("file:///after-build.txt", 0, 2))
+        assert time.monotonic() - t1 < min(10.0, built / 2), (time.monotonic() - t1, built)
+    finally:
+        assert client.close() == 0
+
+
+# ------------------------------------------------------------ a long fuzzed stream
+class Mirror:
+    """This test's own copy of a document, with an independent UTF-16 position -> offset table."""
+
+    def __init__(self, text: str) -> None:
+        self.text, self.version = text, 1
+
+    def offsets(self) -> dict[tuple[int, int], int]:
+        table = {}
+        for i in range(len(self.text) + 1):
+            if self.text[i - 1:i + 1] != "\r\n":
+                p = lsp_position(self.text, i)
+                table.setdefault((p["line"], p["character"]), i)
+        return table
+
+    def resolve(self, line: int, character: int) -> Optional[int]:
+        """The offset of an LSP position (a character past the line's end clamps), None inside a surrogate pair."""
+        table = self.offsets()
+        if (line, character) in table:
+            return table[(line, character)]
+        ends = [(c, i) for (ln, c), i in table.items() if ln == line]
+        last_char, last = max(ends)
+        return last if character > last_char else None
+
+
+def test_a_long_fuzzed_stream_leaves_the_server_serving_and_exact(model, model_dir, tmp_path):
+    import random
+    import time
+
+    rng, started = random.Random(13), time.monotonic()
+    client = fresh(model_dir, tmp_path, "--max-live", "2")
+    starts = ["", "ab é", TEXT[:40], "x\r\ny\rz 😀\n"]
+    docs = {f"file:///stream/{i}.txt": Mirror(rng.choice(starts)) for i in range(3)}
+    for uri, m in docs.items():
+        open_doc(client, uri, m.text)
+    requests, sent = [], 0
+    try:
+        while sent < 3000 and time.monotonic() - started < 60:
+            uri = rng.choice(sorted(docs))
+            m = docs[uri]
+            kind = rng.choices(["edit", "stale", "broken", "garbage", "request"], [12, 2, 1, 1, 2])[0]
+            if kind == "edit":
+                lines = lsp_position(m.text, len(m.text))["line"]
+                pos = [(rng.randint(0, lines), rng.randint(0, 12)) for _ in range(2)]
+                start, end = sorted(pos)
+                pieces = ["a", "b", " ", "é", "東", "😀", "\n", "\r\n"]
+                new = "" if len(m.text) > 150 and rng.random() < 0.7 else \
+                    "".join(rng.choice(pieces) for _ in range(rng.randint(0, 6)))
+                version = m.version + rng.randint(1, 3)
+                change(client, uri, version, [{"range": {"start": {"line": start[0], "character": start[1]},
+                                                         "end": {"line": end[0], "character": end[1]}}, "text": new}])
+                s, e = m.resolve(*start), m.resolve(*end)
+                if s is not None and e is not None and s <= e:  # else refused: inside a surrogate pair
+                    m.text, m.version = m.text[:s] + new + m.text[e:], version
+            elif kind == "stale":
+                change(client, uri, m.version, [{"text": "stale"}])
+            elif kind in ("broken", "garbage"):
+                lost = {"jsonrpc": "2.0", "method": "textDocument/didChange",
+                        "params": {"textDocument": {"uri": uri, "version": m.version + 1},
+                                   "contentChanges": [{"text": "lost"}]}}
+                client.send_raw(rng.choice(list(broken_frames(json.dumps(lost).encode()).values())) if kind == "broken"
+                                else frame(lost)[:-2] + b"\xff\xfe" if rng.random() < 0.5
+                                else b"Content-Length: 2\r\n\r\n[]")
+            else:
+                request = {"jsonrpc": "2.0", "id": f"q{sent}", "method": rng.choice(["textDocument/completion",
+                                                                                      "textDocument/hover"]),
+                           "params": at(uri, rng.randint(0, 3), rng.randint(0, 5))}
+                requests.append(request["id"])
+                client.send_raw(frame(request))
+            sent += 1
+        assert sent >= 500, f"only {sent} messages in the time budget"
+        assert client.proc.poll() is None
+        for uri, m in docs.items():  # after everything: alive, answering, and exact
+            info = client.inspect(uri, full=True)
+            assert (info["text"], info["version"]) == (m.text, m.version)
+            check_dense(model, info, m.text)
+        answered = {msg.get("id") for msg in client.received if "method" not in msg}
+        assert set(requests) <= answered
+        for msg in client.received:
+            if msg.get("id") in requests:
+                assert "result" in msg or msg["error"]["code"] == -32602, msg
+    finally:
+        assert client.close() == 0
+
+
+# ------------------------------------------------------------ a real editor
+NEOVIM_SESSION = Path(__file__).resolve().parent / "editors" / "neovim_session.lua"
+
+
+def test_neovim_types_hovers_completes_and_gets_diagnostics(model, model_dir, tmp_path):
+    """Headless Neovim with its built-in LSP client types into a buffer (tests/editors/neovim_session.lua);
+    what it sees is checked here against a dense recomputation of the buffer's text."""
+    import os
+    import shutil
+    import subprocess
+
+    nvim = shutil.which("nvim")
+    if nvim is None:
+        pytest.skip("Neovim is not installed (apt-get install neovim; .ci/run installs it)")
+    out, log = tmp_path / "nvim.json", tmp_path / "log"
+    server = [sys.executable, "-m", "vqt", "lsp", "--model", str(model_dir), "--dtype", "float64", "--log", str(log)]
+    env = {**os.environ, "VQT_NVIM_CMD": json.dumps(server), "VQT_NVIM_FILE": str(tmp_path / "typed.txt"),
+           "VQT_NVIM_OUT": str(out)}
+    res = subprocess.run([nvim, "--headless", "--clean", "-c", f"luafile {NEOVIM_SESSION}"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.is_file(), (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    got = json.loads(out.read_text())
+    assert "error" not in got, (got["error"], log.read_text()[-3000:] if log.is_file() else "")
+
+    text = got["buffer"]
+    assert "Café owners in" in text and text.endswith(" and left\nThe 🦀 crab walked away\n")
+    info = got["inspect"]["result"]
+    assert info["version"] == got["version"]
+    # The server followed every keystroke exactly (Neovim's JSON keeps about 6 digits of the floats).
+    assert info["text"] == text and info["tokens"] == TOK.encode(text)
+    dense = model.forward_dense(info["tokens"], info["positions"])
+    assert dense.codes.tolist() == info["codes"]
+    torch.testing.assert_close(torch.tensor(info["pooled"], dtype=torch.float64), dense.hidden.mean(0),
+                               atol=1e-5, rtol=1e-5)
+
+    cursor = got["cursor"]["position"]
+    offset = Mirror(text).resolve(cursor["line"], cursor["character"])
+    assert text[:offset].endswith("The 🦀 c")
+    expected = dense_completions(model, text, offset, dense)
+    assert [item["data"]["token_id"] for item in got["completion"]["result"]["items"]] == [s.token_id for s in expected]
+    assert got["hover"]["result"]["contents"]["value"].startswith(f"**VQT** version {got['version']}")
+
+    last = got["diagnostics"][-1]
+    assert last["version"] == got["version"]
+    with torch.no_grad():
+        k = int(model.classify(dense.hidden.mean(0)).argmax())
+    assert [d["message"].split(" (")[0] for d in last["diagnostics"]] == [f"VQT class {k}"]

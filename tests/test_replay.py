@@ -83,3 +83,14 @@ def test_stability_report_on_real_edits():
     assert 0 <= report["layer1_flip_rate"] <= 1
     assert len(report["dirty_fraction_per_layer"]) == model.config.n_layers
     assert torch.tensor(report["dirty_fraction_per_layer"]).le(1).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"window_tokens": 0}, "window_tokens must be a positive integer, got 0"),
+    ({"window_tokens": -5}, "window_tokens must be a positive integer, got -5"),
+    ({"max_edits": 0}, "max_edits must be a positive integer, got 0"),
+    ({"max_edits": -1}, "max_edits must be a positive integer, got -1"),
+])
+def test_replay_refuses_nonsense_windows_and_limits(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        list(replay(tiny_model(vocab_size=TOK.vocab_size), demo_history(), TOK, **kwargs))

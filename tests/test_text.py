@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +81,23 @@ def test_bad_text_edits_leave_everything_unchanged(args, exc, match):
     after = snapshot(doc)
     assert before[:2] == after[:2]
     assert all((before[2][k] == after[2][k]).all() for k in before[2])
+
+
+def test_text_in_the_tokenizer_slot_is_named():
+    with pytest.raises(TypeError, match="tokenizer must be a Tokenizer, got str 'hello' .the text is the third"):
+        TextDocument(MODEL, "hello")
+
+
+def test_numpy_offsets_and_bad_edit_lists():
+    np = pytest.importorskip("numpy")
+    doc, ref = TextDocument(MODEL, TOKENIZER, BASE), TextDocument(MODEL, TOKENIZER, BASE)
+    doc.edit(np.int64(0), torch.tensor(3), "Our")
+    ref.edit(0, 3, "Our")
+    assert doc.text == ref.text and doc.doc.token_ids == ref.doc.token_ids
+    before = snapshot(doc)
+    with pytest.raises(TypeError, match="edits must be a list of .start, end, replacement., got None"):
+        doc.apply_text_edits(None)
+    assert snapshot(doc)[:2] == before[:2]
 
 
 def test_tokenizer_errors(tmp_path):

@@ -5,8 +5,10 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from vqt._errors import UserError
 
-class MissingExtra(ImportError):
+
+class MissingExtra(UserError, ImportError):
     """An optional dependency is not installed; the message says which extra provides it."""
 
 

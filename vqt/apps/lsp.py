@@ -8,25 +8,39 @@ document longer than the model's ``max_len``). At most ``max_live`` model states
 memory; the least recently used ones are saved to disk (``vqt.persist``) and restored exactly
 on their next use. Malformed messages get JSON-RPC errors; a bad notification gets a
 ``window/showMessage`` and a diagnostic, and never changes a document's state.
+
+The transport survives broken framing (``FrameReader``): a header without a usable
+``Content-Length`` or a length that does not match the body gets a parse error, and the server
+resynchronizes on the next valid header. After ``shutdown`` requests get InvalidRequest;
+``exit`` ends the process with status 0 after ``shutdown`` and 1 without. Errors the server
+answers are logged as one line at INFO; the log level is ``--log-level``, or what the client
+asks with ``trace`` (initialize, ``$/setTrace``: messages -> INFO, verbose -> DEBUG).
+The backend is resolved (and a fused one compiled) before the first message is read, so no
+request ever waits on a build.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import bisect
 import hashlib
 import json
 import logging
+import re
+import sys
 import tempfile
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Optional, TypeVar
 
 import cattrs
 import torch
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
+from pygls.io_ import StdoutWriter
 from pygls.lsp.server import LanguageServer
 from pygls.protocol import LanguageServerProtocol
 from pygls.protocol.language_server import lsp_method
@@ -256,6 +270,89 @@ class DocumentStore:
         return info
 
 
+# ------------------------------------------------------------------ transport
+class FrameReader:
+    """Splits an LSP byte stream (``Content-Length: N\\r\\n ... \\r\\n\\r\\n`` + N bytes of body) into
+    message bodies, and survives broken frames.
+
+    ``feed`` the bytes read; ``frames`` yields each complete body, or a ``str`` saying what was
+    wrong with a broken frame: a header block without ``Content-Length``, a length that is not a
+    number, a length longer than the message (a new header starts inside the declared body: a
+    valid JSON body never holds a raw CR LF, so that is a header) or a stream that ends inside a
+    frame. Reading then resumes at the next header; bytes before a valid header (the rest of a
+    body whose length was too short) are skipped.
+    """
+
+    _LENGTH = re.compile(rb"content-length[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+    _HEADER = re.compile(rb"content-length[ \t]*:[ \t]*\d+[ \t]*\r\n", re.IGNORECASE)
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.eof = False
+
+    def feed(self, data: bytes) -> None:
+        """Add bytes read from the stream (``b""``: the stream ended)."""
+        if data:
+            self.buffer += data
+        else:
+            self.eof = True
+
+    def frames(self) -> Iterator[bytes | str]:
+        """Every complete message body (bytes) or broken frame (a str saying why) in what was fed so far."""
+        while (frame := self._next()) is not None:
+            yield frame
+
+    def _next(self) -> Optional[bytes | str]:
+        buf = self.buffer
+        end = buf.find(b"\r\n\r\n")
+        if end < 0:
+            if self.eof and buf.strip():
+                buf.clear()
+                return "the stream ended inside a header"
+            return None
+        header, start = bytes(buf[:end]), end + 4
+        found = list(self._LENGTH.finditer(header))
+        if not found:
+            del buf[:start]
+            return f"a header without Content-Length ({header[-80:]!r}): skipped to the next header"
+        value = found[-1].group(1).strip()
+        if not value.isdigit():
+            del buf[:start]
+            return f"Content-Length {value.decode('latin-1')!r} is not a number: skipped to the next header"
+        length = int(value)
+        inside = self._HEADER.search(buf, start)
+        if inside is not None and inside.start() < start + length:
+            del buf[:inside.start()]
+            return (f"Content-Length {length} is longer than the message (the next header starts after "
+                    f"{inside.start() - start} bytes): skipped to it")
+        if len(buf) < start + length:
+            if self.eof:
+                buf.clear()
+                return f"the stream ended inside a message of Content-Length {length}"
+            return None
+        body = bytes(buf[start:start + length])
+        del buf[:start + length]
+        return body
+
+
+class _HandledErrors(logging.Filter):
+    """pygls logs the errors this server answers (invalid params, unknown methods) with tracebacks at
+    ERROR: keep them as one line at INFO; then pass what reaches the level the client chose."""
+
+    def __init__(self, level: int) -> None:
+        super().__init__()
+        self.level = level
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, (JsonRpcException, _Answered)) or str(record.msg).startswith("Unable to deserialize"):
+            first = record.getMessage().split("\n")[0]
+            record.msg, record.args = (f"{first}: {error}" if error else first), ()
+            record.exc_info = record.exc_text = None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return record.levelno >= self.level
+
+
 # ------------------------------------------------------------------- protocol
 class _Answered(Exception):
     """A malformed message that has already been answered or reported."""
@@ -295,6 +392,11 @@ class _Protocol(LanguageServerProtocol):
     def structure_message(self, data: dict[str, Any]) -> Any:
         if "jsonrpc" not in data:
             return data  # a nested object (json.loads calls this for every object, innermost first)
+        if self._shutdown and data.get("method", types.EXIT) != types.EXIT:
+            if "id" not in data:  # a notification after shutdown is dropped
+                raise _Answered(f"{data['method']!r} after shutdown ignored")
+            self._refuse(data, JsonRpcInvalidRequest.CODE, f"the server is shut down: {data['method']!r} refused "
+                                                           f"(only 'exit' is accepted after 'shutdown')")
         if data["jsonrpc"] != "2.0":
             self._refuse(data, JsonRpcInvalidRequest.CODE,
                          f'invalid request: "jsonrpc" must be "2.0", got {data["jsonrpc"]!r}')
@@ -318,9 +420,46 @@ class _Protocol(LanguageServerProtocol):
 class VQTServer(LanguageServer):
     """The language server: LSP messages in, the store's results out."""
 
-    def __init__(self, store: DocumentStore, n_completions: int = 10) -> None:
+    def __init__(self, store: DocumentStore, n_completions: int = 10, log_level: int = logging.WARNING) -> None:
         super().__init__("vqt-lsp", __version__, protocol_cls=_Protocol)
         self.store, self.n_completions = store, n_completions
+        self.log_filter = _HandledErrors(log_level)
+        self._default_level = log_level
+
+    def trace(self, value: Any) -> None:
+        """Follow the client's trace setting: messages -> INFO, verbose -> DEBUG, off -> ``--log-level``."""
+        value = getattr(value, "value", value)
+        self.log_filter.level = {"messages": logging.INFO, "verbose": logging.DEBUG}.get(value, self._default_level)
+
+    def start_io(self, stdin: Optional[BinaryIO] = None, stdout: Optional[BinaryIO] = None) -> int:
+        """Serve until ``exit`` or the end of input; returns the exit status (0 after ``shutdown``, else 1)."""
+        self._stop_event = threading.Event()
+        self.protocol.set_writer(StdoutWriter(stdout or sys.stdout.buffer))
+        try:
+            asyncio.run(self._serve(stdin or sys.stdin.buffer))
+        except SystemExit as e:  # the exit notification
+            return e.code if isinstance(e.code, int) else 1
+        except BrokenPipeError:
+            logger.error("the client closed the connection")
+        finally:
+            self.shutdown()
+        return 0 if self.protocol._shutdown else 1
+
+    async def _serve(self, stdin: BinaryIO) -> None:
+        """Read frames until the input ends, answering broken ones with a parse error."""
+        frames, loop = FrameReader(), asyncio.get_running_loop()
+        while not self._stop_event.is_set() and not frames.eof:
+            frames.feed(await loop.run_in_executor(self.thread_pool, stdin.read1, 1 << 16))
+            for frame in frames.frames():
+                if isinstance(frame, str):
+                    logger.info("broken frame: %s", frame)
+                    self.protocol.send_error(None, JsonRpcParseError.CODE, f"parse error: {frame}")
+                    continue
+                try:
+                    message = json.loads(frame, object_hook=self.protocol.structure_message)
+                    self.protocol.handle_message(message)
+                except Exception as error:
+                    self.report_server_error(error, JsonRpcException)
 
     def show_error(self, message: str) -> None:
         logger.info("%s", message)
@@ -330,10 +469,14 @@ class VQTServer(LanguageServer):
         if isinstance(error, _Answered):
             return
         if isinstance(error, (json.JSONDecodeError, UnicodeDecodeError)):
+            logger.info("parse error: %s", error)
             self.protocol.send_error(None, JsonRpcParseError.CODE,
                                      f"parse error: the message is not valid JSON ({error})")
             return
-        super().report_server_error(error, source)
+        if isinstance(error, JsonRpcException):  # answered already (invalid params, unknown method)
+            logger.info("%s", error)
+            return
+        logger.error("internal error", exc_info=error)
 
     def publish(self, entry: OpenDocument) -> None:
         """Diagnostics for a document: its problems and, with a classifier, its class."""
@@ -379,13 +522,19 @@ def _change_dict(change: Any) -> dict[str, Any]:
     return out
 
 
-def build_server(store: DocumentStore, n_completions: int = 10) -> VQTServer:
-    server = VQTServer(store, n_completions)
+def build_server(store: DocumentStore, n_completions: int = 10, log_level: int = logging.WARNING) -> VQTServer:
+    server = VQTServer(store, n_completions, log_level)
 
     @server.feature(types.INITIALIZE)
     def initialize(ls: VQTServer, params: types.InitializeParams) -> None:
         enc = ls.workspace.position_encoding or "utf-16"
         store.encoding = getattr(enc, "value", enc)
+        if params.trace is not None:
+            ls.trace(params.trace)
+
+    @server.feature(types.SET_TRACE)
+    def set_trace(ls: VQTServer, params: types.SetTraceParams) -> None:
+        ls.trace(params.value)
 
     @server.feature(types.TEXT_DOCUMENT_DID_OPEN)
     def did_open(ls: VQTServer, params: types.DidOpenTextDocumentParams) -> None:
@@ -432,15 +581,19 @@ def build_server(store: DocumentStore, n_completions: int = 10) -> VQTServer:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Serve over stdio until the client says exit (``vqt lsp``)."""
+    """Serve over stdio until the client says exit (``vqt lsp``); returns the exit status."""
     from vqt.apps.loading import document_options, load_model
 
-    logging.basicConfig(filename=args.log, level=logging.WARNING, format="%(asctime)s %(name)s: %(message)s")
-    logger.setLevel(logging.INFO)
+    level = getattr(logging, args.log_level.upper())
+    handler = logging.FileHandler(args.log) if args.log else logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
-    logger.info("vqt lsp: model %s: %s", name, model.describe())
+    options = document_options(args, model)  # resolves (compiles) the backend before any request can wait on it
     store = DocumentStore(model, tok, max_live=args.max_live, state_dir=args.state_dir, dense=args.dense,
-                          options=document_options(args, model))
-    build_server(store, args.completions).start_io()
-    return 0
+                          options=options)
+    server = build_server(store, args.completions, level)
+    handler.addFilter(server.log_filter)
+    logger.info("vqt lsp: model %s: %s; backend %s", name, model.describe(), options.backend)
+    return server.start_io()

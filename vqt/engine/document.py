@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from vqt._checks import index_tensor, token_tensor
 from vqt.engine.cache import SlotCache
 from vqt.engine.macs import Baselines, MacCounter, baseline_macs
 from vqt.engine.options import DocumentOptions
@@ -221,7 +222,7 @@ class Document:
     def logits(self, indices: Optional[Sequence[int]] = None) -> torch.Tensor:
         """LM logits computed now, only for the requested token indices (default: all)."""
         o = self.cache.order
-        idx = o if indices is None else o[torch.as_tensor(indices, dtype=torch.long)]
+        idx = o if indices is None else o[index_tensor(indices, len(self), self.model.device)]
         with torch.no_grad():
             return self.model.logits(self.cache.hidden[idx])
 
@@ -241,20 +242,7 @@ class Document:
 
     # ---------------------------------------------------------------- checks
     def _check_tokens(self, token_ids: TokenIds, what: str) -> torch.Tensor:
-        if isinstance(token_ids, torch.Tensor):
-            if token_ids.device != self.model.device:
-                raise ValueError(f"{what} are on {token_ids.device} but the model is on {self.model.device}")
-            if token_ids.dtype.is_floating_point or token_ids.dtype == torch.bool:
-                raise TypeError(f"{what} must be integers, got a {token_ids.dtype} tensor")
-            tok = token_ids.reshape(-1).long()
-        elif isinstance(token_ids, (str, bytes)):
-            raise TypeError(f"{what} must be a sequence of token ids, not {type(token_ids).__name__} (use TextDocument for text)")
-        else:
-            vals = list(token_ids)
-            for t in vals:
-                if isinstance(t, bool) or not isinstance(t, int):
-                    raise TypeError(f"{what} must be ints, got {t!r} ({type(t).__name__})")
-            tok = torch.tensor(vals, dtype=torch.long, device=self.model.device)
+        tok = token_tensor(token_ids, what, self.model.device)
         self.model.check_inputs(tok)
         return tok
 

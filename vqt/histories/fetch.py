@@ -37,6 +37,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from vqt._files import atomic_write
 from vqt._version import __version__
 
 log = logging.getLogger(__name__)
@@ -345,13 +346,8 @@ def write_revisions(
             page = {"pageid": pageid, **page}
         doc = {"query": {"pages": [page]}}
     opener = _WRITERS.get(path.suffix.lower(), open)
-    tmp = path.with_name(f".{path.name}.part")
-    try:
-        with opener(tmp, "wb") as f:
-            f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(path, opener) as f:
+        f.write(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
     return path
 
 

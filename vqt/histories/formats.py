@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bz2
 import contextlib
+import functools
 import gzip
 import hashlib
 import io
@@ -18,13 +19,15 @@ import json
 import lzma
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, BinaryIO, TypedDict
+from typing import Any, BinaryIO, Optional, TypedDict
 from xml.etree import ElementTree
 from xml.parsers import expat
 
 import datasets
+
+from vqt._errors import UserError
 
 
 class Revision(TypedDict):
@@ -54,8 +57,16 @@ FEATURES = datasets.Features(
 )
 
 
-class HistoryFormatError(ValueError):
+class HistoryFormatError(UserError, ValueError):
     """A history file is malformed, truncated or of an unknown format; the message names file and position."""
+
+
+class BadRevision(HistoryFormatError):
+    """One revision is malformed (a field of the wrong type, no text); the message names the file and
+    the revision (index, id, line). The revisions after it can still be read: see ``on_bad_revision``."""
+
+
+OnBadRevision = Optional[Callable[[BadRevision], None]]  # None: raise; else called, and the revision skipped
 
 
 # Openers by file extension; magic bytes decide when the extension says nothing.
@@ -119,9 +130,36 @@ class _Source(io.RawIOBase):
         super().close()
 
 
-def _int(value: Any) -> int:
-    """Parse an id; absent, empty and 0 (MediaWiki's "no parent") become -1."""
-    return int(value) if value not in (None, "", 0, "0") else -1
+def _id(value: Any, name: str, where: str, zero_is_none: bool = True) -> int:
+    """Parse a revision id (an int or a string of digits); absent, empty and (for MediaWiki, where
+    it means "no parent") 0 become -1. Anything else is a `BadRevision` naming ``where``."""
+    if value in ((None, "", 0, "0") if zero_is_none else (None, "")) and not isinstance(value, bool):
+        return -1
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    raise BadRevision(f"{where}: {name} must be an integer id, got {value!r:.60}")
+
+
+def _text(value: Any, name: str, where: str) -> str:
+    """A string field of a revision; anything else is a `BadRevision` naming ``where``."""
+    if not isinstance(value, str):
+        raise BadRevision(f"{where}: {name} must be a string, got {value!r:.60}")
+    return value
+
+
+def _revisions(builds: Iterable[Callable[[], Revision]], on_bad_revision: OnBadRevision) -> Iterator[Revision]:
+    """Build each revision; a `BadRevision` is raised, or reported to ``on_bad_revision`` and skipped."""
+    for build in builds:
+        try:
+            revision = build()
+        except BadRevision as exc:
+            if on_bad_revision is None:
+                raise
+            on_bad_revision(exc)
+            continue
+        yield revision
 
 
 def _stem(path: Path) -> str:
@@ -138,26 +176,31 @@ def _title_from_filename(path: Path) -> str:
 # --------------------------------------------------------------------------- MediaWiki XML
 
 
-def iter_mediawiki_xml(path: str | Path) -> Iterator[Revision]:
+def iter_mediawiki_xml(path: str | Path, on_bad_revision: OnBadRevision = None) -> Iterator[Revision]:
     """Stream the revisions of every page of a MediaWiki XML export (schema 0.3-0.11), in constant memory.
 
-    `doc_id` is the page id; revisions whose text was deleted get text "".
-    Raises `HistoryFormatError` with line/column for malformed XML and with the
-    byte offset and revision index for a truncated compressed file.
+    `doc_id` is the page id; revisions whose text was deleted (`<text deleted="deleted"/>`) get
+    text "". Raises `HistoryFormatError` with line/column for malformed XML and with the byte
+    offset and revision index for a truncated compressed file; a revision without `<text>` or
+    with a non-numeric id is a `BadRevision` (see `on_bad_revision`).
     """
     path = Path(path)
     count = 0
     with _Source.open(path) as source:
         try:
             for page_id, title, revision in _xml_revisions(source, path):
-                yield _xml_revision(revision, page_id, title)
+                where = f"{path}: revision index {count} of page {title!r} (before byte {source.offset})"
                 count += 1
+                yield from _revisions([functools.partial(_xml_revision, revision, page_id, title, where)],
+                                      on_bad_revision)
         except ElementTree.ParseError as exc:
             line, column = exc.position
             raise HistoryFormatError(
                 f"{path}: malformed XML at line {line}, column {column + 1} "
                 f"(after {count} revisions): {expat.ErrorString(exc.code)}"
             ) from exc
+        except BadRevision:
+            raise
         except HistoryFormatError as exc:
             raise HistoryFormatError(f"{exc}, at revision index {count}") from exc
 
@@ -188,13 +231,17 @@ def _xml_revisions(
             page = None
 
 
-def _xml_revision(elem: ElementTree.Element, page_id: str, title: str) -> Revision:
+def _xml_revision(elem: ElementTree.Element, page_id: str, title: str, where: str) -> Revision:
     ns = elem.tag[: -len("revision")]
+    if elem.find(f"{ns}text") is None:
+        raise BadRevision(f"{where}: the revision has no <text> element "
+                          f"(children: {', '.join(f'<{c.tag[len(ns):]}>' for c in elem) or 'none'})")
+    rev_id = _id(elem.findtext(f"{ns}id"), "<id>", where)
     return Revision(
         doc_id=page_id,
         title=title,
-        rev_id=_int(elem.findtext(f"{ns}id")),
-        parent_id=_int(elem.findtext(f"{ns}parentid")),
+        rev_id=rev_id,
+        parent_id=_id(elem.findtext(f"{ns}parentid"), "<parentid>", f"{where}, id {rev_id}"),
         timestamp=elem.findtext(f"{ns}timestamp", ""),
         text=elem.findtext(f"{ns}text", ""),  # <text deleted="deleted"/> has no text
         comment=elem.findtext(f"{ns}comment", ""),
@@ -205,13 +252,14 @@ def _xml_revision(elem: ElementTree.Element, page_id: str, title: str) -> Revisi
 # --------------------------------------------------------------------------- MediaWiki API JSON
 
 
-def iter_mediawiki_json(path: str | Path) -> Iterator[Revision]:
+def iter_mediawiki_json(path: str | Path, on_bad_revision: OnBadRevision = None) -> Iterator[Revision]:
     """Yield the revisions of a MediaWiki API `prop=revisions` JSON file (plain, .gz or .xz).
 
     Accepts a bare list of revision objects or a full API response
     (`{"query": {"pages": ...}}`, pages as dict or list). The title comes from
     the response, else from the file name; `doc_id` is the page id, else the
-    file's stem.
+    file's stem. A file of the wrong shape is a `HistoryFormatError`; a revision
+    with fields of the wrong type is a `BadRevision` (see `on_bad_revision`).
     """
     path = Path(path)
     with _Source.open(path) as source:
@@ -224,55 +272,73 @@ def iter_mediawiki_json(path: str | Path) -> Iterator[Revision]:
         pages = list(pages.values()) if isinstance(pages, dict) else pages
     else:
         raise HistoryFormatError(
-            f"{path}: expected a list of revisions or an API response with query.pages"
+            f"{path}: expected a list of revisions or an API response with query.pages, "
+            f"got {type(data).__name__} {json.dumps(data)[:60]}"
         )
-    for page in pages:
+    if not isinstance(pages, list):
+        raise HistoryFormatError(f"{path}: query.pages must be an object or a list of pages, "
+                                 f"got {type(pages).__name__} {pages!r:.60}")
+    for number, page in enumerate(pages):
+        revisions = page.get("revisions", []) if isinstance(page, dict) else None
+        if not isinstance(revisions, list):
+            raise HistoryFormatError(f"{path}: page {number} must be an object with a list of revisions, "
+                                     f"got {page!r:.60}")
         doc_id = str(page.get("pageid", _stem(path)))
         title = page.get("title") or _title_from_filename(path)
-        for index, rev in enumerate(page.get("revisions", [])):
-            if not isinstance(rev, dict):
-                raise HistoryFormatError(f"{path}: revision {index} of {title!r} is not an object")
-            yield Revision(
-                doc_id=doc_id,
-                title=title,
-                rev_id=_int(rev.get("revid")),
-                parent_id=_int(rev.get("parentid")),
-                timestamp=rev.get("timestamp", ""),
-                text=_api_text(rev),
-                comment=rev.get("comment", ""),
-                sha1=rev.get("sha1", ""),
-            )
+        yield from _revisions((functools.partial(_api_revision, rev, doc_id, title, f"{path}: revision {index} of "
+                                                 f"{title!r}") for index, rev in enumerate(revisions)),
+                              on_bad_revision)
 
 
-def _parse_json(raw: str | bytes, path: Path, first_line: int = 1) -> Any:
-    """`json.loads` whose errors name the file and the line and column (`raw` starts at `first_line`)."""
+def _api_revision(rev: Any, doc_id: str, title: str, where: str) -> Revision:
+    if not isinstance(rev, dict):
+        raise BadRevision(f"{where} is not an object: {rev!r:.60}")
+    where = f"{where} (revid {rev.get('revid')!r:.20})"
+    return Revision(
+        doc_id=doc_id,
+        title=title,
+        rev_id=_id(rev.get("revid"), "revid", where),
+        parent_id=_id(rev.get("parentid"), "parentid", where),
+        timestamp=_text(rev.get("timestamp", ""), "timestamp", where),
+        text=_api_text(rev, where),
+        comment=_text(rev.get("comment", ""), "comment", where),
+        sha1=_text(rev.get("sha1", ""), "sha1", where),
+    )
+
+
+def _parse_json(raw: str | bytes, path: Path, first_line: int = 1,
+                error: type[HistoryFormatError] = HistoryFormatError) -> Any:
+    """`json.loads` whose errors (an ``error``) name the file and the line and column (`raw` starts at `first_line`)."""
     try:
         return json.loads(raw)
     except json.JSONDecodeError as exc:
-        raise HistoryFormatError(
+        raise error(
             f"{path}: malformed JSON at line {first_line + exc.lineno - 1}, column {exc.colno}: {exc.msg}"
         ) from exc
     except UnicodeDecodeError as exc:
-        raise HistoryFormatError(f"{path}: invalid UTF-8 at byte {exc.start}") from exc
+        raise error(f"{path}: invalid UTF-8 at byte {exc.start}") from exc
 
 
-def _api_text(rev: dict[str, Any]) -> str:
+def _api_text(rev: dict[str, Any], where: str) -> str:
     """Wikitext of an API revision: `"*"` (formatversion 1) or the main slot; hidden text is ""."""
     if "*" in rev:
-        return rev["*"]
-    main = rev.get("slots", {}).get("main", {})
-    return main.get("content", main.get("*", ""))
+        return _text(rev["*"], "the text '*'", where)
+    slots = rev.get("slots", {})
+    main = slots.get("main", {}) if isinstance(slots, dict) else None
+    if not isinstance(main, dict):
+        raise BadRevision(f"{where}: slots.main must be an object, got {main!r:.60}")
+    return _text(main.get("content", main.get("*", "")), "slots.main.content", where)
 
 
 # --------------------------------------------------------------------------- JSONL
 
 
-def iter_jsonl(path: str | Path) -> Iterator[Revision]:
+def iter_jsonl(path: str | Path, on_bad_revision: OnBadRevision = None) -> Iterator[Revision]:
     """Yield one revision per line of a JSONL file (optionally compressed) with the `FEATURES` keys.
 
     `text` is required; missing keys default to the file's stem (doc_id), ""
     (title, timestamp, comment, sha1), the line's record index (rev_id) and -1
-    (parent_id).
+    (parent_id). A malformed line is a `BadRevision` naming it (see `on_bad_revision`).
     """
     path = Path(path)
     with _Source.open(path) as source, io.TextIOWrapper(io.BufferedReader(source), "utf-8") as lines:
@@ -280,24 +346,27 @@ def iter_jsonl(path: str | Path) -> Iterator[Revision]:
         try:
             for lineno, line in enumerate(lines, start=1):
                 if line.strip():
-                    yield _jsonl_revision(_parse_json(line.rstrip("\r\n"), path, lineno), index, path, lineno)
+                    yield from _revisions([functools.partial(_jsonl_revision, line, index, path, lineno)],
+                                          on_bad_revision)
                     index += 1
         except UnicodeDecodeError as exc:
             raise HistoryFormatError(f"{path}: invalid UTF-8 after line {lineno}") from exc
 
 
-def _jsonl_revision(obj: Any, index: int, path: Path, lineno: int) -> Revision:
+def _jsonl_revision(line: str, index: int, path: Path, lineno: int) -> Revision:
+    obj = _parse_json(line.rstrip("\r\n"), path, lineno, BadRevision)
+    where = f"{path}: line {lineno}"
     if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-        raise HistoryFormatError(f"{path}: line {lineno} is not an object with a string 'text'")
+        raise BadRevision(f"{where} is not an object with a string 'text'")
     return Revision(
         doc_id=str(obj.get("doc_id", _stem(path))),
-        title=obj.get("title", ""),
-        rev_id=int(obj.get("rev_id", index)),
-        parent_id=int(obj.get("parent_id", -1)),
-        timestamp=obj.get("timestamp", ""),
+        title=_text(obj.get("title", ""), "title", where),
+        rev_id=_id(obj.get("rev_id", index), "rev_id", where, zero_is_none=False),
+        parent_id=_id(obj.get("parent_id", -1), "parent_id", where, zero_is_none=False),
+        timestamp=_text(obj.get("timestamp", ""), "timestamp", where),
         text=obj["text"],
-        comment=obj.get("comment", ""),
-        sha1=obj.get("sha1", ""),
+        comment=_text(obj.get("comment", ""), "comment", where),
+        sha1=_text(obj.get("sha1", ""), "sha1", where),
     )
 
 
@@ -328,7 +397,7 @@ def iter_git_history(repo_dir: str | Path, file_path: str) -> Iterator[Revision]
         if names:
             path = names[0]
     if not commits:
-        raise ValueError(f"{repo_dir}: git has no history for {file_path!r}")
+        raise HistoryFormatError(f"{repo_dir}: git has no history for {file_path!r}")
     commits.reverse()
     blobs = iter(_git_blobs(repo_dir, [f"{c}:{p}" for c, _, _, p in commits if p is not None]))
     for rev_id, (commit, date, subject, path) in enumerate(commits):
@@ -351,7 +420,7 @@ def _git(repo_dir: str | Path, *args: str, stdin: bytes | None = None) -> bytes:
         cwd=repo_dir, input=stdin, capture_output=True, check=False,
     )
     if result.returncode != 0:
-        raise ValueError(f"{repo_dir}: git {args[0]} failed: {result.stderr.decode(errors='replace').strip()}")
+        raise HistoryFormatError(f"{repo_dir}: git {args[0]} failed: {result.stderr.decode(errors='replace').strip()}")
     return result.stdout
 
 
@@ -364,7 +433,7 @@ def _git_blobs(repo_dir: str | Path, specs: list[str]) -> list[tuple[str, str]]:
         end = out.index(b"\n", pos)
         header = out[pos:end].split()
         if len(header) != 3:
-            raise ValueError(f"{repo_dir}: git cannot read {spec}: {out[pos:end].decode()}")
+            raise HistoryFormatError(f"{repo_dir}: git cannot read {spec}: {out[pos:end].decode()}")
         size = int(header[2])
         blobs.append((header[0].decode(), out[end + 1 : end + 1 + size].decode("utf-8", "replace")))
         pos = end + 1 + size + 1  # content is followed by a newline
@@ -393,25 +462,30 @@ def detect_format(path: str | Path) -> str:
             return "jsonl" if isinstance(first, dict) and "text" in first else "json"
     raise HistoryFormatError(
         f"{path}: unknown history format (expected MediaWiki XML, MediaWiki API JSON or JSONL); "
-        f"it starts with {head[:32]!r}"
+        + (f"it starts with {head[:32]!r}" if head else "the file is empty")
     )
 
 
 def iter_history(
-    path: str | Path, *, file_path: str | None = None, max_revisions: int | None = None
+    path: str | Path, *, file_path: str | None = None, max_revisions: int | None = None,
+    on_bad_revision: OnBadRevision = None,
 ) -> Iterator[Revision]:
     """Stream the revisions of any supported history, stopping after `max_revisions`.
 
     `path` is a MediaWiki XML export, an API JSON file or a JSONL file (each
-    possibly compressed), or a git repository together with `file_path`.
+    possibly compressed), or a git repository together with `file_path`. A malformed
+    revision raises `BadRevision`, or, with `on_bad_revision`, is passed to it and skipped;
+    a malformed file raises `HistoryFormatError`.
     """
     fmt = detect_format(path)
     if fmt == "git":
         if file_path is None:
-            raise ValueError(f"{path} is a directory: pass file_path to read a git history")
+            raise HistoryFormatError(f"{path} is a folder (a git repository?): name the file whose history "
+                                     f"to read (file_path=..., or `vqt replay --file PATH`)")
         revisions = iter_git_history(path, file_path)
     else:
-        revisions = {"xml": iter_mediawiki_xml, "json": iter_mediawiki_json, "jsonl": iter_jsonl}[fmt](path)
+        loader = {"xml": iter_mediawiki_xml, "json": iter_mediawiki_json, "jsonl": iter_jsonl}[fmt]
+        revisions = loader(path, on_bad_revision)
     with contextlib.closing(revisions):  # closes the file at once when stopping early
         yield from itertools.islice(revisions, max_revisions)
 

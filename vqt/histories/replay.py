@@ -105,6 +105,9 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
     """
     if model.training:
         raise ValueError("call model.eval() before replaying")
+    for name, value in (("window_tokens", window_tokens), ("max_edits", max_edits)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
     window_tokens = min(window_tokens, model.config.max_len)
     texts: dict[int, str] = {}
 

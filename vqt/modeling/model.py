@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from vqt._checks import position_tensor, token_tensor
 from vqt.modeling.config import VQTConfig
 from vqt.modeling.quantize import VectorQuantizer
 from vqt.ops import layer
@@ -328,15 +329,11 @@ class VQTModel(nn.Module):
         dense output of a document sharing tokens and positions [0, start)), only rows
         [start, n) are computed against the cached prefix keys: common-prefix KV-cache reuse.
         """
-        tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
+        tok = token_tensor(token_ids, "token_ids", self.device)
         self.check_inputs(tok)
         n = tok.numel()
         pos = (torch.arange(n, dtype=torch.float64, device=self.device) if positions is None
-               else torch.as_tensor(positions, dtype=torch.float64, device=self.device).reshape(-1))
-        if pos.numel() != n:
-            raise ValueError(f"{n} tokens but {pos.numel()} positions")
-        if n > 1 and not bool((pos[1:] > pos[:-1]).all()):
-            raise ValueError("positions must be strictly increasing")
+               else position_tensor(positions, n, self.device))
         if cache is None:
             start = 0
         elif not 0 <= start <= min(n, cache.hidden.shape[0]):

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
+from vqt._errors import UserError
 from vqt.ops import composite, reference
 from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
 
@@ -78,6 +79,10 @@ _REGISTRY: dict[str, tuple[Optional[str], str]] = {}
 _warned: set[str] = set()  # fused backends whose unavailability "auto" has already reported
 
 
+class BackendUnavailable(UserError, RuntimeError):
+    """A backend named explicitly cannot run here; the message says why."""
+
+
 def register_backend(name: str, device_type: Optional[str], module: str) -> None:
     """Register backend ``name`` implemented by ``module`` (imported on first use), which defines
     ``available() -> (bool, reason)`` and ``backend() -> Backend``. ``device_type``: the device
@@ -119,7 +124,7 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
 
     ``auto`` picks the fused backend of ``device`` (cuda, else cpu) when it builds, and otherwise
     ``reference``, warning once per backend with the reason. An explicitly named backend that
-    cannot run raises a RuntimeError that says why.
+    cannot run raises ``BackendUnavailable`` (a RuntimeError) that says why.
     """
     if name == "auto":
         dev_type = torch.device(device).type
@@ -138,5 +143,5 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
         raise ValueError(f"unknown backend {name!r}; available: {', '.join(BACKENDS)} or 'auto'")
     why = unavailable_reason(name, device)
     if why:
-        raise RuntimeError(f"backend {name!r} cannot run on {device}: {why}")
+        raise BackendUnavailable(f"backend {name!r} cannot run on {device}: {why} (use 'auto' or 'reference')")
     return _module(name).backend()

@@ -6,17 +6,15 @@ lookup, semantics in vqt/ops/composite.py), ``layer_commit``, ``finish_outputs``
 ``layer_step``, a whole quantized layer (qkv, layer_attend, MLP, commit) in one call, bitwise
 equal to the composite path. The C++ side reads the records of vqt/ops/tables.py by field name.
 
-The extension is compiled just in time on first use (ninja, cached under ``$VQT_BUILD_DIR`` or
-``~/.cache/vqt/torch_extensions``). Inference only: the results carry no autograd history.
+The extension is compiled just in time on first use and cached (``vqt.ops.build``). Inference
+only: the results carry no autograd history.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import re
-import sys
 from pathlib import Path
 from types import ModuleType
 from typing import Callable, Optional
@@ -24,32 +22,11 @@ from typing import Callable, Optional
 import torch
 
 from vqt.ops import Backend
+from vqt.ops.build import jit_load
 from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
 
 name = "cpu"
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
-
-
-def build_directory(extension: str) -> Path:
-    """Where the JIT build of ``extension`` lives (one folder per extension, reused across runs)."""
-    root = os.environ.get("VQT_BUILD_DIR") or Path.home() / ".cache" / "vqt" / "torch_extensions"
-    path = Path(root) / extension
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def jit_load(extension: str, sources: list[str], **kwargs) -> tuple[Optional[ModuleType], str]:
-    """Build (or reuse) a torch extension; returns (module, "") or (None, why it could not be built)."""
-    try:
-        from torch.utils.cpp_extension import load
-
-        if not any(build_directory(extension).glob(f"{extension}*.so")):
-            print(f"vqt: compiling the {extension} extension (first use only, about a minute)...", file=sys.stderr)
-        module = load(name=extension, sources=[str(CSRC / s) for s in sources], extra_include_paths=[str(CSRC)],
-                      build_directory=str(build_directory(extension)), verbose=False, **kwargs)
-    except Exception as exc:  # a missing compiler, ninja or header: the reason is reported, not raised
-        return None, f"building {extension} failed: {type(exc).__name__}: {str(exc).strip()[-2000:]}"
-    return module, ""
 
 
 # Vector instructions to compile for, by the capability ATen itself detected on this machine (and
@@ -65,7 +42,7 @@ _VECTOR_FLAGS = {
 def _build() -> tuple[Optional[ModuleType], str]:
     capability = re.sub(r"\W", "_", torch.backends.cpu.get_cpu_capability().lower())
     flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast"]
-    return jit_load(f"vqt_ops_cpu_{capability}", ["vqt_ops_cpu.cpp"],
+    return jit_load(f"vqt_ops_cpu_{capability}", [CSRC / "vqt_ops_cpu.cpp"], [CSRC],
                     extra_cflags=flags + _VECTOR_FLAGS.get(capability, []), extra_ldflags=["-fopenmp"], with_cuda=False)
 
 

@@ -13,7 +13,8 @@ from typing import Optional
 
 import torch
 
-from vqt.ops.cpu import FusedBackend, jit_load
+from vqt.ops.build import jit_load
+from vqt.ops.cpu import CSRC, FusedBackend
 
 name = "cuda"
 
@@ -24,8 +25,8 @@ def _build() -> tuple[Optional[ModuleType], str]:
         return None, "disabled by VQT_NO_CUDA"
     if not torch.cuda.is_available():
         return None, "torch.cuda.is_available() is False (no GPU, or a CPU-only torch build)"
-    return jit_load("vqt_ops_cuda", ["vqt_ops_cuda_binding.cpp", "vqt_ops_cuda.cu"], extra_cflags=["-O3"],
-                    extra_cuda_cflags=["-O3"], with_cuda=True)
+    return jit_load("vqt_ops_cuda", [CSRC / "vqt_ops_cuda_binding.cpp", CSRC / "vqt_ops_cuda.cu"], [CSRC],
+                    extra_cflags=["-O3"], extra_cuda_cflags=["-O3"], with_cuda=True)
 
 
 def available() -> tuple[bool, str]:

