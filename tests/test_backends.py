@@ -431,3 +431,20 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert obj.stat().st_size > 0
+
+
+def test_ties_go_to_the_lowest_index_whatever_the_batch(fused):
+    """Identical codewords: the search picks the lower index, in one batch or row by row, in every backend
+    (issue #12's repro)."""
+    ops, dev = fused
+    gen = torch.Generator().manual_seed(0)
+    E = torch.randn(1, 16, 4, generator=gen, dtype=F64)
+    E[0, 8:] = E[0, :8]
+    a = torch.randn(300, 1, 4, generator=gen, dtype=F64)
+    batch = nearest(a, E).codes
+    rows = torch.cat([nearest(a[i:i + 1], E).codes for i in range(300)])
+    assert torch.equal(batch, rows) and int(batch.max()) < 8
+    m = a.shape[0]
+    codes, radius = torch.zeros(m, 1, dtype=torch.long), torch.full((m, 1), float("-inf"), dtype=F64)
+    got = ops.requantize(a.to(dev), E.to(dev), codes.to(dev), a.to(dev), radius.to(dev))[0].cpu()
+    assert torch.equal(got, batch)

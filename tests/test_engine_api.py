@@ -264,3 +264,17 @@ def test_checkpoint_loads_in_requested_dtype(tmp_path):
     model.half().save_pretrained(tmp_path)
     assert VQTModel.from_pretrained(tmp_path).dtype == torch.float16
     assert VQTModel.from_pretrained(tmp_path, dtype=torch.float64).dtype == torch.float64
+
+
+def test_changed_rows_per_layer_are_the_rows_whose_next_input_changed():
+    model = tiny_model(window=6.0)
+    doc = Document(model, list(range(40)))
+    outputs = lambda: [t.x.clone() for t in doc.cache.layers[1:]] + [doc.cache.residual.clone()]  # noqa: E731
+    before = outputs()
+    st = doc.replace(10, 11, [5, 6])
+    rows = st.changed_rows_per_layer()
+    assert len(rows) == model.config.n_layers and rows[0]
+    order = doc.cache.order.tolist()
+    for layer, (old, new) in enumerate(zip(before, outputs())):
+        want = [i for i, s in enumerate(order) if i in (10, 11) or not torch.equal(old[s], new[s])]
+        assert rows[layer] == want, layer

@@ -479,7 +479,8 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
             best.d1 = distance2(a, cg + best.i1 * gd, gd);
             if (best.i2 != Top2::kNone) {
               best.d2 = distance2(a, cg + best.i2 * gd, gd);
-              if (best.d2 < best.d1) std::swap(best.d1, best.d2), std::swap(best.i1, best.i2);
+              // Canonical tie-break (as vqt.ops.search.nearest): the lower index among equal distances.
+              if (Top2::before(best.d2, best.i2, best.d1, best.i1)) std::swap(best.d1, best.d2), std::swap(best.i1, best.i2);
             }
           }
           codes[ig] = best.code();

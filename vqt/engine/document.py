@@ -49,6 +49,10 @@ class EditStats:
     deleted: int = 0  # removed tokens
     macs_by_kind: dict[str, int] = field(default_factory=dict)
     recomputed: Optional[torch.Tensor] = field(default=None, repr=False)  # (n,) layers that recomputed each token
+    # Per layer, the slots whose output changed there (the next layer's dirty rows), and the document
+    # order they are mapped back with, lazily (see changed_rows_per_layer).
+    changed_slots: list = field(default_factory=list, repr=False)
+    order: Optional[torch.Tensor] = field(default=None, repr=False)
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
     # The baselines' MACs, or what computes them: counting them is left until asked.
@@ -83,6 +87,15 @@ class EditStats:
     def prefix_ratio(self) -> float:
         """Ops reduction of prefix reuse alone."""
         return self.dense_macs / self.prefix_macs if self.prefix_macs else float("inf")
+
+    def changed_rows_per_layer(self) -> list[list[int]]:
+        """For each layer, the document indices (after the edit) of the tokens whose output that layer
+        recomputed and changed: what the edit reached, layer by layer."""
+        if self.order is None:
+            return []
+        index = torch.full((int(self.order.max()) + 1 if self.order.numel() else 0,), -1, dtype=torch.long)
+        index[self.order.cpu()] = torch.arange(self.order.numel())
+        return [sorted(index[s.cpu()].tolist()) for s in self.changed_slots]
 
     @property
     def cone_ratio(self) -> float:
@@ -375,18 +388,20 @@ class Document:
     def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
         planned = self._plan(norm)
         plan, cache = planned.plan, self.cache
-        dirty, counts = planned.dirty, []
+        dirty, counts, changed = planned.dirty, [], []
         for li, (w, t) in enumerate(zip(self._weights, cache.layers)):  # DESIGN.md section 2, steps 2-5
             target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else cache.residual
             dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
             counts.append(c)
+            changed.append(dirty)
         self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted, plan.is_new,
                                     self.model.norm.weight, self.model.norm.eps)
         cache.order = plan.order
         cache.release(plan.deleted)
-        return self._stats(planned, counts, t0)
+        return self._stats(planned, counts, changed, t0)
 
-    def _stats(self, planned: _Planned, counts: list[LayerCounts], t0: float) -> EditStats:
+    def _stats(self, planned: _Planned, counts: list[LayerCounts], changed_slots: list[torch.Tensor],
+               t0: float) -> EditStats:
         plan, cfg = planned.plan, self.cfg
         macs = MacCounter(cfg)
         for w, c in zip(self._weights, counts):
@@ -405,4 +420,5 @@ class Document:
             code_flips_per_layer=[c.code_flips for c in counts], certified_skips=total("skips"),
             searches=total("searches"), refreshes=total("refreshes"), renumbered=planned.renumbered.numel(),
             seconds=time.perf_counter() - t0, first_changed=planned.first_changed, inserted=planned.new_slots.numel(),
-            deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind), recomputed=plan.recomputed[plan.order].cpu())
+            deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind), recomputed=plan.recomputed[plan.order].cpu(),
+            changed_slots=changed_slots, order=plan.order)

@@ -43,7 +43,9 @@ def nearest(a: torch.Tensor, codebook: torch.Tensor) -> Nearest:
     gidx = torch.arange(g, device=a.device).expand(n, g)
     cand = codebook[gidx.unsqueeze(-1), top]  # (n, G, 2, gd)
     dist = (a.unsqueeze(2) - cand).pow(2).sum(-1).sqrt()  # (n, G, 2)
-    swap = dist[..., 1] < dist[..., 0]
+    # Canonical tie-break, the same in every backend and for any number of rows searched together: the
+    # lower index among equal distances (identical codewords tie exactly here, whatever the expanded form said).
+    swap = (dist[..., 1] < dist[..., 0]) | ((dist[..., 1] == dist[..., 0]) & (top[..., 1] < top[..., 0]))
     codes = torch.where(swap, top[..., 1], top[..., 0])
     d1 = torch.minimum(dist[..., 0], dist[..., 1])
     d2 = torch.maximum(dist[..., 0], dist[..., 1])

@@ -227,7 +227,7 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
             ppl = heldout_perplexity(student, heldout, T * 2, cfg.eval_tokens)
         cfg.history.append((step, kl.item(), m_loss.item(), ppl))
         bar.update(1)
-        bar.set_postfix(kl=f"{float(kl):.3f}", margin=f"{float(m_loss):.3f}", **({"ppl": f"{ppl:.1f}"} if ppl else {}))
+        bar.set_postfix(kl=f"{kl.item():.3f}", margin=f"{m_loss.item():.3f}", **({"ppl": f"{ppl:.1f}"} if ppl else {}))
         if step % cfg.checkpoint_every == 0:
             checkpoint()
     bar.close()

@@ -1,0 +1,111 @@
+"""The SmolLM2 frontier: quality against incremental savings for windows, sinks, codes and adaptation.
+
+    python experiments/frontier.py --points w128-sink-layer-k256 w64-sink-layer-k256 --model runs/x/model
+    python experiments/frontier.py --points w128-nosink-layer-k256 --edits 20 --eval-tokens 8192
+
+A point is ``w<W>-<sink|nosink>-<granularity>-k<K>`` (converted training-free: k-means codebooks on
+Anarchism text) or ``--model DIR`` (an adapted checkpoint). For each: held-out perplexity next to the
+original full-attention model's on the same windows; on real edits of the held-out API articles
+(1024-token windows, stable positions, the ``cpu`` backend): the median and p10 MAC ratio vs the
+original's dense forward (full attention), vs the windowed model's own dense forward, VQ's saving
+over the cone of influence, VQT vs prefix reuse, the layer-1 code flip rate and the engine's time
+per edit. Prints a Markdown table; ``--json`` appends the rows to a file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from vqt.engine.macs import baseline_macs  # noqa: E402
+from vqt.engine.options import DocumentOptions  # noqa: E402
+from vqt.histories.corpus import HELDOUT, heldout_texts, training_texts  # noqa: E402
+from vqt.histories.formats import iter_history  # noqa: E402
+from vqt.histories.replay import quantiles, replay  # noqa: E402
+from vqt.modeling.model import VQTModel  # noqa: E402
+from vqt.pretrained.adapt import heldout_perplexity  # noqa: E402
+from vqt.pretrained.convert import convert, tokenizer_from_gguf  # noqa: E402
+
+POINT = re.compile(r"w(\d+)-(sink|nosink)-(layer|head|product)-k(\d+)$")
+
+
+def full_attention_macs(original: VQTModel, n: int) -> int:
+    """MACs of the original model's dense forward (full attention, no VQ) on n tokens."""
+    return baseline_macs(original.config, torch.arange(n, dtype=torch.float64), 0).dense
+
+
+def measure(name: str, model: VQTModel, original: VQTModel, tok, held: np.ndarray, a) -> dict:
+    t0 = time.time()
+    ppl = heldout_perplexity(model, held, a.seq_len, a.eval_tokens)
+    revs = (r for path in HELDOUT for r in iter_history(path))
+    recs = list(replay(model, revs, tok, window_tokens=1024, max_edits=a.edits, baselines=False,
+                       options=DocumentOptions(backend=a.backend)))
+    full = [full_attention_macs(original, r.n_tokens) / r.macs if r.macs else float("inf") for r in recs]
+    row = {
+        "point": name, "describe": model.describe(), "ppl": ppl, "edits": len(recs),
+        "vs_full_dense": quantiles(full), "vs_window_dense": quantiles([r.ratio for r in recs]),
+        "vq_over_cone": quantiles([r.cone_ratio for r in recs]),
+        "vs_prefix": quantiles([r.prefix_macs / r.macs if r.macs else float("inf") for r in recs]),
+        "flip_l1": statistics.fmean(r.layer1_flip_rate for r in recs) if recs else float("nan"),
+        "ms_per_edit": quantiles([r.seconds * 1e3 for r in recs])["median"], "seconds": round(time.time() - t0),
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--points", nargs="*", default=[], help="training-free points like w128-sink-layer-k256")
+    p.add_argument("--model", nargs="*", default=[], help="adapted checkpoints (delta folders)")
+    p.add_argument("--edits", type=int, default=20)
+    p.add_argument("--eval-tokens", type=int, default=8192)
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--calib-tokens", type=int, default=8192)
+    p.add_argument("--backend", default="auto")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--json", default=None)
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    tok = tokenizer_from_gguf()
+    held = np.asarray(tok.encode("\n\n".join(heldout_texts())), dtype=np.int64)
+    calib = [t for text in training_texts(every=500, limit=8) for t in tok.encode(text)][: a.calib_tokens]
+    rows = []
+    _, original = convert(None, None, window=None, sink="none")
+    original_ppl = heldout_perplexity(original, held, a.seq_len, a.eval_tokens)
+    print(f"original SmolLM2-135M (full attention): held-out perplexity {original_ppl:.2f}", flush=True)
+    for spec in a.points:
+        m = POINT.match(spec)
+        if not m:
+            raise SystemExit(f"point {spec!r} is not like w128-sink-layer-k256")
+        W, sink, gran, K = float(m[1]), "token" if m[2] == "sink" else "none", m[3], int(m[4])
+        model, _ = convert(None, calib, window=W, sink=sink, granularity=gran, codebook_size=K)
+        rows.append(measure(spec, model, original, tok, held, a))
+    for path in a.model:
+        rows.append(measure(path, VQTModel.from_pretrained(path), original, tok, held, a))
+    print(f"\nheld-out perplexity of the original on the same windows: {original_ppl:.2f}")
+    print("| point | ppl | MAC vs full dense (med / p10) | vs windowed dense | VQ over cone | vs prefix | "
+          "flips L1 | ms/edit |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        f, w, c, pr = r["vs_full_dense"], r["vs_window_dense"], r["vq_over_cone"], r["vs_prefix"]
+        print(f"| {r['point']} | {r['ppl']:.1f} | {f['median']:.1f}x / {f['p10']:.1f}x | {w['median']:.1f}x | "
+              f"{c['median']:.2f}x | {pr['median']:.2f}x | {r['flip_l1']:.3f} | {r['ms_per_edit']:.0f} |")
+    if a.json:
+        with open(a.json, "a") as fh:
+            for r in rows:
+                fh.write(json.dumps({**r, "original_ppl": original_ppl}) + "\n")
+
+
+if __name__ == "__main__":
+    main()
