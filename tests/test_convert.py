@@ -75,3 +75,26 @@ def test_delta_checkpoint_round_trip_sink_and_incremental_exactness(smollm, tmp_
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match="made from other.gguf"):
         VQTModel.from_pretrained(tmp_path / "m")
+
+
+def test_vqt_convert_command_writes_a_loadable_delta(tmp_path):
+    """The CLI end to end at toy settings: window, token sink, a subset of quantized layers, k-means."""
+    import subprocess
+    import sys
+
+    from helpers import SHARED_DATA
+    from vqt import VQTModel
+
+    if not (SHARED_DATA / "wiki").is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} is absent (calibration text)")
+    out = tmp_path / "conv"
+    proc = subprocess.run([sys.executable, "-m", "vqt", "convert", "--out", str(out), "--window", "32",
+                           "--quantize-layers", "0,2-3", "--codebook-size", "8", "--calib-tokens", "128",
+                           "--kmeans-iters", "1", "--eval-tokens", "300", "--seq-len", "128"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "held-out perplexity" in proc.stdout
+    model = VQTModel.from_pretrained(out)
+    cfg = model.config
+    assert (cfg.window, cfg.sink, cfg.quantize_layers, cfg.codebook_size) == (32.0, "token", [0, 2, 3], 8)
+    assert cfg.extra["heldout_ppl"]["original"] < cfg.extra["heldout_ppl"]["vqt"]

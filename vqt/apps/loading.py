@@ -45,17 +45,16 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
                             f"installed: {SHIPPED_DELTAS[spec]}")
         spec = str(DATA_DIR / spec)
     try:
-        if not (Path(spec) / "config.json").is_file():
-            raise FileNotFoundError(f"not 'demo', a shipped name ({', '.join(SHIPPED_DELTAS)}) or a checkpoint "
-                                    f"folder with a config.json")
-        if "base" in VQTConfig.load(Path(spec) / "config.json").extra:
+        config = Path(spec) / "config.json"
+        if config.is_file() and "base" in VQTConfig.load(config).extra:
             from vqt.pretrained.convert import tokenizer_from_gguf
 
             model = VQTModel.from_pretrained(spec, dtype=dtype)
             return model, f"{spec} (SmolLM2-135M + VQT deltas)", tok or tokenizer_from_gguf()
         return VQTModel.from_pretrained(spec, dtype=dtype), spec, tok or Tokenizer.default()
     except (OSError, ValueError) as e:
-        raise UserError(f"--model {spec}: {e} (give a checkpoint folder, a shipped name or 'demo')") from e
+        raise UserError(f"--model {spec}: {e} (give a checkpoint folder, a shipped name "
+                        f"({', '.join(SHIPPED_DELTAS)}) or 'demo')") from e
 
 
 def add_engine_arguments(parser, backend_default: str = "auto") -> None:
