@@ -120,7 +120,10 @@ def _replay(args: argparse.Namespace) -> int:
     from vqt.apps.demo import demo_history
     from vqt.histories.formats import BadRevision, HistoryFormatError, iter_history
     from vqt.histories.replay import format_summary, replay, summarize
+    from vqt.apps.corpus import replay_command, wants_corpus
 
+    if wants_corpus(args):
+        return replay_command(args)
     _check_replay_paths(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
@@ -234,16 +237,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = command("replay", help="replay revision histories edit by edit and report what VQT saved")
     r.add_argument("--data", nargs="*", default=[], help="histories: MediaWiki XML (.xml[.gz|.bz2|.xz|.lzma]), "
-                   "API JSON, JSONL (default: the built-in demo history)")
+                   "API JSON, JSONL files, folders or globs of them, git repositories or bundles (with "
+                   "--path-glob); several, or any corpus option, replay each page or file as its own history "
+                   "(default: the built-in demo history)")
     r.add_argument("--file", default=None, help="with --data REPO (a git repository): the file whose history "
                    "to replay, e.g. text/0001-private-fields.md")
+    r.add_argument("--path-glob", default=None, help="corpus: the files of the git repositories or bundles in "
+                   "--data to replay, e.g. 'text/*.md' (each file's history, renames followed)")
+    r.add_argument("--workers", type=positive_int, default=None, help="corpus: replay histories in N local "
+                   "processes (one torch thread each); with --ray, the number of actors (default: one per CPU, "
+                   "or per GPU with --backend cuda)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="corpus: replay on Ray "
+                   "Data (pip install 'vqt[ray]'); no ADDRESS starts a local cluster; needs --out")
+    r.add_argument("--out", default=None, help="corpus: folder for the records, one Parquet file per history "
+                   "(or revision range); a rerun skips what is already there")
+    r.add_argument("--range-revisions", type=positive_int, default=200, help="corpus: split longer histories "
+                   "into ranges of this many revision pairs, each starting with a dense pass (default 200)")
     r.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     r.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
     r.add_argument("--window", type=positive_int, default=1024, help="tokens of each document replayed (the first N)")
-    r.add_argument("--max-edits", type=positive_int, default=None, help="stop after this many edits")
-    r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per file")
+    r.add_argument("--max-edits", type=positive_int, default=None, help="stop after this many edits (corpus: per "
+                   "history, or per revision range of a split history)")
+    r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per "
+                   "file (corpus: per history)")
     r.add_argument("--strict", action="store_true", help="stop at the first malformed revision (default: skip it "
-                   "with a warning and count it in the summary)")
+                   "with a warning and count it in the summary; corpus: the revision fails its history)")
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
     add_engine_arguments(r)
@@ -252,6 +270,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="write PNG plots into this folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_replay)
+
+    def _summarize(args: argparse.Namespace) -> int:
+        from vqt.apps.corpus import summarize_command
+
+        return summarize_command(args)
+
+    m = command("summarize", help="the summary table (and plots) of saved records (Parquet from "
+                       "`vqt replay --out`, or JSONL), without replaying")
+    m.add_argument("folder", help="folder of .parquet or .jsonl record files (searched recursively)")
+    m.add_argument("--plot", default=None, help="write PNG plots into this folder")
+    m.set_defaults(func=_summarize)
 
     def _lsp(args: argparse.Namespace) -> int:
         require("pygls", "lsp")  # pygls is imported only when the server runs

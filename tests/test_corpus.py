@@ -1,0 +1,181 @@
+"""Corpus replay on one machine: inputs of every kind, local workers equal to one process, resume, failures."""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+import subprocess
+import sys
+import time
+from concurrent.futures.process import BrokenProcessPool
+from functools import partial
+from pathlib import Path
+
+import pytest
+
+from corpus_helpers import API, BUNDLE, LOAD, OPTIONS, RFC_GLOB, TINY, comparable, corpus, needs_shared_data
+from vqt.apps.corpus import load_for_replay
+from vqt.histories.corpus_replay import (ReplayOptions, read_output, replay_corpus, replay_unit, to_records,
+                                         unit_path)
+from vqt.histories.sources import CorpusInput, expand_inputs, plan_input, read_unit
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=repo, check=True,
+                   capture_output=True)
+
+
+def test_inputs_name_every_history():
+    needs_shared_data()
+    api = expand_inputs([str(API)])
+    assert [Path(i.path).name for i in api] == sorted(p.name for p in API.glob("*.json.xz"))
+    assert [i.index for i in api] == [0, 1, 2, 3]
+    assert [i.path for i in expand_inputs([str(API / "*.json.xz")])] == [i.path for i in api]
+    rfcs = expand_inputs([str(TINY), str(BUNDLE)], RFC_GLOB)
+    assert [i.name for i in rfcs] == [str(TINY)] + [f"{BUNDLE}:text/000{n}-{s}.md" for n, s in
+                                                    ((1, "private-fields"), (2, "rfc-process"), (3, "attribute-usage"))]
+    (dump_units,) = [plan_input(rfcs[0], range_revisions=40)]
+    pages = {(u.history, u.doc_id, u.title) for u in dump_units}
+    assert pages == {(f"{TINY}#10", "10", "AccessibleComputing"), (f"{TINY}#12", "12", "Anarchism")}
+    anarchism = [(u.start, u.stop) for u in dump_units if u.doc_id == "12"]
+    assert anarchism == [(0, 41), (40, 81), (80, 97)]  # 97 revisions; consecutive ranges share one revision
+    revs = list(read_unit(dump_units[-1]))
+    assert len(revs) == 17 and {r["doc_id"] for r in revs} == {"12"}
+
+
+@pytest.mark.parametrize("specs, glob, message", [
+    (["/no/such/history.json"], None, "'/no/such/history.json': no such file"),
+    ([str(BUNDLE)], None, "pass --path-glob"),
+    ([str(TINY)], "text/*.md", "needs a git repository"),
+    ([str(BUNDLE)], "nothing/*.md", "matches no file"),
+])
+def test_bad_inputs_are_named(specs, glob, message):
+    needs_shared_data()
+    with pytest.raises(ValueError, match=message):
+        expand_inputs(specs, glob)
+
+
+@pytest.mark.parametrize("option, value", [("window_tokens", 0), ("range_revisions", -3), ("max_edits", 0),
+                                           ("max_revisions", 2.5)])
+def test_bad_options_are_named(option, value):
+    with pytest.raises(ValueError, match=f"{option} must be a positive integer, not {value}"):
+        ReplayOptions(**{option: value})
+    with pytest.raises(ValueError, match="a corpus needs --data"):
+        expand_inputs([])
+
+
+def test_git_histories_follow_renames(tmp_path):
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    body = "".join(f"line {i} of a text that keeps most of its lines\n" for i in range(10))
+    texts = [body + end for end in ("first draft\n", "edited\n", "edited and renamed\n", "after the rename\n")]
+    for i, text in enumerate(texts):
+        name = "old.md" if i < 2 else "new.md"
+        if i == 2:
+            git(repo, "mv", "old.md", "new.md")
+        (repo / name).write_text(text)
+        git(repo, "add", "-A")
+        git(repo, "commit", "-qm", f"revision {i}")
+    (inp,) = expand_inputs([str(repo)], "*.md")
+    assert inp.name == f"{repo}:new.md"
+    (unit,) = plan_input(inp, range_revisions=10)
+    assert (unit.history, unit.start, unit.stop) == (f"{repo}:new.md", 0, 4)
+    assert [r["text"] for r in read_unit(unit)] == texts
+
+
+def test_workers_equal_one_process_and_a_bad_history_is_recorded(tmp_path):
+    inputs = corpus(tmp_path)
+    one = replay_corpus(inputs, LOAD, OPTIONS)
+    two = replay_corpus(inputs, LOAD, OPTIONS, workers=2)
+    assert comparable(two.rows) == comparable(one.rows) and len(one.rows) > 20
+    assert two.statuses == [dict(s, seconds=t["seconds"]) for s, t in zip(one.statuses, two.statuses)]
+    assert all(r["exact"] for r in one.rows)
+    histories = [r["history"] for r in one.rows]
+    in_order = [h for h in dict.fromkeys(s["history"] for s in one.statuses) if h in histories]
+    assert [h for h, _ in itertools.groupby(histories)] == in_order  # grouped by history, in corpus order
+    assert {f"{TINY}#10", f"{TINY}#12", f"{BUNDLE}:text/0002-rfc-process.md"} <= set(histories)
+    assert {r["title"] for r in one.rows if r["history"] == f"{TINY}#12"} == {"Anarchism"}
+    (failed,) = [s for s in one.statuses if s["error"]]
+    assert failed["history"] == f"{tmp_path / 'broken-dump.xml.gz'}#10"
+    assert "malformed XML" in failed["error"] and failed["edits"] == 0
+    assert len({s["history"] for s in one.statuses}) == 2 + 4 + 3 + 1
+
+
+def test_workers_that_cannot_load_the_model_fail_the_run_instead_of_hanging(tmp_path):
+    needs_shared_data()
+    t0 = time.perf_counter()
+    with pytest.raises(BrokenProcessPool):
+        replay_corpus(expand_inputs([str(API)]), partial(load_for_replay, str(tmp_path / "no-model"), "float32", None),
+                      OPTIONS, workers=2)
+    assert time.perf_counter() - t0 < 120
+
+
+def test_resume_replays_only_what_is_missing(tmp_path):
+    inputs = corpus(tmp_path)
+    out = tmp_path / "out"
+    first = replay_corpus(inputs, LOAD, OPTIONS, out=out, settings={"model": "demo"})
+    assert len(first.replayed) == len(first.statuses) == len(list((out / "records").glob("*.parquet")))
+    victim = next(s for s in first.statuses if s["history"].endswith("0001-private-fields.md") and s["start"] == 3)
+    next(p for p in (out / "records").glob("*.parquet") if "0001-private-fields.md@3-" in p.name).unlink()
+    again = replay_corpus(inputs, LOAD, OPTIONS, out=out, settings={"model": "demo"})
+    assert [(s["history"], s["start"]) for s in again.replayed] == [(victim["history"], 3)]
+    assert comparable(again.rows) == comparable(first.rows)
+    with pytest.raises(ValueError, match="another window_tokens \\(128, now 256\\)"):
+        replay_corpus(inputs, LOAD, ReplayOptions(**{**OPTIONS.__dict__, "window_tokens": 256}), out=out,
+                      settings={"model": "demo"})
+
+
+def test_a_unit_that_fails_keeps_its_records_before_the_failure(tmp_path):
+    path = tmp_path / "history.jsonl.gz"
+    base = "".join(f"Paragraph {i}: " + "words that stay the same " * 20 + "\n" for i in range(40))
+    revisions = [{"doc_id": "h", "rev_id": i, "text": f"Edit number {i}. " + base} for i in range(12)]
+    path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in revisions).encode()))
+    (unit,) = plan_input(CorpusInput(0, str(path)), range_revisions=20)
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # damaged after planning
+    model, tokenizer = LOAD()
+    result = replay_unit(model, tokenizer, unit, ReplayOptions(window_tokens=64, baselines=False))
+    assert "truncated or corrupt compressed stream" in result.error
+    assert 1 <= len(result.rows) < 11 and [r["rev_id"] for r in result.rows] == list(range(1, len(result.rows) + 1))
+
+
+def run_vqt(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vqt", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_replays_a_corpus_and_summarizes_saved_records(tmp_path):
+    needs_shared_data()
+    out, plots = tmp_path / "out", tmp_path / "plots"
+    res = run_vqt("replay", "--model", "demo", "--data", str(TINY), str(API / "japan_cup.json.xz"), "--workers", "2",
+                  "--window", "128", "--max-edits", "3", "--max-revisions", "8", "--out", str(out), "--jsonl",
+                  str(tmp_path / "all.jsonl"), "--quiet")
+    assert res.returncode == 0, res.stderr
+    assert "3 histories (3 work units)" in res.stdout and "histories/s" in res.stdout
+    table = res.stdout[res.stdout.index("edits\nmetric"):]
+    saved = run_vqt("summarize", str(out), "--plot", str(plots))
+    assert saved.returncode == 0, saved.stderr
+    assert saved.stdout[saved.stdout.index("edits\nmetric"):].startswith(table)  # same files, same summary
+    assert (plots / "ratio_cdf.png").stat().st_size > 1000
+    rows, _ = read_output(out)
+    jsonl = [json.loads(line) for line in (tmp_path / "all.jsonl").read_text().splitlines()]
+    assert comparable(jsonl) == comparable(rows)
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "all.jsonl").rename(tmp_path / "jsonl" / "all.jsonl")
+    from_jsonl = run_vqt("summarize", str(tmp_path / "jsonl"))
+    assert from_jsonl.returncode == 0 and f"{len(rows)} edits" in from_jsonl.stdout
+    assert to_records(rows)[0].dirty_fraction == rows[0]["dirty_fraction"]
+    missing = run_vqt("summarize", str(tmp_path / "nowhere"))
+    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nowhere" in missing.stderr
+    assert unit_path(out, plan_input(expand_inputs([str(TINY)])[0], 200)[0]).is_file()
+
+
+def test_ray_without_ray_installed_says_what_to_install(tmp_path):
+    needs_shared_data()
+    block_ray = "import sys; sys.modules['ray'] = None; from vqt.apps.cli import main; sys.exit(main(sys.argv[1:]))"
+    res = subprocess.run([sys.executable, "-c", block_ray, "replay", "--model", "demo", "--data", str(API), "--ray",
+                          "--out", str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and "pip install 'vqt[ray]'" in res.stderr and res.stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+    no_out = run_vqt("replay", "--model", "demo", "--data", str(API), "--ray")
+    assert no_out.returncode == 2 and "give --out DIR" in no_out.stderr
