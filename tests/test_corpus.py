@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from corpus_helpers import API, BUNDLE, LOAD, OPTIONS, RFC_GLOB, TINY, comparable, corpus, needs_shared_data
+from vqt._errors import UserError
 from vqt.apps.corpus import load_for_replay
 from vqt.histories.corpus_replay import (ReplayOptions, read_output, replay_corpus, replay_unit, to_records,
                                          unit_path)
@@ -52,16 +53,16 @@ def test_inputs_name_every_history():
 ])
 def test_bad_inputs_are_named(specs, glob, message):
     needs_shared_data()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UserError, match=message):
         expand_inputs(specs, glob)
 
 
 @pytest.mark.parametrize("option, value", [("window_tokens", 0), ("range_revisions", -3), ("max_edits", 0),
                                            ("max_revisions", 2.5)])
 def test_bad_options_are_named(option, value):
-    with pytest.raises(ValueError, match=f"{option} must be a positive integer, not {value}"):
+    with pytest.raises(ValueError, match=f"{option} must be a positive integer, got {value}"):
         ReplayOptions(**{option: value})
-    with pytest.raises(ValueError, match="a corpus needs --data"):
+    with pytest.raises(UserError, match="a corpus needs --data"):
         expand_inputs([])
 
 
@@ -122,9 +123,28 @@ def test_resume_replays_only_what_is_missing(tmp_path):
     again = replay_corpus(inputs, LOAD, OPTIONS, out=out, settings={"model": "demo"})
     assert [(s["history"], s["start"]) for s in again.replayed] == [(victim["history"], 3)]
     assert comparable(again.rows) == comparable(first.rows)
-    with pytest.raises(ValueError, match="another window_tokens \\(128, now 256\\)"):
+    with pytest.raises(UserError, match="another window_tokens \\(128, now 256\\)"):
         replay_corpus(inputs, LOAD, ReplayOptions(**{**OPTIONS.__dict__, "window_tokens": 256}), out=out,
                       settings={"model": "demo"})
+
+
+def test_a_malformed_revision_is_skipped_and_counted_or_fails_its_history_with_strict(tmp_path):
+    needs_shared_data()
+    base = "A paragraph of an article that stays as it is while a few words before it change. " * 8
+    revisions = [{"revid": i + 1, "parentid": i, "*": f"Version {i} of the lead. " + base} for i in range(6)]
+    revisions[2]["*"] = 5  # text of the wrong type: a malformed revision
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(revisions))
+    inputs = expand_inputs([str(bad), str(API / "japan_cup.json.xz")])
+    options = ReplayOptions(window_tokens=64, max_edits=3, max_revisions=6, baselines=False)
+    lenient = replay_corpus(inputs, LOAD, options)
+    assert [(s["history"], s["error"], s["skipped"]) for s in lenient.statuses] == [
+        (str(bad), None, 1), (str(API / "japan_cup.json.xz"), None, 0)]
+    assert "BadRevision" not in lenient.statuses[0]["first_skipped"] and "revision" in lenient.statuses[0]["first_skipped"]
+    assert [r["rev_id"] for r in lenient.rows if r["history"] == str(bad)] == [2, 4, 5]
+    strict = replay_corpus(inputs, LOAD, ReplayOptions(**{**options.__dict__, "strict": True}))
+    assert strict.statuses[0]["error"].startswith("BadRevision") and strict.statuses[0]["edits"] == 0
+    assert comparable(strict.rows) == comparable([r for r in lenient.rows if r["history"] != str(bad)])
 
 
 def test_a_unit_that_fails_keeps_its_records_before_the_failure(tmp_path):
@@ -166,7 +186,7 @@ def test_cli_replays_a_corpus_and_summarizes_saved_records(tmp_path):
     assert from_jsonl.returncode == 0 and f"{len(rows)} edits" in from_jsonl.stdout
     assert to_records(rows)[0].dirty_fraction == rows[0]["dirty_fraction"]
     missing = run_vqt("summarize", str(tmp_path / "nowhere"))
-    assert missing.returncode == 2 and missing.stderr.strip().count("\n") == 0 and "nowhere" in missing.stderr
+    assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "nowhere" in missing.stderr
     assert unit_path(out, plan_input(expand_inputs([str(TINY)])[0], 200)[0]).is_file()
 
 
@@ -178,4 +198,4 @@ def test_ray_without_ray_installed_says_what_to_install(tmp_path):
     assert res.returncode == 1 and "pip install 'vqt[ray]'" in res.stderr and res.stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
     no_out = run_vqt("replay", "--model", "demo", "--data", str(API), "--ray")
-    assert no_out.returncode == 2 and "give --out DIR" in no_out.stderr
+    assert no_out.returncode == 1 and "give --out DIR" in no_out.stderr

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import functools
+import glob
 import json
 import os
 import sys
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any, Optional
@@ -25,9 +25,12 @@ DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def wants_corpus(args: argparse.Namespace) -> bool:
-    """Whether `vqt replay` runs as a corpus: several inputs, a folder, glob or repository, or a corpus option."""
+    """Whether `vqt replay` runs as a corpus: a corpus option, several inputs, or a folder, glob or bundle
+    (a single file, or a repository with --file, is one history replayed as before)."""
+    one_history = args.file is not None or all((os.path.isfile(d) and not d.endswith(".bundle")) or
+                                               (not os.path.exists(d) and not glob.has_magic(d)) for d in args.data)
     return bool(args.workers or args.ray is not None or args.out or args.path_glob or len(args.data) > 1
-                or any(not os.path.isfile(d) or d.endswith(".bundle") for d in args.data))
+                or not one_history)
 
 
 @functools.lru_cache(maxsize=1)
@@ -37,25 +40,16 @@ def load_for_replay(spec: Optional[str], dtype: str, tokenizer_path: Optional[st
     return model, tokenizer
 
 
-def _one_line_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    """A bad input, option or output folder is reported in one line naming it, exit status 2."""
-    @functools.wraps(command)
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return command(args)
-        except (ValueError, FileNotFoundError) as e:
-            print(f"vqt {args.command}: {e}", file=sys.stderr)
-            return 2
-    return run
-
-
-@_one_line_errors
 def replay_command(args: argparse.Namespace) -> int:
     """`vqt replay` over a corpus: plan, replay on the chosen executor, print the summary, save what was asked."""
-    inputs = expand_inputs(args.data, args.path_glob)
+    inputs = expand_inputs(args.data, args.path_glob or args.file)  # --file: a glob matching one path
     options = ReplayOptions(window_tokens=args.window, max_edits=args.max_edits, baselines=not args.no_baselines,
-                            verify=args.verify, position_mode=args.positions, backend=args.backend,
-                            range_revisions=args.range_revisions, max_revisions=args.max_revisions)
+                            verify=args.verify, positions=args.positions, backend=args.backend,
+                            range_revisions=args.range_revisions, max_revisions=args.max_revisions,
+                            strict=args.strict)
+    from vqt.apps.cli import _open_output  # the command line's own check: fail before the long work
+
+    jsonl = _open_output("--jsonl", args.jsonl)
     model, _ = load_for_replay(args.model, args.dtype, args.tokenizer)  # a bad model fails here, before any worker
     print(f"model: {args.model or 'shipped'}: {model.describe()}")
     where = ("Ray " + (args.ray or "(local cluster)")) if args.ray is not None else \
@@ -69,15 +63,17 @@ def replay_command(args: argparse.Namespace) -> int:
         done += 1
         if not args.quiet:
             note = f"FAILED: {status['error']}" if status["error"] else f"{status['edits']} edits"
+            if status["skipped"]:
+                note += f"; skipped {status['skipped']} malformed revisions, first: {status['first_skipped']}"
             print(f"[{done}] {status['history']} @{status['start']}: {note}", file=sys.stderr)
 
     run = replay_corpus(inputs, partial(load_for_replay, args.model, args.dtype, args.tokenizer), options,
                         workers=args.workers, out=args.out, ray=args.ray,
                         settings={"model": args.model, "dtype": args.dtype, "tokenizer": args.tokenizer},
                         progress=progress)
-    if args.jsonl:
-        with open(args.jsonl, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in run.rows)
+    if jsonl:
+        with jsonl:
+            jsonl.writelines(json.dumps(row) + "\n" for row in run.rows)
     return report(run, plot=args.plot, verify=args.verify)
 
 
@@ -89,6 +85,10 @@ def report(run: CorpusRun, plot: Optional[str] = None, verify: bool = False) -> 
           f"{len({s['history'] for s in failed})} histories failed")
     for s in failed:
         print(f"  failed: {s['history']} (revisions from {s['start']}): {s['error']}")
+    skipped = [s for s in run.statuses if s["skipped"]]
+    if skipped:
+        print(f"skipped {sum(s['skipped'] for s in skipped)} malformed revisions in {len(skipped)} work units "
+              f"(first: {skipped[0]['first_skipped']}; --strict fails their histories instead)")
     if run.replayed:
         print(run.throughput())
     if not run.rows:
@@ -108,7 +108,6 @@ def report(run: CorpusRun, plot: Optional[str] = None, verify: bool = False) -> 
     return 0
 
 
-@_one_line_errors
 def summarize_command(args: argparse.Namespace) -> int:
     """`vqt summarize DIR`: the summary table (and plots) of saved records, without replaying."""
     rows, statuses = read_output(args.folder)

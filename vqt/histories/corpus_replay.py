@@ -27,7 +27,9 @@ from typing import Any, Optional
 
 import torch
 
+from vqt._errors import UserError
 from vqt._extras import require
+from vqt.engine.options import DocumentOptions
 from vqt.histories.replay import EditRecord, replay
 from vqt.histories.sources import CorpusInput, WorkUnit, plan_input, read_unit
 from vqt.modeling.model import VQTModel
@@ -51,16 +53,17 @@ class ReplayOptions:
     max_edits: Optional[int] = None  # per work unit
     baselines: bool = True
     verify: bool = False
-    position_mode: str = "stable"
+    positions: str = "stable"  # the position mode (vqt.engine.positions)
     backend: str = "auto"
     range_revisions: int = 200  # revision pairs per work unit; longer histories are split
     max_revisions: Optional[int] = None  # per history, before splitting
+    strict: bool = False  # a malformed revision fails its history (default: it is skipped and counted)
 
     def __post_init__(self) -> None:
         for name in ("window_tokens", "range_revisions", "max_edits", "max_revisions"):
             value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer, not {value!r}")
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
     @property
     def device(self) -> str:
@@ -75,30 +78,36 @@ class UnitResult:
     rows: list[dict[str, Any]]
     error: Optional[str]  # why the unit stopped early (its rows before the failure are kept)
     seconds: float
+    skipped: list[str] = dataclasses.field(default_factory=list)  # the malformed revisions skipped
 
     def status(self) -> dict[str, Any]:
         """What the output file records about the unit besides its rows."""
         u = self.unit
         return {"history": u.history, "title": u.title, "doc_id": u.doc_id, "input": u.input.index,
                 "page": u.page, "start": u.start, "stop": u.stop, "edits": len(self.rows),
-                "error": self.error, "seconds": self.seconds}
+                "error": self.error, "skipped": len(self.skipped),
+                "first_skipped": self.skipped[0] if self.skipped else None, "seconds": self.seconds}
 
 
 def replay_unit(model: VQTModel, tokenizer: Tokenizer, unit: WorkUnit, options: ReplayOptions) -> UnitResult:
-    """Replay one work unit; an error (a bad revision, an unreadable file) ends the unit, not the corpus."""
+    """Replay one work unit; an error (an unreadable file, with `strict` a malformed revision) ends the unit,
+    not the corpus. Without `strict` a malformed revision is skipped and counted."""
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
+    skipped: list[str] = []
     error = unit.error
     if error is None:
         try:
-            backend = get_backend(options.backend, model.device).name
-            for rec in replay(model, read_unit(unit), tokenizer, window_tokens=options.window_tokens,
+            doc_options = DocumentOptions.make(backend=get_backend(options.backend, model.device).name,
+                                               position_mode=options.positions)
+            revisions = read_unit(unit, None if options.strict else lambda bad: skipped.append(str(bad)))
+            for rec in replay(model, revisions, tokenizer, window_tokens=options.window_tokens,
                               max_edits=options.max_edits, baselines=options.baselines, verify=options.verify,
-                              position_mode=options.position_mode, backend=backend):
+                              options=doc_options):
                 rows.append({"history": unit.history, "title": unit.title, **rec.to_json()})
         except Exception as e:  # noqa: BLE001  (recorded in the unit's status and the summary)
             error = f"{type(e).__name__}: {e}"
-    return UnitResult(unit, rows, error, time.perf_counter() - t0)
+    return UnitResult(unit, rows, error, time.perf_counter() - t0, skipped)
 
 
 def load_worker_model(load: ModelLoader, options: ReplayOptions) -> tuple[VQTModel, Tokenizer]:
@@ -157,7 +166,7 @@ def read_output(folder: str | Path) -> tuple[list[dict[str, Any]], list[dict[str
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder of saved records")
+        raise UserError(f"{folder} is not a folder of saved records (`vqt replay --out` writes them)")
     units: list[tuple[dict[str, Any], list[dict[str, Any]]]] = []
     parquet = sorted(folder.rglob("*.parquet"))
     if parquet:
@@ -171,9 +180,9 @@ def read_output(folder: str | Path) -> tuple[list[dict[str, Any]], list[dict[str
     for path in sorted(folder.rglob("*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         units.append(({"history": str(path), "input": -1, "page": 0, "start": 0, "edits": len(rows),
-                       "error": None}, rows))
+                       "error": None, "skipped": 0}, rows))
     if not units:
-        raise FileNotFoundError(f"{folder} holds no records (.parquet or .jsonl files)")
+        raise UserError(f"{folder} holds no records (.parquet or .jsonl files)")
     units.sort(key=lambda u: (u[0]["input"], u[0]["page"], u[0]["start"], u[0]["history"]))  # WorkUnit.key order
     return [r for _, rows in units for r in rows], [status for status, _ in units]
 
@@ -196,7 +205,7 @@ def _check_run(out: Path, settings: dict[str, Any]) -> None:
         before = json.loads(path.read_text())
         for key in sorted(set(before) | set(settings)):
             if before.get(key) != settings.get(key):
-                raise ValueError(f"--out {out} holds a run with another {key} ({before.get(key)!r}, now "
+                raise UserError(f"--out {out} holds a run with another {key} ({before.get(key)!r}, now "
                                  f"{settings.get(key)!r}): use another folder, or the same settings to resume")
         return
     out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +250,7 @@ def replay_corpus(inputs: Sequence[CorpusInput], load: ModelLoader, options: Rep
     if ray is not None:
         require("ray.data", "ray")
         if out is None:
-            raise ValueError("--ray writes its records as Parquet files: give --out DIR")
+            raise UserError("--ray writes its records as Parquet files: give --out DIR")
     t0 = time.perf_counter()
     out = Path(out) if out is not None else None
     if out is not None:
@@ -269,7 +278,7 @@ def replay_corpus(inputs: Sequence[CorpusInput], load: ModelLoader, options: Rep
 
 def _plan(args: tuple[CorpusInput, ReplayOptions]) -> list[WorkUnit]:
     inp, options = args
-    return plan_input(inp, options.range_revisions, options.max_revisions)
+    return plan_input(inp, options.range_revisions, options.max_revisions, options.strict)
 
 
 def _todo(units: list[WorkUnit], out: Optional[Path]) -> list[WorkUnit]:

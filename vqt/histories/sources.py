@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Optional
 
 from vqt.histories.corpus import CACHE
-from vqt.histories.formats import Revision, _git, iter_git_history, iter_history
+from vqt._errors import UserError
+from vqt.histories.formats import OnBadRevision, Revision, _git, iter_git_history, iter_history
 
 # File names taken from a directory: a history format, optionally compressed.
 _HISTORY_FILE = re.compile(r"\.(xml|json|jsonl)(\.(gz|bz2|xz|lzma))?$", re.IGNORECASE)
@@ -80,32 +81,32 @@ def expand_inputs(specs: Sequence[str], path_glob: Optional[str] = None) -> list
     HEAD that match `path_glob` (fnmatch, `*` crosses `/`).
     """
     if not specs:
-        raise ValueError("a corpus needs --data: history files, folders, globs or git repositories")
+        raise UserError("a corpus needs --data: history files, folders, globs or git repositories")
     inputs: list[CorpusInput] = []
     used_glob = False
     for spec in specs:
         if _is_git(spec):
             if not path_glob:
-                raise ValueError(f"--data {spec!r} is a git repository: pass --path-glob, e.g. 'text/*.md'")
+                raise UserError(f"--data {spec!r} is a git repository: pass --path-glob, e.g. 'text/*.md'")
             files = [f for f in git_files(spec) if fnmatch.fnmatchcase(f, path_glob)]
             if not files:
-                raise ValueError(f"--path-glob {path_glob!r} matches no file of {spec}")
+                raise UserError(f"--path-glob {path_glob!r} matches no file of {spec}")
             inputs += [CorpusInput(len(inputs) + i, f, repo=spec) for i, f in enumerate(files)]
             used_glob = True
             continue
         if os.path.isdir(spec):
             files = sorted(str(p) for p in Path(spec).rglob("*") if p.is_file() and _HISTORY_FILE.search(p.name))
             if not files:
-                raise ValueError(f"--data {spec!r}: the directory holds no .xml, .json or .jsonl history file")
+                raise UserError(f"--data {spec!r}: the directory holds no .xml, .json or .jsonl history file")
         elif os.path.isfile(spec):
             files = [spec]
         else:
             files = sorted(glob.glob(spec, recursive=True))
             if not files:
-                raise ValueError(f"--data {spec!r}: no such file or directory, and no file matches it as a glob")
+                raise UserError(f"--data {spec!r}: no such file or directory, and no file matches it as a glob")
         inputs += [CorpusInput(len(inputs) + i, f) for i, f in enumerate(files)]
     if path_glob and not used_glob:
-        raise ValueError(f"--path-glob {path_glob!r} needs a git repository or bundle in --data")
+        raise UserError(f"--path-glob {path_glob!r} needs a git repository or bundle in --data")
     return inputs
 
 
@@ -141,8 +142,10 @@ def git_files(spec: str) -> list[str]:
     return [name for name in out.decode("utf-8", "surrogateescape").split("\0") if name]
 
 
-def _revisions(inp: CorpusInput) -> Iterator[Revision]:
-    return iter_git_history(repository(inp.repo), inp.path) if inp.repo else iter_history(inp.path)
+def _revisions(inp: CorpusInput, on_bad_revision: OnBadRevision) -> Iterator[Revision]:
+    if inp.repo:  # git revisions are blobs: none is malformed
+        return iter_git_history(repository(inp.repo), inp.path)
+    return iter_history(inp.path, on_bad_revision=on_bad_revision)
 
 
 def _pages(revisions: Iterator[Revision]) -> Iterator[tuple[int, Iterator[Revision]]]:
@@ -150,17 +153,19 @@ def _pages(revisions: Iterator[Revision]) -> Iterator[tuple[int, Iterator[Revisi
     return enumerate(group for _, group in itertools.groupby(revisions, key=lambda r: r["doc_id"]))
 
 
-def plan_input(inp: CorpusInput, range_revisions: int, max_revisions: Optional[int] = None) -> list[WorkUnit]:
+def plan_input(inp: CorpusInput, range_revisions: int, max_revisions: Optional[int] = None,
+               strict: bool = False) -> list[WorkUnit]:
     """Read `inp` once and return its work units, in corpus order.
 
-    Each history (at most `max_revisions` revisions of it) becomes ranges of `range_revisions`
-    revision pairs. If the input cannot be read, the histories read before the failure are
-    planned and one unit carrying the error stands for the rest.
+    Each history (at most `max_revisions` revisions of it, malformed ones skipped unless
+    `strict`) becomes ranges of `range_revisions` revision pairs. If the input cannot be read,
+    the histories read before the failure are planned and one unit carrying the error stands
+    for the rest.
     """
     histories: list[tuple[str, str, int]] = []  # (doc_id, title, revisions)
     current = ("", "")  # doc_id and title of the history being read
     error = None
-    with contextlib.closing(_revisions(inp)) as revisions:
+    with contextlib.closing(_revisions(inp, None if strict else lambda bad: None)) as revisions:
         try:
             for _, revs in _pages(revisions):
                 first = next(revs)
@@ -183,9 +188,10 @@ def plan_input(inp: CorpusInput, range_revisions: int, max_revisions: Optional[i
     return units
 
 
-def read_unit(unit: WorkUnit) -> Iterator[Revision]:
-    """Stream the revisions of `unit` (reading its input up to them)."""
-    with contextlib.closing(_revisions(unit.input)) as revisions:
+def read_unit(unit: WorkUnit, on_bad_revision: OnBadRevision = None) -> Iterator[Revision]:
+    """Stream the revisions of `unit` (reading its input up to them); a malformed revision raises
+    `BadRevision`, or is passed to `on_bad_revision` and skipped (as when the unit was planned)."""
+    with contextlib.closing(_revisions(unit.input, on_bad_revision)) as revisions:
         for page, revs in _pages(revisions):
             if page == unit.page:
                 yield from itertools.islice(revs, unit.start, unit.stop)
