@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import re
 import subprocess
 import sys
 import time
@@ -126,6 +127,28 @@ def test_resume_replays_only_what_is_missing(tmp_path):
     with pytest.raises(UserError, match="another window_tokens \\(128, now 256\\)"):
         replay_corpus(inputs, LOAD, ReplayOptions(**{**OPTIONS.__dict__, "window_tokens": 256}), out=out,
                       settings={"model": "demo"})
+
+
+def test_an_interrupted_run_loses_only_the_units_in_flight(tmp_path):
+    needs_shared_data()
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "vqt", "replay", "--model", "demo", "--data", str(API), str(TINY), "--window",
+               "128", "--max-edits", "4", "--max-revisions", "9", "--range-revisions", "2", "--no-baselines",
+               "--out", str(out), "--quiet"]
+    run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while len(list(out.glob("records/*.parquet"))) < 3 and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    run.kill()  # as hard as an interruption gets: no cleanup at all
+    run.wait()
+    written = {p.name for p in out.glob("records/*.parquet")}
+    assert 3 <= len(written)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    total = int(re.search(r"\((\d+) work units\)", rerun.stdout).group(1))
+    assert total > len(written)  # the run was interrupted, and the rerun did only the rest:
+    assert f"this run replayed {total - len(written)} work units" in rerun.stdout
+    assert written < {p.name for p in out.glob("records/*.parquet")}
 
 
 def test_a_malformed_revision_is_skipped_and_counted_or_fails_its_history_with_strict(tmp_path):
