@@ -368,9 +368,9 @@ def _run_ray(inputs: Sequence[CorpusInput], load: ModelLoader, options: ReplayOp
     slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1))
     # One row, one block per unit (a pickled WorkUnit: a reference to revisions, not the revisions themselves).
     ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in todo], override_num_blocks=len(todo))
+    actors = ray.data.ActorPoolStrategy(size=min(len(todo), workers or slots))
     ds = ds.map_batches(_RayReplayer, fn_constructor_kwargs=dict(load=load, options=options, out=str(out)),
-                        batch_size=1, concurrency=min(len(todo), workers or slots), num_cpus=1,
-                        num_gpus=1 if gpu else 0)
+                        batch_size=1, compute=actors, num_cpus=1, num_gpus=1 if gpu else 0)
     statuses = []
     for row in ds.iter_rows():
         statuses.append(json.loads(row["status"]))
