@@ -208,6 +208,8 @@ def test_cli_replays_a_corpus_and_summarizes_saved_records(tmp_path):
     from_jsonl = run_vqt("summarize", str(tmp_path / "jsonl"))
     assert from_jsonl.returncode == 0 and f"{len(rows)} edits" in from_jsonl.stdout
     assert to_records(rows)[0].dirty_fraction == rows[0]["dirty_fraction"]
+    bad_plot = run_vqt("summarize", str(out), "--plot", str(out / "run.json"))
+    assert bad_plot.returncode == 1 and "run.json is a file" in bad_plot.stderr
     missing = run_vqt("summarize", str(tmp_path / "nowhere"))
     assert missing.returncode == 1 and missing.stderr.strip().count("\n") == 0 and "nowhere" in missing.stderr
     assert unit_path(out, plan_input(expand_inputs([str(TINY)])[0], 200)[0]).is_file()

@@ -1,4 +1,4 @@
-"""Command-line entry point: ``vqt demo|replay|lsp|fetch-wiki|convert`` (and ``python -m vqt``).
+"""Command-line entry point: ``vqt demo|replay|summarize|lsp|fetch-wiki|convert`` (and ``python -m vqt``).
 
 A user's mistake (a missing file, a bad value, a missing package, a backend that cannot run)
 is printed as one line that names the value and says what to do, with exit status 1 (2 for
@@ -108,8 +108,12 @@ def _check_replay_paths(args: argparse.Namespace) -> None:
         if Path(path).is_dir() and args.file is None:
             raise UserError(f"--data {path} is a folder: to replay one file's history from a git repository, "
                             f"name the file with --file PATH")
-    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
-        raise UserError(f"--plot {args.plot} is a file: give a folder for the PNG plots")
+    _check_plot_folder(args.plot)
+
+
+def _check_plot_folder(plot: Optional[str]) -> None:
+    if plot and Path(plot).exists() and not Path(plot).is_dir():
+        raise UserError(f"--plot {plot} is a file: give a folder for the PNG plots")
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -277,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         return summarize_command(args)
 
     m = command("summarize", help="the summary table (and plots) of saved records (Parquet from "
-                       "`vqt replay --out`, or JSONL), without replaying")
+                "`vqt replay --out`, or JSONL), without replaying")
     m.add_argument("folder", help="folder of .parquet or .jsonl record files (searched recursively)")
     m.add_argument("--plot", default=None, help="write PNG plots into this folder")
     m.set_defaults(func=_summarize)
