@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from vqt.histories.corpus import CACHE
 from vqt._errors import UserError
+from vqt.histories.corpus import CACHE
 from vqt.histories.formats import OnBadRevision, Revision, _git, iter_git_history, iter_history
 
 # File names taken from a directory: a history format, optionally compressed.
@@ -189,8 +189,12 @@ def plan_input(inp: CorpusInput, range_revisions: int, max_revisions: Optional[i
 
 
 def read_unit(unit: WorkUnit, on_bad_revision: OnBadRevision = None) -> Iterator[Revision]:
-    """Stream the revisions of `unit` (reading its input up to them); a malformed revision raises
-    `BadRevision`, or is passed to `on_bad_revision` and skipped (as when the unit was planned)."""
+    """Stream the revisions of `unit`; a malformed revision raises `BadRevision`, or is passed to
+    `on_bad_revision` and skipped (as when the unit was planned).
+
+    The input is read from its start, so a page deep inside a large multi-page dump costs a parse
+    of the pages before it: give such dumps as the many files Wikimedia splits them into.
+    """
     with contextlib.closing(_revisions(unit.input, on_bad_revision)) as revisions:
         for page, revs in _pages(revisions):
             if page == unit.page:
