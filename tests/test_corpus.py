@@ -34,10 +34,10 @@ def test_inputs_name_every_history():
     assert [Path(i.path).name for i in api] == sorted(p.name for p in API.glob("*.json.xz"))
     assert [i.index for i in api] == [0, 1, 2, 3]
     assert [i.path for i in expand_inputs([str(API / "*.json.xz")])] == [i.path for i in api]
-    rfcs = expand_inputs([str(TINY), str(BUNDLE)], RFC_GLOB)
-    assert [i.name for i in rfcs] == [str(TINY)] + [f"{BUNDLE}:text/000{n}-{s}.md" for n, s in
-                                                    ((1, "private-fields"), (2, "rfc-process"), (3, "attribute-usage"))]
-    (dump_units,) = [plan_input(rfcs[0], range_revisions=40)]
+    mixed = expand_inputs([str(TINY), str(BUNDLE)], RFC_GLOB)
+    rfcs = ("0001-private-fields", "0002-rfc-process", "0003-attribute-usage")
+    assert [i.name for i in mixed] == [str(TINY)] + [f"{BUNDLE}:text/{name}.md" for name in rfcs]
+    dump_units = plan_input(mixed[0], range_revisions=40)
     pages = {(u.history, u.doc_id, u.title) for u in dump_units}
     assert pages == {(f"{TINY}#10", "10", "AccessibleComputing"), (f"{TINY}#12", "12", "Anarchism")}
     anarchism = [(u.start, u.stop) for u in dump_units if u.doc_id == "12"]
