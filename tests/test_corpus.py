@@ -14,6 +14,7 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+import torch
 
 from corpus_helpers import API, BUNDLE, LOAD, OPTIONS, RFC_GLOB, TINY, comparable, corpus, needs_shared_data
 from vqt._errors import UserError
@@ -21,6 +22,7 @@ from vqt.apps.corpus import load_for_replay
 from vqt.histories.corpus_replay import (ReplayOptions, read_output, replay_corpus, replay_unit, to_records,
                                          unit_path)
 from vqt.histories.sources import CorpusInput, expand_inputs, plan_input, read_unit
+from vqt.ops import BackendUnavailable
 
 
 def git(repo: Path, *args: str) -> None:
@@ -112,6 +114,13 @@ def test_workers_that_cannot_load_the_model_fail_the_run_instead_of_hanging(tmp_
         replay_corpus(expand_inputs([str(API)]), partial(load_for_replay, str(tmp_path / "no-model"), "float32", None),
                       OPTIONS, workers=2)
     assert time.perf_counter() - t0 < 120
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_backend_this_machine_cannot_run_fails_before_any_unit(tmp_path):
+    needs_shared_data()
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' cannot run"):
+        replay_corpus(expand_inputs([str(API)]), LOAD, ReplayOptions(backend="cuda"), workers=2)
 
 
 def test_resume_replays_only_what_is_missing(tmp_path):

@@ -6,9 +6,11 @@ import faulthandler
 import time
 
 import pytest
+import torch
 
 from corpus_helpers import LOAD, OPTIONS, comparable, corpus
-from vqt.histories.corpus_replay import replay_corpus
+from vqt._errors import UserError
+from vqt.histories.corpus_replay import ReplayOptions, replay_corpus
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'vqt[ray]'")
 LIMIT_S = 240  # a hung cluster ends the test run with tracebacks instead of stalling CI
@@ -43,3 +45,10 @@ def test_ray_equals_one_process_resumes_and_survives_a_bad_history(cluster, tmp_
     resumed = replay_corpus(inputs, LOAD, OPTIONS, out=out, ray="")
     assert [(s["title"], s["start"]) for s in resumed.replayed] == [("Anarchism", 0)]
     assert comparable(resumed.rows) == comparable(local.rows)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_cuda_actors_on_a_cluster_without_gpus_fail_at_once(cluster, tmp_path):
+    inputs = corpus(tmp_path)[:1]
+    with pytest.raises(UserError, match="the Ray cluster has no GPU"):
+        replay_corpus(inputs, LOAD, ReplayOptions(backend="cuda"), out=tmp_path / "out", ray="")

@@ -259,6 +259,7 @@ def replay_corpus(inputs: Sequence[CorpusInput], load: ModelLoader, options: Rep
         replayed = _run_ray(inputs, load, options, out, ray or None, workers, progress)
         rows, statuses = read_output(out)
         return CorpusRun(statuses, rows, replayed, time.perf_counter() - t0)
+    get_backend(options.backend, options.device)  # a backend this machine cannot run fails here, not in each unit
     results = []
     with _LocalPool(load, options, workers or 1) as pool:
         units = [u for units in pool.map(_plan, [(i, options) for i in inputs]) for u in units]
@@ -365,7 +366,9 @@ def _run_ray(inputs: Sequence[CorpusInput], load: ModelLoader, options: ReplayOp
     if not todo:
         return []
     gpu = options.device == "cuda"
-    slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 1))
+    slots = int(ray.cluster_resources().get("GPU" if gpu else "CPU", 0))
+    if not slots:  # actors asking for what the cluster lacks would wait forever
+        raise UserError(f"the Ray cluster has no {'GPU' if gpu else 'CPU'} for the replay actors")
     # One row, one block per unit (a pickled WorkUnit: a reference to revisions, not the revisions themselves).
     ds = ray.data.from_items([{"unit": pickle.dumps(u)} for u in todo], override_num_blocks=len(todo))
     actors = ray.data.ActorPoolStrategy(size=min(len(todo), workers or slots))
