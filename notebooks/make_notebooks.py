@@ -42,6 +42,15 @@ REPLAY_CELLS = [
     new_code_cell("text = revisions[0]['text']\ndoc = TextDocument(model, tokenizer, text[:1500])\n"
                   "i = doc.text.find(' the ', 200)\ndoc.edit(i + 1, i + 4, 'a')\n"
                   "display(HTML(edit_html(doc)))"),
+    new_markdown_cell("## Records of a corpus\n\n`vqt replay --data FOLDER --out DIR` (local processes, or `--ray`) "
+                      "saves every edit's record as Parquet under `DIR/records/`. `read_output` reads them back in "
+                      "corpus order (JSONL records too) with one status per work unit, and `to_records` turns the rows "
+                      "into the `EditRecord`s summarized above. Set `VQT_RECORDS` to such a folder."),
+    new_code_cell("from vqt.histories.corpus_replay import read_output, to_records\n\n"
+                  "if os.environ.get('VQT_RECORDS'):\n"
+                  "    rows, units = read_output(os.environ['VQT_RECORDS'])\n"
+                  "    print(f\"histories: {len({u['history'] for u in units})}, work units: {len(units)}\")\n"
+                  "    print(format_summary(summarize(to_records(rows)), len(rows)))"),
 ]
 
 

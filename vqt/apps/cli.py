@@ -1,4 +1,4 @@
-"""Command-line entry point: ``vqt demo|replay|lsp|fetch-wiki|convert`` (and ``python -m vqt``).
+"""Command-line entry point: ``vqt demo|replay|summarize|lsp|fetch-wiki|convert`` (and ``python -m vqt``).
 
 A user's mistake (a missing file, a bad value, a missing package, a backend that cannot run)
 is printed as one line that names the value and says what to do, with exit status 1 (2 for
@@ -108,8 +108,12 @@ def _check_replay_paths(args: argparse.Namespace) -> None:
         if Path(path).is_dir() and args.file is None:
             raise UserError(f"--data {path} is a folder: to replay one file's history from a git repository, "
                             f"name the file with --file PATH")
-    if args.plot and Path(args.plot).exists() and not Path(args.plot).is_dir():
-        raise UserError(f"--plot {args.plot} is a file: give a folder for the PNG plots")
+    _check_plot_folder(args.plot)
+
+
+def _check_plot_folder(plot: Optional[str]) -> None:
+    if plot and Path(plot).exists() and not Path(plot).is_dir():
+        raise UserError(f"--plot {plot} is a file: give a folder for the PNG plots")
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -120,7 +124,10 @@ def _replay(args: argparse.Namespace) -> int:
     from vqt.apps.demo import demo_history
     from vqt.histories.formats import BadRevision, HistoryFormatError, iter_history
     from vqt.histories.replay import format_summary, replay, summarize
+    from vqt.apps.corpus import replay_command, wants_corpus
 
+    if wants_corpus(args):
+        return replay_command(args)
     _check_replay_paths(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
@@ -234,16 +241,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = command("replay", help="replay revision histories edit by edit and report what VQT saved")
     r.add_argument("--data", nargs="*", default=[], help="histories: MediaWiki XML (.xml[.gz|.bz2|.xz|.lzma]), "
-                   "API JSON, JSONL (default: the built-in demo history)")
+                   "API JSON, JSONL files, folders or globs of them, git repositories or bundles (with "
+                   "--path-glob); several, or any corpus option, replay each page or file as its own history "
+                   "(default: the built-in demo history)")
     r.add_argument("--file", default=None, help="with --data REPO (a git repository): the file whose history "
                    "to replay, e.g. text/0001-private-fields.md")
+    r.add_argument("--path-glob", default=None, help="corpus: the files of the git repositories or bundles in "
+                   "--data to replay, e.g. 'text/*.md' (each file's history, renames followed)")
+    r.add_argument("--workers", type=positive_int, default=None, help="corpus: replay histories in N local "
+                   "processes (one torch thread each); with --ray, the number of actors (default: one per CPU, "
+                   "or per GPU with --backend cuda)")
+    r.add_argument("--ray", nargs="?", const="", default=None, metavar="ADDRESS", help="corpus: replay on Ray "
+                   "Data (pip install 'vqt[ray]'); no ADDRESS starts a local cluster; needs --out")
+    r.add_argument("--out", default=None, help="corpus: folder for the records, one Parquet file per history "
+                   "(or revision range); a rerun skips what is already there")
+    r.add_argument("--range-revisions", type=positive_int, default=200, help="corpus: split longer histories "
+                   "into ranges of this many revision pairs, each starting with a dense pass (default 200)")
     r.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     r.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
     r.add_argument("--window", type=positive_int, default=1024, help="tokens of each document replayed (the first N)")
-    r.add_argument("--max-edits", type=positive_int, default=None, help="stop after this many edits")
-    r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per file")
+    r.add_argument("--max-edits", type=positive_int, default=None, help="stop after this many edits (corpus: per "
+                   "history, or per revision range of a split history)")
+    r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per "
+                   "file (corpus: per history)")
     r.add_argument("--strict", action="store_true", help="stop at the first malformed revision (default: skip it "
-                   "with a warning and count it in the summary)")
+                   "with a warning and count it in the summary; corpus: the revision fails its history)")
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
     add_engine_arguments(r)
@@ -252,6 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--plot", default=None, help="write PNG plots into this folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
     r.set_defaults(func=_replay)
+
+    def _summarize(args: argparse.Namespace) -> int:
+        from vqt.apps.corpus import summarize_command
+
+        return summarize_command(args)
+
+    m = command("summarize", help="the summary table (and plots) of saved records (Parquet from "
+                "`vqt replay --out`, or JSONL), without replaying")
+    m.add_argument("folder", help="folder of .parquet or .jsonl record files (searched recursively)")
+    m.add_argument("--plot", default=None, help="write PNG plots into this folder")
+    m.set_defaults(func=_summarize)
 
     def _lsp(args: argparse.Namespace) -> int:
         require("pygls", "lsp")  # pygls is imported only when the server runs
