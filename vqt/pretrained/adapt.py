@@ -32,8 +32,7 @@ from torch.nn.utils import parametrize
 from tqdm import tqdm
 
 from vqt.modeling.model import VQTModel
-from vqt.ops.search import nearest
-from vqt.training.train import consistency_loss, edited_copies
+from vqt.training.train import consistency_loss, edited_copies, evaluate_loss
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 STATE_FILE = "adapt_state.pt"
@@ -135,19 +134,10 @@ def margin_loss(model: VQTModel, attn: list[torch.Tensor], rows: torch.Tensor, c
     return total / max(count, 1)
 
 
-@torch.no_grad()
 def heldout_perplexity(model: VQTModel, tokens: np.ndarray, seq_len: int, limit: Optional[int] = None) -> float:
-    """exp(mean next-token loss) over consecutive windows of ``seq_len`` (canonical positions)."""
-    was = model.training
-    model.eval()
-    arr = tokens[:limit] if limit else tokens
-    n = (len(arr) - 1) // seq_len
-    total = 0.0
-    for j in range(n):
-        row = torch.from_numpy(arr[j * seq_len:(j + 1) * seq_len + 1].astype(np.int64)).to(model.device)[None]
-        total += float(model(row[:, :-1], targets=row[:, 1:])["lm_loss"])
-    model.train(was)
-    return math.exp(total / max(n, 1))
+    """exp(mean next-token loss) over consecutive windows of ``seq_len`` (canonical positions), one at a time
+    (a real vocabulary's logits are large)."""
+    return math.exp(evaluate_loss(model, tokens, seq_len, limit, batch_size=1))
 
 
 def _atomic_save(obj, path: Path) -> None:

@@ -144,15 +144,16 @@ def set_vq(model: VQTModel, enabled: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate_loss(model: VQTModel, tokens: np.ndarray, seq_len: int, limit: Optional[int] = None) -> float:
-    """Mean next-token cross-entropy over consecutive windows (canonical positions)."""
+def evaluate_loss(model: VQTModel, tokens: np.ndarray, seq_len: int, limit: Optional[int] = None,
+                  batch_size: int = 8) -> float:
+    """Mean next-token cross-entropy over consecutive windows (canonical positions), ``batch_size`` at a time."""
     was = model.training
     model.eval()
     arr = tokens[:limit] if limit else tokens
     n = (len(arr) - 1) // seq_len
     total, count = 0.0, 0
-    for i in range(0, n, 8):
-        rows = [arr[j * seq_len:(j + 1) * seq_len + 1].astype(np.int64) for j in range(i, min(n, i + 8))]
+    for i in range(0, n, batch_size):
+        rows = [arr[j * seq_len:(j + 1) * seq_len + 1].astype(np.int64) for j in range(i, min(n, i + batch_size))]
         batch = torch.from_numpy(np.stack(rows)).to(model.device)
         out = model(batch[:, :-1], targets=batch[:, 1:])
         total += float(out["lm_loss"]) * len(rows)
