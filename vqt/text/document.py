@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,73 @@ def token_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int, l
         return [(p, p + len(a), list(b))] if a or b else []
     ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
     return [(p + i1, p + i2, list(b[j1:j2])) for tag, i1, i2, j1, j2 in ops if tag != "equal"]
+
+
+def _common_prefix(a: str, b: str) -> int:
+    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _common_suffix(a: str, b: str, limit: int) -> int:
+    """Length of the longest common suffix, at most ``limit``."""
+    lo, hi = 0, min(limit, len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[len(a) - mid:len(a) - lo] == b[len(b) - mid:len(b) - lo]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], old_offsets: Sequence[tuple[int, int]],
+                 new_text: str, margin: int = 4) -> tuple[list[int], list[tuple[int, int]], tuple[int, int, list[int]]]:
+    """Tokenize ``new_text`` by re-encoding only a neighbourhood of what changed from ``old_text``.
+
+    The neighbourhood starts ``margin`` tokens before the first changed character and ends ``margin``
+    tokens after the last; it is accepted when its re-encoding reproduces the old tokens of both
+    margins (ids and offsets), i.e. the new tokens meet the old tokenization at a boundary on both
+    sides, and widened (margin doubled) until it does or covers the whole text. Returns the new ids,
+    their code-point offsets, and the token edit (start, end, new ids) in old-token coordinates.
+    """
+    n, delta = len(old_ids), len(new_text) - len(old_text)
+    p = _common_prefix(old_text, new_text)
+    q = _common_suffix(old_text, new_text, min(len(old_text), len(new_text)) - p)
+    first = bisect.bisect_right(old_offsets, p, key=lambda o: o[1])  # tokens before it end at or before p
+    last = bisect.bisect_left(old_offsets, len(old_text) - q, key=lambda o: o[0])  # tokens from it start after the change
+    last = max(last, first)
+    while True:
+        i0, i1 = max(0, first - margin), min(n, last + margin)
+        start = old_offsets[i0][0] if i0 < n else len(old_text)
+        if i0 == 0:
+            start = 0
+        end_old = old_offsets[i1][0] if i1 < n else len(old_text)
+        ids, offsets = tokenizer.encode_with_offsets(new_text[start:end_old + delta])
+        offsets = [(a + start, b + start) for a, b in offsets]
+        left, right = first - i0, i1 - last
+        left_ok = i0 == 0 or (list(ids[:left]) == list(old_ids[i0:first]) and offsets[:left] == list(old_offsets[i0:first]))
+        shifted = [(a + delta, b + delta) for a, b in old_offsets[last:i1]]
+        right_ok = i1 == n or (right <= len(ids) and list(ids[len(ids) - right:]) == list(old_ids[last:i1])
+                               and offsets[len(offsets) - right:] == shifted)
+        if (left_ok and right_ok) or (i0 == 0 and i1 == n):
+            break
+        margin *= 2
+    new_ids = list(old_ids[:i0]) + ids + list(old_ids[i1:])
+    new_offsets = list(old_offsets[:i0]) + offsets + [(a + delta, b + delta) for a, b in old_offsets[i1:]]
+    a = 0  # trim the tokens the re-encoded window kept as they were
+    while a < min(len(ids), i1 - i0) and ids[a] == old_ids[i0 + a]:
+        a += 1
+    b = 0
+    while b < min(len(ids), i1 - i0) - a and ids[len(ids) - 1 - b] == old_ids[i1 - 1 - b]:
+        b += 1
+    return new_ids, new_offsets, (i0 + a, i1 - b, ids[a:len(ids) - b])
 
 
 def changed_tokens(old_ids: Sequence[int], old_hidden: torch.Tensor, new_ids: Sequence[int],
@@ -95,6 +163,7 @@ class TextDocument:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
         ids, self._offsets = self.tokenizer.encode_with_offsets(text)
+        self._ids = ids
         self.doc = Document(model, ids, options, **settings)
         self._text = text
         self.last_stats: Optional[EditStats] = None
@@ -126,11 +195,12 @@ class TextDocument:
         return self.set_text("".join(pieces))
 
     def set_text(self, new_text: str) -> EditStats:
-        """Make the document hold ``new_text``, recomputing only what the token diff requires."""
+        """Make the document hold ``new_text``, re-tokenizing only around what changed (``local_encode``)
+        and recomputing only what that token edit requires."""
         check_text(new_text, "text")
-        ids, offsets = self.tokenizer.encode_with_offsets(new_text)
-        stats = self.doc.apply_edits(token_diff(self.doc.token_ids, ids))
-        self._text, self._offsets, self.last_stats = new_text, offsets, stats
+        ids, offsets, (s, e, rep) = local_encode(self.tokenizer, self._text, self._ids, self._offsets, new_text)
+        stats = self.doc.apply_edits([(s, e, rep)] if rep or e > s else [])
+        self._text, self._ids, self._offsets, self.last_stats = new_text, ids, offsets, stats
         return stats
 
     # --------------------------------------------------------------- editor API
@@ -226,6 +296,7 @@ class TextDocument:
             raise ValueError("the snapshot was taken with another tokenizer")
         persist.restore(self.doc, snapshot.state)
         self._text, self._offsets, self.version = snapshot.text, list(snapshot.offsets), snapshot.version
+        self._ids = self.doc.token_ids
         self._position_encoding = snapshot.position_encoding
         self.last_stats = snapshot.last_stats
         self._changed = None if snapshot.changed is None else (snapshot.last_stats, list(snapshot.changed))
