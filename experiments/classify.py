@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--sets", nargs="+", default=list(LONG_SETS))
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--repeats", type=int, default=10, help="differently shuffled k-fold splits")
+    p.add_argument("--max-tokens", type=int, default=None, help="use only the first N tokens of each document")
     a = p.parse_args()
     texts, labels = load_documents(a.sets)
     print(f"{len(texts)} documents from {', '.join(a.sets)}; {sum(labels)} positive "
@@ -36,7 +37,8 @@ def main() -> None:
     accs = {}
     for spec in a.models:
         model, name, tok = load_model(spec, torch.float32)
-        accs[name] = np.asarray(fold_accuracies(pooled_features(model, tok, texts), labels, a.folds, a.repeats))
+        feats = pooled_features(model, tok, texts, a.max_tokens)
+        accs[name] = np.asarray(fold_accuracies(feats, labels, a.folds, a.repeats))
         print(f"{name:<40} accuracy {accs[name].mean():.4f} (fold std {accs[name].std():.4f}, "
               f"{a.repeats} x {a.folds}-fold)")
     first, *others = accs

