@@ -63,14 +63,16 @@ def _common_suffix(a: str, b: str, limit: int) -> int:
 
 
 def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], old_offsets: Sequence[tuple[int, int]],
-                 new_text: str, margin: int = 4) -> tuple[list[int], list[tuple[int, int]], tuple[int, int, list[int]]]:
+                 new_text: str, margin: int = 4
+                 ) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int, list[int]]]]:
     """Tokenize ``new_text`` by re-encoding only a neighbourhood of what changed from ``old_text``.
 
     The neighbourhood starts ``margin`` tokens before the first changed character and ends ``margin``
     tokens after the last; it is accepted when its re-encoding reproduces the old tokens of both
     margins (ids and offsets), i.e. the new tokens meet the old tokenization at a boundary on both
     sides, and widened (margin doubled) until it does or covers the whole text. Returns the new ids,
-    their code-point offsets, and the token edit (start, end, new ids) in old-token coordinates.
+    their code-point offsets, and the token edits (``token_diff`` of the re-encoded window, in old-token
+    coordinates: the same hunks a diff of the whole sequences finds).
     """
     n, delta = len(old_ids), len(new_text) - len(old_text)
     p = _common_prefix(old_text, new_text)
@@ -96,13 +98,7 @@ def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], ol
         margin *= 2
     new_ids = list(old_ids[:i0]) + ids + list(old_ids[i1:])
     new_offsets = list(old_offsets[:i0]) + offsets + [(a + delta, b + delta) for a, b in old_offsets[i1:]]
-    a = 0  # trim the tokens the re-encoded window kept as they were
-    while a < min(len(ids), i1 - i0) and ids[a] == old_ids[i0 + a]:
-        a += 1
-    b = 0
-    while b < min(len(ids), i1 - i0) - a and ids[len(ids) - 1 - b] == old_ids[i1 - 1 - b]:
-        b += 1
-    return new_ids, new_offsets, (i0 + a, i1 - b, ids[a:len(ids) - b])
+    return new_ids, new_offsets, [(i0 + s, i0 + e, rep) for s, e, rep in token_diff(old_ids[i0:i1], ids)]
 
 
 def changed_tokens(old_ids: Sequence[int], old_hidden: torch.Tensor, new_ids: Sequence[int],
@@ -198,8 +194,8 @@ class TextDocument:
         """Make the document hold ``new_text``, re-tokenizing only around what changed (``local_encode``)
         and recomputing only what that token edit requires."""
         check_text(new_text, "text")
-        ids, offsets, (s, e, rep) = local_encode(self.tokenizer, self._text, self._ids, self._offsets, new_text)
-        stats = self.doc.apply_edits([(s, e, rep)] if rep or e > s else [])
+        ids, offsets, edits = local_encode(self.tokenizer, self._text, self._ids, self._offsets, new_text)
+        stats = self.doc.apply_edits(edits)
         self._text, self._ids, self._offsets, self.last_stats = new_text, ids, offsets, stats
         return stats
 
