@@ -63,6 +63,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     xz = lzma.compress(good.read_bytes())
     gz = gzip.compress(good.read_bytes())
     a_file = write_bytes(tmp_path / "a_file", b"x")
+    empty = tmp_path / "empty"  # (a folder is a corpus of histories: this one has none)
+    empty.mkdir()
     cases = [
         (["replay", "--data", "/nonexistent.json"], r"^vqt replay: error: --data /nonexistent.json: no such file"),
         (["replay", "--model", str(tmp_path / "nomodel")], rf"--model {tmp_path}/nomodel: checkpoint directory .* does "
@@ -72,8 +74,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
         (["replay", "--jsonl", str(tmp_path / "no" / "e.jsonl"), *FAST],
          r"--jsonl .*e.jsonl: cannot write it \(No such"),
         (["replay", "--plot", a_file, *FAST], r"--plot .*a_file is a file: give a folder for the PNG plots"),
-        (["replay", "--data", str(tmp_path), *FAST], r"is a folder: to replay one file's history from a git "
-         r"repository, name the file with --file PATH"),
+        (["replay", "--data", str(empty), *FAST], r"--data '.*empty': the directory holds no .xml, .json or .jsonl history"),
         (["replay", "--data", write_bytes(tmp_path / "cut.json.xz", xz[:len(xz) // 2]), *FAST],
          r"cut.json.xz: truncated or corrupt compressed stream"),
         (["replay", "--data", write_bytes(tmp_path / "cut.json.gz", gz[:len(gz) // 2]), *FAST],

@@ -41,5 +41,6 @@ def test_notebook_runs(path, monkeypatch, tmp_path):
     assert any("MAC ratio vs dense" in o.get("text", "") for o in outputs)
     if path.name == "replay_history.ipynb":
         assert any("histories: 1, work units: 1" in o.get("text", "") for o in outputs)
-    assert any("text/html" in o.get("data", {}) for o in outputs)
+    if path.name == "replay_history.ipynb":  # the token-by-token view of one edit
+        assert any("text/html" in o.get("data", {}) for o in outputs)
     assert any("image/png" in o.get("data", {}) for o in outputs)

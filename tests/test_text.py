@@ -145,3 +145,14 @@ def test_local_encode_equals_a_full_encode(data):
         assert (ids, offsets) == tok.encode_with_offsets(new)
         assert edits == token_diff(old_ids, ids)  # the same hunks as a diff of the whole sequences
         text = new
+
+
+@pytest.mark.parametrize("text, start, end, insert", [("\n\na", 0, 0, "\n"), ("a  b", 2, 2, " "), ("x\n\n\ny", 3, 4, "")])
+def test_local_encode_never_cuts_a_whitespace_run(text, start, end, insert):
+    """How a run of whitespace splits into tokens depends on its whole length (hypothesis found this)."""
+    from vqt.text.document import local_encode
+
+    for tok in TOKENIZERS.values():
+        new = text[:start] + insert + text[end:]
+        ids, offsets, _ = local_encode(tok, text, *tok.encode_with_offsets(text), new, margin=1)
+        assert (ids, offsets) == tok.encode_with_offsets(new)

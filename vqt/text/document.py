@@ -70,7 +70,8 @@ def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], ol
     The neighbourhood starts ``margin`` tokens before the first changed character and ends ``margin``
     tokens after the last; it is accepted when its re-encoding reproduces the old tokens of both
     margins (ids and offsets), i.e. the new tokens meet the old tokenization at a boundary on both
-    sides, and widened (margin doubled) until it does or covers the whole text. Returns the new ids,
+    sides (and neither side cuts a run of whitespace), and widened (margin doubled) until it does or covers
+    the whole text. Returns the new ids,
     their code-point offsets, and the token edits (``token_diff`` of the re-encoded window, in old-token
     coordinates: the same hunks a diff of the whole sequences finds).
     """
@@ -93,6 +94,12 @@ def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], ol
         shifted = [(a + delta, b + delta) for a, b in old_offsets[last:i1]]
         right_ok = i1 == n or (right <= len(ids) and list(ids[len(ids) - right:]) == list(old_ids[last:i1])
                                and offsets[len(offsets) - right:] == shifted)
+        # A boundary inside a run of whitespace is not a boundary at all: how a run splits depends on its
+        # whole length (GPT-2-style pre-tokenizers), so such a window is widened too.
+        left_ok = left_ok and not (0 < start < len(new_text) and new_text[start - 1].isspace() and new_text[start].isspace())
+        end_new = end_old + delta
+        right_ok = right_ok and not (0 < end_new < len(new_text) and new_text[end_new - 1].isspace()
+                                     and new_text[end_new].isspace())
         if (left_ok and right_ok) or (i0 == 0 and i1 == n):
             break
         margin *= 2
