@@ -13,6 +13,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from vqt._strings import common_prefix_len, common_suffix_len
+
 # Above this many lines (old and new together, after trimming the common prefix
 # and suffix) the line diff is skipped and the middle becomes a single hunk, so
 # that a pathological pair cannot make difflib run for minutes.
@@ -51,14 +53,14 @@ def atomic_edits(old: str, new: str) -> list[Edit]:
     Offsets are code points, and each edit's offsets refer to the text left by
     the edits before it (hunks go left to right, so earlier ones shift later ones).
     """
-    prefix = _common_prefix_len(old, new)
-    suffix = _common_suffix_len(old, new, min(len(old), len(new)) - prefix)
+    prefix = common_prefix_len(old, new)
+    suffix = common_suffix_len(old, new, min(len(old), len(new)) - prefix)
     a, b = old[prefix : len(old) - suffix], new[prefix : len(new) - suffix]
     edits: list[Edit] = []
     shift = prefix  # where position 0 of `a` lies in the current text
     for a0, a1, b0, b1 in _line_hunks(a, b):
-        head = _common_prefix_len(a[a0:a1], b[b0:b1])
-        tail = _common_suffix_len(a[a0:a1], b[b0:b1], min(a1 - a0, b1 - b0) - head)
+        head = common_prefix_len(a[a0:a1], b[b0:b1])
+        tail = common_suffix_len(a[a0:a1], b[b0:b1], min(a1 - a0, b1 - b0) - head)
         edits.append(Edit(shift + a0 + head, shift + a1 - tail, b[b0 + head : b1 - tail]))
         shift += (b1 - b0) - (a1 - a0)
     return edits
@@ -88,28 +90,6 @@ def _line_starts(lines: Sequence[str]) -> list[int]:
     return starts
 
 
-def _common_prefix_len(a: str, b: str) -> int:
-    """Length of the common prefix, by binary search over slices (C-speed compares)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _common_suffix_len(a: str, b: str, limit: int) -> int:
-    """Length of the common suffix, at most `limit`."""
-    lo, hi = 0, limit
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[len(a) - mid : len(a) - lo] == b[len(b) - mid : len(b) - lo]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import torch
 
+from vqt._strings import common_prefix_len, common_suffix_len
 from vqt.text import persist
 from vqt.text.changes import ChangedRange, LineIndex, PositionEncoding, apply_content_changes, check_encoding, merge_spans, \
     utf8_to_offset
@@ -38,28 +39,6 @@ def token_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int, l
     return [(p + i1, p + i2, list(b[j1:j2])) for tag, i1, i2, j1, j2 in ops if tag != "equal"]
 
 
-def _common_prefix(a: str, b: str) -> int:
-    """Length of the longest common prefix (binary search over slice comparisons, which run in C)."""
-    lo, hi = 0, min(len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[lo:mid] == b[lo:mid]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
-
-
-def _common_suffix(a: str, b: str, limit: int) -> int:
-    """Length of the longest common suffix, at most ``limit``."""
-    lo, hi = 0, min(limit, len(a), len(b))
-    while lo < hi:
-        mid = (lo + hi + 1) // 2
-        if a[len(a) - mid:len(a) - lo] == b[len(b) - mid:len(b) - lo]:
-            lo = mid
-        else:
-            hi = mid - 1
-    return lo
 
 
 def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], old_offsets: Sequence[tuple[int, int]],
@@ -76,8 +55,8 @@ def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], ol
     coordinates: the same hunks a diff of the whole sequences finds).
     """
     n, delta = len(old_ids), len(new_text) - len(old_text)
-    p = _common_prefix(old_text, new_text)
-    q = _common_suffix(old_text, new_text, min(len(old_text), len(new_text)) - p)
+    p = common_prefix_len(old_text, new_text)
+    q = common_suffix_len(old_text, new_text, min(len(old_text), len(new_text)) - p)
     first = bisect.bisect_right(old_offsets, p, key=lambda o: o[1])  # tokens before it end at or before p
     last = bisect.bisect_left(old_offsets, len(old_text) - q, key=lambda o: o[0])  # tokens from it start after the change
     last = max(last, first)
