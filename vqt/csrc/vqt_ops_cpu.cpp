@@ -904,8 +904,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
 py::tuple layer_attend(const py::object& w, const py::object& t, const Tensor& q_new, const Tensor& k_new,
                        const Tensor& v_new, const std::optional<Tensor>& s_new, const Tensor& dirty,
                        const py::object& plan) {
-  const auto sink_v = optional_field(w, "sink_v").has_value() ? std::optional<Tensor>(w.attr("sink_values")().cast<Tensor>().contiguous())
-                                                              : std::nullopt;
+  const auto sink_v = optional_field(w, "sink_v");  // (H, hdv), one row per query head
   auto [post, attn_out, counts] = attend_impl(
       field(t, "q"), field(t, "k"), field(t, "v"), field(t, "U"), field(t, "Z"), field(t, "M"), field(t, "a_ref"),
       field(t, "codes"), field(t, "radius"), q_new, k_new, v_new, dirty, field(plan, "deleted"), field(plan, "order"),
@@ -995,8 +994,8 @@ py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, co
                          .view({xd.size(0), H + 2 * Hkv, hd});
   Tensor qk = qkv.slice(1, 0, H + Hkv);
   std::optional<Tensor> s_new;
-  if (const auto sink_k = optional_field(w, "sink_k")) {  // as vqt.ops.layer.sink_scores
-    s_new = ((qk.slice(1, 0, H) * sink_k->repeat_interleave(H / Hkv, 0)).sum(-1) * scale + field(w, "sink_logit"))
+  if (const auto sink_k = optional_field(w, "sink_k")) {  // as vqt.ops.layer.sink_scores (one row per query head)
+    s_new = ((qk.slice(1, 0, H) * *sink_k).sum(-1) * scale + field(w, "sink_logit"))
                 .contiguous();
   }
   const py::object angles = plan.attr("angles");

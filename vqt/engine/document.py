@@ -109,8 +109,6 @@ class EditStats:
                 f"refresh={self.refreshes} {self.seconds * 1e3:.1f}ms" + (" FULL RECOMPUTE" if self.full_recompute else ""))
 
 
-
-
 # Walking a model's modules for its tensors costs more than a small edit, so the list is cached and
 # walked again only after some module, parameter or buffer was (re)assigned anywhere. The hooks that
 # count such assignments are installed when the first model key is asked for, not at import.
@@ -173,8 +171,6 @@ class Document:
             raise TypeError(f"model must be a VQTModel, got {type(model).__name__}")
         if model.training:
             raise ValueError("the model is in training mode: call model.eval() first (cached codes need frozen codebooks)")
-        if "position_mode" in settings and settings["position_mode"] not in ("stable", "canonical"):
-            raise ValueError(f"unknown position_mode {settings['position_mode']!r} (use 'stable' or 'canonical')")
         self.model, self.cfg = model, model.config
         self.configure(DocumentOptions.make(options, **settings))
         # Positions only matter for RoPE and windows; with neither, renumbering changes nothing.
@@ -407,9 +403,8 @@ class Document:
         for w, c in zip(self._weights, counts):
             macs.layer(c, w.quantized)
         pos_order = plan.pos[plan.order]
-        # For the cone: document indices of the rows whose input moved, and the positions keys left from.
-        is_moved = plan.is_forced[plan.order]
-        changed = is_moved.nonzero().squeeze(1)
+        # For the cone: positions of the rows whose layer-0 input changed, and those keys left from.
+        changed = plan.pos[planned.dirty]
         removed = torch.cat([plan.old_pos[plan.deleted], plan.old_pos[planned.renumbered]])
         total = lambda name: sum(getattr(c, name) for c in counts)  # noqa: E731
         return EditStats(

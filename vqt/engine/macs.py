@@ -26,7 +26,7 @@ import torch
 
 from vqt.modeling.config import VQTConfig
 from vqt.ops.tables import LayerCounts
-from vqt.ops.visibility import visible_counts
+from vqt.ops.visibility import seen_by_any, visible_counts
 
 
 class MacCounter:
@@ -66,10 +66,10 @@ class MacCounter:
         self.by_kind["mlp"] += rows * 3 * self.cfg.d_model * self.cfg.d_ff
 
     def rows(self, rows: int, pairs: int, quantized: bool) -> None:
-        """One layer recomputed from scratch on ``rows`` positions that see ``pairs`` keys in all
-        (the sink, when the model has one, is counted here: one more pair per row)."""
+        """One layer recomputed from scratch on ``rows`` positions that see ``pairs`` keys in all (count a
+        sink among the pairs: one per row)."""
         self.qkv(rows)
-        self.attention(pairs + (rows if self.cfg.sink != "none" else 0))
+        self.attention(pairs)
         if quantized:
             self.quantize_search(rows * self.cfg.n_groups)
         self.output(rows, quantized)
@@ -99,11 +99,11 @@ class Baselines:
 
 
 def _per_row_and_pair(cfg: VQTConfig, quantized: bool) -> tuple[int, int]:
-    """MACs of one row of one layer (its sink pair excluded) and of one (query, key) pair."""
+    """MACs of one row of one layer (its pairs aside) and of one (query, key) pair."""
     per_row, per_pair = MacCounter(cfg), MacCounter(cfg)
     per_row.rows(1, 0, quantized)
     per_pair.rows(0, 1, quantized)
-    return per_row.total - per_pair.total * (cfg.sink != "none"), per_pair.total
+    return per_row.total, per_pair.total
 
 
 def baseline_macs(cfg: VQTConfig, positions: torch.Tensor, first: int, changed: Optional[torch.Tensor] = None,
@@ -111,9 +111,9 @@ def baseline_macs(cfg: VQTConfig, positions: torch.Tensor, first: int, changed: 
     """Dense, prefix-reuse and cone MACs of one edited document.
 
     positions: the sorted positions after the edit; first: index of the first changed token.
-    changed: indices (in document order) of the tokens whose layer-0 input or position changed
-    (new and renumbered ones); removed: positions of keys that left (deleted tokens, and the old
-    positions of renumbered ones). Without them the cone equals prefix reuse.
+    changed: positions of the tokens whose layer-0 input or position changed (new and renumbered
+    ones); removed: positions of keys that left (deleted tokens, and the old positions of renumbered
+    ones). Without them the cone equals prefix reuse.
     """
     p = positions.detach().to("cpu", torch.float64)
     counts = visible_counts(p, p, cfg.window).numpy()
@@ -129,10 +129,10 @@ def baseline_macs(cfg: VQTConfig, positions: torch.Tensor, first: int, changed: 
     dense, prefix = cost(np.ones(n, dtype=bool)), cost(np.arange(n) >= first)
     if changed is None:
         return Baselines(dense, prefix, prefix)
-    return Baselines(dense, prefix, cone_macs(cfg, p.numpy(), counts, changed, removed))
+    return Baselines(dense, prefix, cone_macs(cfg, p, counts, changed, removed))
 
 
-def cone_macs(cfg: VQTConfig, pos: np.ndarray, counts: np.ndarray, changed: torch.Tensor,
+def cone_macs(cfg: VQTConfig, pos: torch.Tensor, counts: np.ndarray, changed: torch.Tensor,
               removed: Optional[torch.Tensor]) -> int:
     """MACs of recomputing, layer by layer, exactly the rows an edit can reach through the window with
     no quantization: at layer l the rows whose input changed (their q, k, v and full row) and every
@@ -143,27 +143,17 @@ def cone_macs(cfg: VQTConfig, pos: np.ndarray, counts: np.ndarray, changed: torc
     qkv_row.qkv(1)
     per_row, per_pair = _per_row_and_pair(nocodes, False)
     per_row -= qkv_row.total  # rows whose input did not change keep their q, k, v
-    n = len(pos)
-    gone = np.asarray([] if removed is None else removed.detach().cpu().double().numpy(), dtype=np.float64)
-    inputs = np.zeros(n, dtype=bool)
-    inputs[changed.cpu().numpy()] = True
+    gone = torch.zeros(0, dtype=torch.float64) if removed is None else removed.detach().to("cpu", torch.float64)
+    inputs = torch.zeros(len(pos), dtype=torch.bool)
+    inputs[torch.searchsorted(pos, changed.detach().to("cpu", torch.float64))] = True  # (positions are unique)
     sink = int(cfg.sink != "none")
     total = 0
     for _ in range(cfg.n_layers):
-        keys = np.concatenate([pos[inputs], gone])
-        # query i sees key j iff pos_j <= pos_i < pos_j + window: mark each key's reach with a cover array
-        lo = np.searchsorted(pos, keys, side="left")
-        hi = np.full_like(lo, n) if cfg.window is None else np.searchsorted(pos, keys + cfg.window, side="left")
-        cover = np.zeros(n + 1, dtype=np.int64)
-        np.add.at(cover, lo, 1)
-        np.add.at(cover, hi, -1)
-        rows = inputs | (np.cumsum(cover[:n]) > 0)
+        rows = (inputs | seen_by_any(torch.cat([pos[inputs], gone]), pos, cfg.window)).numpy()
         total += int(inputs.sum()) * qkv_row.total + int(rows.sum()) * per_row
         total += int(counts[rows].sum() + sink * rows.sum()) * per_pair
-        inputs = rows
+        inputs = torch.from_numpy(rows)
     return total
-
-
 
 
 def dense_macs(cfg: VQTConfig, positions: torch.Tensor) -> int:

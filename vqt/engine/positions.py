@@ -32,7 +32,7 @@ class PositionPolicy:
 
     def __post_init__(self) -> None:
         if self.mode not in ("stable", "canonical"):
-            raise ValueError(f"unknown position mode {self.mode!r} (use 'stable' or 'canonical')")
+            raise ValueError(f"unknown position_mode {self.mode!r} (use 'stable' or 'canonical')")
         if self.min_spacing is not None and not 0 < self.min_spacing <= 1:
             raise ValueError(f"min_spacing must be in (0, 1], got {self.min_spacing}")
 

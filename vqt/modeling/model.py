@@ -104,10 +104,14 @@ class Block(nn.Module):
                          cfg.n_kv_heads, angles if cfg.pos_encoding == "rope" else None, sink)
 
     def sink_values(self) -> Optional[torch.Tensor]:
-        """(H, hd) the sink value each query head reads, None without a sink."""
+        """(H, hd) the sink value each query head reads (GQA: head h reads row h // (H / Hkv)), None without a sink."""
         if not self.has_sink:
             return None
         return self.sink_v.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=0)
+
+    def sink_keys(self) -> torch.Tensor:
+        """(H, hd) the sink key each query head scores against."""
+        return self.sink_k.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=0)
 
     def fused_weight(self, name: str) -> torch.Tensor:
         """The concatenated weight of projection ``name`` ("qkv": wq, wk, wv; "gate_up": w_gate, w_up),
@@ -132,7 +136,8 @@ class Block(nn.Module):
         cfg, q = self.cfg, self.quantizer
         sink = {}
         if self.has_sink:
-            sink = {"sink_k": self.sink_k.detach(), "sink_v": self.sink_v.detach(),
+            # expanded to one row per query head once per model version, not in every step
+            sink = {"sink_k": self.sink_keys().detach().contiguous(), "sink_v": self.sink_values().detach().contiguous(),
                     "sink_logit": self.sink_logit.detach()}
         return LayerWeights(
             attn_norm=self.attn_norm.weight.detach(), attn_eps=float(self.attn_norm.eps),
@@ -228,8 +233,9 @@ def _load_base(cfg: VQTConfig) -> dict[str, torch.Tensor]:
     return loader(cfg)
 
 
-def _apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Base state with ``delta``'s tensors put in and its low-rank factors added: W += B @ A."""
+def apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Base state with ``delta``'s tensors put in and its low-rank factors (``<linear>.lora_A``/``lora_B``)
+    added: W += B @ A, in float64 and rounded once."""
     out = dict(base)
     for k, v in delta.items():
         if k.endswith((".lora_A", ".lora_B")):
@@ -439,7 +445,7 @@ class VQTModel(nn.Module):
             raise ValueError(f"{d / WEIGHTS_FILE} is not a readable safetensors file: {e}") from None
         saved_dtype = next(iter(state.values())).dtype if state else torch.float32
         if "base" in cfg.extra:  # a delta over base weights read at run time (e.g. a registry package's GGUF)
-            state, saved_dtype = _apply_delta(_load_base(cfg), state), torch.float32
+            state, saved_dtype = apply_delta(_load_base(cfg), state), torch.float32
         model = cls(cfg)
         expected = model.state_dict()
         missing = sorted(set(expected) - set(state))

@@ -63,7 +63,7 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
         pf = pos[full]
         seen, full_pairs = visible_to_any(pf, pos[order], window)
         band = order[seen]
-        sink = (t.sink[full], w.sink_values()) if w.has_sink else (None, None)
+        sink = (t.sink[full], w.sink_v) if w.has_sink else (None, None)
         t.U[full], t.Z[full], t.M[full] = ops.attention_rows(t.q[full], pf, t.k[band], t.v[band], pos[band], window,
                                                              w.scale, *sink)
 

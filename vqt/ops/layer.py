@@ -24,9 +24,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 
 
 def sink_scores(q_raw: torch.Tensor, sink_k: torch.Tensor, sink_logit: torch.Tensor, scale: float) -> torch.Tensor:
-    """q_raw (..., H, hd) before RoPE -> each query head's score for the sink (..., H)."""
-    H, Hkv = q_raw.shape[-2], sink_k.shape[0]
-    k = sink_k.repeat_interleave(H // Hkv, dim=0)  # (H, hd)
+    """q_raw (..., H, hd) before RoPE -> each query head's score for the sink (..., H). ``sink_k``: one row per
+    key/value head (GQA: query head h reads row h // (H / Hkv)), or already one per query head."""
+    rep = q_raw.shape[-2] // sink_k.shape[0]
+    k = sink_k if rep == 1 else sink_k.repeat_interleave(rep, dim=0)  # (H, hd)
     return (q_raw * k).sum(-1) * scale + sink_logit
 
 

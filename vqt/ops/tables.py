@@ -70,8 +70,8 @@ class LayerWeights:
     codebook: Optional[torch.Tensor] = None  # (G, K, gd); None for a dense twin
     table: Optional[torch.Tensor] = None  # (G, K, d) lookup table E @ W_o per group
     w_o: Optional[torch.Tensor] = None  # (d, H hd) for a dense twin (its output is W_o a)
-    sink_k: Optional[torch.Tensor] = None  # (Hkv, hd) sink key in the query's frame (score = scale q_raw . k)
-    sink_v: Optional[torch.Tensor] = None  # (Hkv, hd) sink value
+    sink_k: Optional[torch.Tensor] = None  # (H, hd) per query head: sink key in the query's frame (scale q_raw . k)
+    sink_v: Optional[torch.Tensor] = None  # (H, hd) per query head: the sink value it reads
     sink_logit: Optional[torch.Tensor] = None  # (H,) added to every sink score
     codebook_norms: Optional[torch.Tensor] = None  # (G, K) float64 |e|^2, precomputed by a backend that wants them
 
@@ -82,12 +82,6 @@ class LayerWeights:
     @property
     def has_sink(self) -> bool:
         return self.sink_k is not None
-
-    def sink_values(self) -> Optional[torch.Tensor]:
-        """(H, hd) the sink value each query head reads (GQA: head h reads kv head h // (H / Hkv))."""
-        if self.sink_v is None:
-            return None
-        return self.sink_v.repeat_interleave(self.n_heads // self.n_kv_heads, dim=0)
 
 
 @dataclass

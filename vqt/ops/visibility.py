@@ -43,3 +43,15 @@ def visible_to_any(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[fl
     cover.index_add_(0, lo, torch.ones_like(lo))
     cover.index_add_(0, hi, -torch.ones_like(hi))
     return cover.cumsum(0)[:n] > 0, int((hi - lo).sum())
+
+
+def seen_by_any(pos_k: torch.Tensor, pos_q: torch.Tensor, window: Optional[float]) -> torch.Tensor:
+    """Mask over sorted ``pos_q`` of the queries that see at least one key at ``pos_k`` (any order):
+    query i sees key j iff pos_j <= pos_i < pos_j + window."""
+    n = pos_q.numel()
+    lo = torch.searchsorted(pos_q, pos_k, right=False)
+    hi = torch.full_like(lo, n) if window is None else torch.searchsorted(pos_q, pos_k + window, right=False)
+    cover = torch.zeros(n + 1, dtype=torch.long, device=pos_q.device)  # +1 where a key's reach starts, -1 where it ends
+    cover.index_add_(0, lo, torch.ones_like(lo))
+    cover.index_add_(0, hi, -torch.ones_like(hi))
+    return cover.cumsum(0)[:n] > 0

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm import tqdm
 
-from vqt.modeling.model import VQTModel
+from vqt.modeling.model import VQTModel, apply_delta
 from vqt.training.train import consistency_loss, edited_copies, evaluate_loss
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
@@ -230,12 +230,7 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
 
 
 def merged(student: VQTModel, factors: dict[str, torch.Tensor]) -> VQTModel:
-    """The student with its low-rank factors added into the weights (in place), for inference."""
-    sd = student.state_dict()
-    with torch.no_grad():
-        for k, a in factors.items():
-            if k.endswith(".lora_A"):
-                prefix = k[: -len(".lora_A")]
-                w = sd[prefix + ".weight"]
-                w += (factors[prefix + ".lora_B"].double() @ a.double()).to(w.dtype)
+    """The student with its low-rank factors added into the weights (in place), as loading its delta
+    checkpoint would (``apply_delta``), for inference."""
+    student.load_state_dict(apply_delta(student.state_dict(), factors))
     return student
