@@ -15,6 +15,7 @@ from tokenizers.models import WordLevel
 from helpers import assert_matches_dense, tiny_model
 from lsp_helpers import lsp_position
 from vqt import TextDocument
+from vqt.engine.options import DocumentOptions
 from vqt.text.changes import LineIndex, apply_content_changes
 from vqt.text.persist import FORMAT_VERSION, MAGIC
 from vqt.text.tokenizer import Tokenizer
@@ -118,7 +119,7 @@ def test_apply_changes_is_one_exact_update(encoding, data):
 
 
 def test_failed_changes_leave_everything_unchanged():
-    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    doc = TextDocument(MODEL, TOKENIZER, BASE, DocumentOptions(max_tokens=160))
     doc.apply_changes([{"range": {"start": {"line": 0, "character": 0}, "end": {"line": 0, "character": 4}},
                         "text": "Tea"}], 5)
     before = full_state(doc)
@@ -129,7 +130,7 @@ def test_failed_changes_leave_everything_unchanged():
              ([good], 4, ValueError, "stale version"),
              ([good], "6", TypeError, "version must be an int"),
              ([good, inside_pair], 6, ValueError, "content change 1: position 1:15 is inside the surrogate pair"),
-             ([good, {"text": "word " * 400}], 6, ValueError, "exceeds the model's max_len"),
+             ([good, {"text": "word " * 400}], 6, ValueError, "exceeds max_tokens=160"),
              ({"text": "x"}, 6, TypeError, "must be a list")]
     for changes, version, exc, match in cases:
         with pytest.raises(exc, match=match):

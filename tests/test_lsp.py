@@ -229,7 +229,7 @@ def test_lru_eviction_restores_exactly(model, model_dir, tmp_path):
 # ------------------------------------------------------------ raw JSON-RPC
 @pytest.fixture(scope="module")
 def raw(model_dir, tmp_path_factory):
-    client = RawClient(["--model", str(model_dir), "--dtype", "float64", "--max-live", "1"],
+    client = RawClient(["--model", str(model_dir), "--dtype", "float64", "--max-live", "1", "--max-tokens", str(MAX_LEN)],
                        tmp_path_factory.mktemp("raw") / "log")
     client.start()
     yield client
@@ -297,14 +297,14 @@ def test_malformed_traffic_gets_clear_errors(raw, model):
     raw.inspect(uri)
     assert "unknown document file:///unknown.txt" in last_message(raw)
 
-    # A document longer than the model's max_len is followed as text, without a model state, until it fits.
+    # A document longer than the server's --max-tokens is followed as text, without a model state, until it fits.
     long_text = "word " * (MAX_LEN + 20)
     change(raw, uri, 2, [{"range": lsp_range(text, len(text), len(text)), "text": long_text}])
     diag = raw.wait(lambda m: m.get("method") == "textDocument/publishDiagnostics")
-    assert f"more than the model's max_len={MAX_LEN}" in diag["params"]["diagnostics"][0]["message"]
+    assert f"more than the limit of {MAX_LEN}" in diag["params"]["diagnostics"][0]["message"]
     info = raw.inspect(uri, full=True)
     assert (info["version"], info["live"], info["saved"], info["text"]) == (2, False, False, text + long_text)
-    error_of(raw.request("textDocument/completion", at(uri, 0, 0)), -32602, "max_len")
+    error_of(raw.request("textDocument/completion", at(uri, 0, 0)), -32602, "more than the limit")
     change(raw, uri, 3, [{"range": lsp_range(text + long_text, len(text), len(text + long_text)), "text": " ok"}])
     check_dense(model, raw.inspect(uri, full=True), text + " ok")
     open_doc(raw, "file:///big.txt", long_text)

@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_matches_dense, tiny_model
 from vqt import TextDocument
+from vqt.engine.options import DocumentOptions
 from vqt.text.document import token_diff
 from vqt.text.tokenizer import Tokenizer
 
@@ -70,11 +71,11 @@ def snapshot(doc: TextDocument):
     ((0, 1, b"bytes"), TypeError, "got bytes: decode it first"),
     ((0, 1, 42), TypeError, "must be str"),
     ((0, 1, "bad \ud800 surrogate"), ValueError, "lone surrogate"),
-    ((0, 1, "word " * 400), ValueError, "exceeds the model's max_len"),
+    ((0, 1, "word " * 400), ValueError, "exceeds max_tokens=160"),
     (("0", 1, "x"), TypeError, "code-point offset"),
 ])
 def test_bad_text_edits_leave_everything_unchanged(args, exc, match):
-    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    doc = TextDocument(MODEL, TOKENIZER, BASE, DocumentOptions(max_tokens=160))
     before = snapshot(doc)
     with pytest.raises(exc, match=match):
         doc.edit(*args)

@@ -73,6 +73,9 @@ def add_engine_arguments(parser, backend_default: str = "auto") -> None:
                         help="stable: kept tokens keep their positions; canonical: renumber 0..n-1 after every edit")
     parser.add_argument("--backend", choices=["auto", *BACKENDS], default=backend_default,
                         help="auto: the fused backend of the device when it builds, else reference")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+                        help="memory guard: refuse documents longer than N tokens (default: no cap for windowed "
+                             "models, the model's max_len otherwise)")
 
 
 def document_options(args, model):
@@ -82,4 +85,4 @@ def document_options(args, model):
     from vqt.ops import get_backend
 
     return DocumentOptions(backend=get_backend(args.backend, model.device).name,
-                           positions=PositionPolicy(mode=args.positions))
+                           positions=PositionPolicy(mode=args.positions), max_tokens=args.max_tokens)

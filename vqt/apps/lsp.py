@@ -4,8 +4,8 @@ One incremental ``TextDocument`` per open file follows didOpen, didChange (incre
 and didClose. The server publishes next-token suggestions as completion items at the cursor,
 a hover that tells what the last edit recomputed and the MACs it saved, and diagnostics: the
 pooled classification (for models with a classifier) and any problem (a refused change, a
-document longer than the model's ``max_len``). At most ``max_live`` model states stay in
-memory; the least recently used ones are saved to disk (``vqt.persist``) and restored exactly
+document longer than the token limit: ``--max-tokens``, or the model's ``max_len`` for a model
+without a window). At most ``max_live`` model states stay in memory; the least recently used ones are saved to disk (``vqt.persist``) and restored exactly
 on their next use. Malformed messages get JSON-RPC errors; a bad notification gets a
 ``window/showMessage`` and a diagnostic, and never changes a document's state.
 
@@ -163,9 +163,9 @@ class DocumentStore:
         del self.docs[uri]
 
     def _too_long(self, text: str) -> str:
-        n, limit = len(self.tokenizer.encode(text)), self.model.config.max_len
-        return "" if n <= limit else (f"the document has {n} tokens, more than the model's max_len={limit}: "
-                                      f"VQT results are paused until it is shorter")
+        n, limit = len(self.tokenizer.encode(text)), self.options.token_limit(self.model.config)
+        return "" if limit is None or n <= limit else (f"the document has {n} tokens, more than the limit of {limit}: "
+                                                       f"VQT results are paused until it is shorter")
 
     def _build(self, text: str, version: int) -> tuple[Optional[TextDocument], str]:
         """A state computed by a dense forward, or (None, why) when the text is too long for the model."""

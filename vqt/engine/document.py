@@ -256,8 +256,7 @@ class Document:
         return tok
 
     def _check_length(self, n: int) -> None:
-        if n > self.cfg.max_len:
-            raise ValueError(f"document of {n} tokens exceeds the model's max_len={self.cfg.max_len}")
+        self.options.check_length(n, self.cfg)
 
     def _normalize_edits(self, edits: Sequence[Edit]) -> list[tuple[int, int, torch.Tensor]]:
         n = len(self)

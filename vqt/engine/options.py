@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from vqt.engine.positions import PositionPolicy
+from vqt.modeling.config import VQTConfig
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,9 @@ class DocumentOptions:
     # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass after removals.
     # None: 1e-4 for float64 models, 1e-2 for float32 ones.
     tau: Optional[float] = None
+    # Memory guard: the longest document (tokens) accepted. None: no cap for windowed models (nothing in
+    # their computation depends on document length), the model's ``max_len`` for full-attention ones.
+    max_tokens: Optional[int] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str):
@@ -30,11 +34,27 @@ class DocumentOptions:
             raise TypeError(f"positions must be a PositionPolicy, got {self.positions!r}")
         if self.tau is not None and not 0 <= self.tau < 1:
             raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+        if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
+                                            or self.max_tokens < 1):
+            raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
+
+    def token_limit(self, config: VQTConfig) -> Optional[int]:
+        """The longest document accepted for a model with ``config`` (None: no limit)."""
+        if self.max_tokens is not None:
+            return self.max_tokens
+        return None if config.window is not None else config.max_len
+
+    def check_length(self, n: int, config: VQTConfig, what: str = "document") -> None:
+        """Raise ValueError when a ``what`` of ``n`` tokens is longer than ``token_limit`` allows."""
+        limit = self.token_limit(config)
+        if limit is not None and n > limit:
+            source = "max_tokens" if self.max_tokens is not None else "the model's max_len"
+            raise ValueError(f"{what} of {n} tokens exceeds {source}={limit}")
 
     @classmethod
     def make(cls, options: Optional["DocumentOptions"] = None, *, backend: Optional[str] = None,
              position_mode: Optional[str] = None, positions: Optional[PositionPolicy] = None,
-             tau: Optional[float] = None) -> "DocumentOptions":
+             tau: Optional[float] = None, max_tokens: Optional[int] = None) -> "DocumentOptions":
         """``options`` (default: the defaults) with the given settings replaced; ``position_mode`` is a
         shorthand for ``positions=PositionPolicy(mode=...)``."""
         opts = options if options is not None else cls()
@@ -42,7 +62,8 @@ class DocumentOptions:
             raise ValueError("give positions or position_mode, not both")
         if position_mode is not None:
             positions = dataclasses.replace(opts.positions, mode=position_mode)
-        changes = {k: v for k, v in (("backend", backend), ("positions", positions), ("tau", tau)) if v is not None}
+        changes = {k: v for k, v in (("backend", backend), ("positions", positions), ("tau", tau),
+                                                        ("max_tokens", max_tokens)) if v is not None}
         return dataclasses.replace(opts, **changes) if changes else opts
 
     def to_json(self) -> dict[str, Any]:
@@ -54,4 +75,5 @@ class DocumentOptions:
         if "position_mode" in d:  # version 1: position_mode, backend, tau, spacing
             return cls(backend=d["backend"], tau=d["tau"],
                        positions=PositionPolicy(mode=d["position_mode"], **d.get("spacing", {})))
-        return cls(backend=d["backend"], tau=d["tau"], positions=PositionPolicy(**d["positions"]))
+        return cls(backend=d["backend"], tau=d["tau"], positions=PositionPolicy(**d["positions"]),
+                   max_tokens=d.get("max_tokens"))

@@ -26,7 +26,9 @@ class VQTConfig:
     n_heads: int = 4
     n_kv_heads: Optional[int] = None  # None = n_heads (plain multi-head); fewer = GQA
     d_ff: Optional[int] = None  # SwiGLU hidden width; None = 8/3 d rounded up to 8
-    max_len: int = 2048  # longest document a Document accepts (tokens)
+    # Longest document a Document accepts (tokens) for full-attention models; windowed models have no cap
+    # unless DocumentOptions.max_tokens sets one (nothing in their computation depends on length).
+    max_len: int = 2048
     pos_encoding: PosEncoding = "rope"
     rope_theta: float = 10000.0
     window: Optional[float] = None  # sliding window on positions: key j visible iff pos_i - w < pos_j <= pos_i

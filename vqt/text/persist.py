@@ -113,8 +113,7 @@ def restore(doc: Document, state: DocumentState) -> None:
     src = state.tensors
     options = dataclasses.replace(document_options(state), backend=doc.options.backend)  # (the backend is the doc's)
     n = int(src["order"].numel()) if "order" in src else 0
-    if n > doc.cfg.max_len:
-        raise ValueError(f"the state holds {n} tokens, more than the model's max_len={doc.cfg.max_len}")
+    options.check_length(n, doc.cfg, "the saved state")
     if "tokens" in src and "order" in src:
         doc.model.check_inputs(src["tokens"][src["order"]])
     doc.cache.load_state_dict(src)  # checks shapes, dtypes and the slot partition before changing anything
