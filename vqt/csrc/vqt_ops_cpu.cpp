@@ -661,7 +661,8 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     const Tensor& order_t, const Tensor& pos_t, const Tensor& old_pos_t, const Tensor& is_new_t,
     const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
     double scale, double tau, const std::optional<Tensor>& norms, const std::optional<Tensor>& sink,
-    const std::optional<Tensor>& s_new, const std::optional<Tensor>& sink_v) {
+    const std::optional<Tensor>& s_new, const std::optional<Tensor>& sink_v, const std::optional<Tensor>& pos_order_t,
+    const std::optional<Tensor>& drift, double drift_budget) {
   VQT_CHECK_CPU(q);
   const auto dt = q.scalar_type();
   const auto dev = q.device();
@@ -681,8 +682,26 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
   check_tensor(is_new_t, "is_new", 1, torch::kBool, dev);
   TORCH_CHECK(pos_t.size(0) == C && old_pos_t.size(0) == C && is_new_t.size(0) == C && codes.size(0) == C,
               "pos, old_pos, is_new and codes must have one entry per slot (", C, ")");
-  const Slots dirty = slots_of(dirty_t, "dirty", C), deleted = slots_of(deleted_t, "deleted", C),
-              order = slots_of(order_t, "order", C);
+  const Slots dirty = slots_of(dirty_t, "dirty", C), deleted = slots_of(deleted_t, "deleted", C);
+  // The order is only read where an edit reaches (each slot read is checked there), not scanned.
+  check_tensor(order_t, "order", 1, torch::kLong, dev);
+  const int64_t n_order = order_t.numel();
+  const int64_t* order_p = order_t.data_ptr<int64_t>();
+  const auto order_at = [&](int64_t c) {
+    const int64_t s = order_p[c];
+    TORCH_CHECK(s >= 0 && s < C, "order holds slot ", s, " outside [0, ", C, ")");
+    return s;
+  };
+  if (pos_order_t) {
+    check_tensor(*pos_order_t, "pos_order", 1, torch::kDouble, torch::Device(torch::kCPU));
+    TORCH_CHECK(pos_order_t->size(0) == n_order, "pos_order must have one entry per token of order (", n_order,
+                "), got ", pos_order_t->size(0));
+  }
+  if (drift) {
+    check_tensor(*drift, "drift", 2, dt, dev);
+    TORCH_CHECK(drift->size(0) == C && drift->size(1) == L.H, "drift must be (", C, ", ", L.H, "), got ",
+                drift->sizes());
+  }
   const int64_t m = dirty.n, G = a_ref.size(1), gd = a_ref.size(2);
   TORCH_CHECK(k.size(2) == L.hd && v.size(1) == L.Hkv && U.size(1) == L.H && U.size(2) == L.hdv &&
                   Z.size(1) == L.H && M.size(1) == L.H,
@@ -744,36 +763,49 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     }
     const KeyBlock added(Keys<T>{k_new.data_ptr<T>(), v_new.data_ptr<T>(), pos_add.data(), m}, L);
 
-    // Clean queries whose visible key set changed, in document order.
-    std::vector<char> in_dirty(C, 0);
-    for (int64_t i = 0; i < m; ++i) in_dirty[dirty[i]] = 1;
-    // A query at p can see a key at r only if r <= p < r + window: queries outside those ranges
-    // (positions along order are sorted) that did not move cannot be affected, and are not checked.
-    std::vector<double> pos_order(order.n);
-    for (int64_t c = 0; c < order.n; ++c) pos_order[c] = P[order[c]];
-    std::vector<int64_t> reach(order.n + 1, 0);  // +1 where a key's reach starts, -1 where it ends
-    for (const KeyBlock* keys : {&removed, &added}) {
-      for (const double r : keys->pos) {
-        const auto lo = std::lower_bound(pos_order.begin(), pos_order.end(), r) - pos_order.begin();
-        const auto hi = w.on ? std::upper_bound(pos_order.begin(), pos_order.end(), r + 2 * w.width) - pos_order.begin()
-                             : order.n;
-        reach[lo] += 1;
-        reach[std::max(lo, hi)] -= 1;
+    // Clean queries whose visible key set changed, in document order. Positions along order are sorted
+    // (the plan's pos_order; gathered here, O(n), when the plan has none). With a window, a query at p
+    // can see a key at r only if r <= p < r + window, so only the queries in those index spans are
+    // checked: O(edit) work. (With a window every query whose position changed is dirty.) Without one,
+    // every query after the first changed key is checked.
+    std::vector<double> gathered;
+    const double* po = pos_order_t ? pos_order_t->data_ptr<double>() : nullptr;
+    if (!po) {
+      gathered.resize(n_order);
+      for (int64_t c = 0; c < n_order; ++c) gathered[c] = P[order_at(c)];
+      po = gathered.data();
+    }
+    const auto first_after = [&](double x) { return std::upper_bound(po, po + n_order, x) - po; };
+    std::vector<int64_t> dirty_sorted(dirty.p, dirty.p + m);
+    std::sort(dirty_sorted.begin(), dirty_sorted.end());
+    const auto is_dirty = [&](int64_t s) { return std::binary_search(dirty_sorted.begin(), dirty_sorted.end(), s); };
+    std::vector<std::pair<int64_t, int64_t>> reach;
+    if (w.on) {
+      for (const KeyBlock* keys : {&removed, &added}) {
+        for (const double r : keys->pos) {
+          const int64_t lo = std::lower_bound(po, po + n_order, r) - po, hi = first_after(r + 2 * w.width);
+          if (lo < hi) reach.emplace_back(lo, hi);
+        }
       }
+      std::sort(reach.begin(), reach.end());
+    } else {
+      reach.emplace_back(0, n_order);
     }
     std::vector<int64_t> aff;
-    int64_t delta_pairs = 0, depth = 0;
-    for (int64_t c = 0; c < order.n; ++c) {
-      const int64_t s = order[c];
-      depth += reach[c];
-      if (in_dirty[s] || (depth == 0 && P0[s] == P[s])) continue;
-      const auto [rlo, rhi] = removed.visible(P0[s], w);
-      const auto [alo, ahi] = added.visible(P[s], w);
-      const int64_t hits = (rhi - rlo) + (ahi - alo);
-      if (hits > 0) {
-        aff.push_back(s);
-        delta_pairs += hits;
+    int64_t delta_pairs = 0, done = 0;
+    for (const auto& [lo, hi] : reach) {
+      for (int64_t c = std::max(lo, done); c < hi; ++c) {
+        const int64_t s = order_at(c);
+        if (is_dirty(s)) continue;
+        const auto [rlo, rhi] = removed.visible(P0[s], w);
+        const auto [alo, ahi] = added.visible(P[s], w);
+        const int64_t hits = (rhi - rlo) + (ahi - alo);
+        if (hits > 0) {
+          aff.push_back(s);
+          delta_pairs += hits;
+        }
       }
+      done = std::max(done, hi);
     }
     const int64_t na = static_cast<int64_t>(aff.size());
 
@@ -799,6 +831,21 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       scatter_rows(U2.data(), aff, uw, Up);
       scatter_rows(Z2.data(), aff, L.H, Zp);
       scatter_rows(M2.data(), aff, L.H, Mp);
+      if (drift) {  // the rounding-error bound of each row (as vqt/ops/layer.py drift_after_delta)
+        T* dp = drift->data_ptr<T>();
+        const double eps = std::numeric_limits<T>::epsilon();
+        for (int64_t i = 0; i < na; ++i) {
+          for (int64_t h = 0; h < L.H; ++h) {
+            const int64_t ih = i * L.H + h;
+            T& bound = dp[aff[i] * L.H + h];
+            const double carried = static_cast<double>(Za[ih]) * std::exp(static_cast<double>(Ma[ih]) -
+                                                                           static_cast<double>(M2[ih])) /
+                                   static_cast<double>(Z2[ih]);
+            bound = static_cast<T>(static_cast<double>(bound) * std::abs(carried) + eps);
+            if (!(static_cast<double>(bound) <= drift_budget)) flags[i] = 1;
+          }
+        }
+      }
       for (int64_t i = 0; i < na; ++i) {
         if (flags[i]) refresh.push_back(aff[i]);
       }
@@ -815,9 +862,25 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       gather_rows(qp, full, qw, qf.data());
       if (sink) gather_rows(sink->data_ptr<T>(), full, L.H, sf.data());
       for (int64_t i = 0; i < nf; ++i) pf[i] = P[full[i]];
-      const KeyBlock band(Keys<T>{kp, vp, P, C}, L,
-                          visible_to_any(P, std::vector<int64_t>(order.p, order.p + order.n), pf.data(), nf, w,
-                                         &full_pairs));
+      // The band of keys some full row can see: the union of their visible index spans along order.
+      std::vector<std::pair<int64_t, int64_t>> seen;
+      for (int64_t i = 0; i < nf; ++i) {
+        if (pf[i] != pf[i]) continue;  // a NaN query sees nothing
+        const int64_t hi = first_after(pf[i]), lo = w.on ? std::min(hi, first_after(pf[i] - w.width)) : 0;
+        full_pairs += hi - lo;
+        if (lo < hi) seen.emplace_back(lo, hi);
+      }
+      std::sort(seen.begin(), seen.end());
+      std::vector<int64_t> band_slots;
+      int64_t covered = 0;
+      for (const auto& [lo, hi] : seen) {
+        for (int64_t c = std::max(lo, covered); c < hi; ++c) band_slots.push_back(order_at(c));
+        covered = std::max(covered, hi);
+      }
+      const KeyBlock band(Keys<T>{kp, vp, P, C}, L, band_slots);
+      if (drift) {
+        for (const int64_t s : full) std::fill_n(drift->data_ptr<T>() + s * L.H, L.H, T(0));
+      }
       const RowsInputs<T> in{qf.data(), pf.data(), Keys<T>{nullptr, nullptr, nullptr, band.n}, L, w, scale,
                              sink ? sf.data() : nullptr, sink ? sink_v->data_ptr<T>() : nullptr};
       std::vector<T> Uf(nf * uw), Zf(nf * L.H), Mf(nf * L.H);
@@ -910,7 +973,8 @@ py::tuple layer_attend(const py::object& w, const py::object& t, const Tensor& q
       field(t, "codes"), field(t, "radius"), q_new, k_new, v_new, dirty, field(plan, "deleted"), field(plan, "order"),
       field(plan, "pos"), field(plan, "old_pos"), field(plan, "is_new"), optional_field(w, "codebook"),
       optional_field(w, "table"), optional_number(plan, "window"), w.attr("scale").cast<double>(),
-      plan.attr("tau").cast<double>(), optional_field(w, "codebook_norms"), optional_field(t, "sink"), s_new, sink_v);
+      plan.attr("tau").cast<double>(), optional_field(w, "codebook_norms"), optional_field(t, "sink"), s_new, sink_v,
+      optional_field(plan, "pos_order"), optional_field(t, "drift"), plan.attr("drift_budget").cast<double>());
   return py::make_tuple(post, attn_out.defined() ? py::cast(attn_out) : py::none(), counts.to_dict());
 }
 

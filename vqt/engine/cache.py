@@ -3,8 +3,15 @@
 Every token owns one slot (one row in every table) for as long as it lives; ``order`` says which
 slot comes where in the document and deleted slots go to a free list, so an insertion or a
 deletion moves no large arrays. The cache owns its tensors, hands out slots (``alloc``, growing
-the tables when it runs out) and takes them back (``release``), and reads and writes itself
-as a flat dict of tensors (``state_dict``/``load_state_dict``).
+the tables geometrically, from the exact size of the document it was built for, when it runs
+out), takes them back (``release``) and compacts itself when most slots are free (``compact``),
+and reads and writes itself as a flat dict of tensors (``state_dict``/``load_state_dict``).
+
+Besides the per-slot rows it keeps ``doc_pos``, the positions in document order (a CPU float64
+tensor, replaced, never modified, by each update), so that the edit path finds what an edit
+reaches by binary search instead of scanning the document; ``prev_positions``, the positions
+before the update in progress (equal to ``positions`` between updates); and the per-slot flags
+``is_new``/``is_forced`` of the update in progress (all False between updates).
 """
 
 from __future__ import annotations
@@ -25,19 +32,29 @@ class SlotCache:
     def __init__(self, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
                  residual: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, order: torch.Tensor,
                  free: list[int]) -> None:
-        self.layers, self.tokens, self.positions = layers, tokens, positions
-        self.residual, self.hidden, self.pooled_sum = residual, hidden, pooled_sum
+        layers = [t.map(torch.Tensor.contiguous) for t in layers]  # (the kernels index rows of dense tables)
+        self.layers, self.tokens, self.positions = layers, tokens.contiguous(), positions.contiguous()
+        self.residual, self.hidden, self.pooled_sum = residual.contiguous(), hidden.contiguous(), pooled_sum
         self.order, self.free = order, free  # free: pop() hands out the lowest free slot
+        for t in self.layers:
+            if t.drift is None:  # (a dense pass's rows are computed in full)
+                t.drift = t.Z.new_zeros(t.Z.shape)
+        self._derive()
+
+    def _derive(self) -> None:
+        """The derived per-slot state: document-order positions, previous positions, update flags."""
+        self.doc_pos = self.positions[self.order].cpu()
+        self.prev_positions = self.positions.clone()
+        self.is_new = torch.zeros(self.capacity, dtype=torch.bool, device=self.tokens.device)
+        self.is_forced = self.is_new.clone()
 
     @classmethod
     def from_dense(cls, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
                    residual: torch.Tensor, hidden: torch.Tensor) -> "SlotCache":
-        """The cache of a dense pass over n tokens (slot i = token i), with room to grow."""
+        """The cache of a dense pass over n tokens (slot i = token i), the tables exactly n rows long."""
         n = tokens.numel()
-        cap = max(16, 2 * n)
-        pad = lambda t: torch.cat([t, t.new_zeros((cap - n, *t.shape[1:]))])  # noqa: E731
-        return cls([t.map(pad) for t in layers], pad(tokens), pad(positions), pad(residual), pad(hidden),
-                   hidden.sum(0), torch.arange(n, device=tokens.device), list(range(cap - 1, n - 1, -1)))
+        return cls(layers, tokens, positions, residual, hidden, hidden.sum(0), torch.arange(n, device=tokens.device),
+                   [])
 
     @property
     def capacity(self) -> int:
@@ -46,14 +63,18 @@ class SlotCache:
     def __len__(self) -> int:
         return self.order.numel()
 
+    def _per_slot(self) -> list[str]:
+        return [*_DOC_TENSORS, "prev_positions", "is_new", "is_forced"]
+
     def alloc(self, count: int) -> list[int]:
-        """``count`` free slots (lowest first), growing every table when there are not enough."""
+        """``count`` free slots (lowest first), growing every table by half its size (at least what is
+        needed, and 16) when there are not enough: appends cost amortized O(1) copies per slot."""
         if len(self.free) < count:
             old = self.capacity
-            extra = max(old, count - len(self.free) + 16)
+            extra = max(old // 2, count - len(self.free), 16)
             for t in self.layers:
                 t.grow(extra)
-            for name in _DOC_TENSORS:
+            for name in self._per_slot():
                 t = getattr(self, name)
                 setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
             self.free = list(range(old + extra - 1, old - 1, -1)) + self.free
@@ -63,15 +84,42 @@ class SlotCache:
         """Return deleted slots to the free list."""
         self.free.extend(reversed(slots.tolist()))
 
+    def wants_compaction(self) -> bool:
+        """More than half the slots (and over 64) are free: ``compact`` pays for itself."""
+        return len(self.free) > max(64, self.capacity // 2)
+
+    def compact(self) -> torch.Tensor:
+        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus a
+        quarter; returns the old slot of each new one. O(n), and only when half the slots are free, so
+        amortized O(1) per deleted token."""
+        n, rows = len(self), self.order
+        cap = max(n + n // 4, 16)
+        for t in self.layers:
+            t.compact(rows, cap)
+        for name in _DOC_TENSORS:
+            t = getattr(self, name)
+            out = t.new_zeros((cap, *t.shape[1:]))
+            out[:n] = t[rows]
+            setattr(self, name, out)
+        self.order = torch.arange(n, device=rows.device)
+        self.free = list(range(cap - 1, n - 1, -1))
+        self._derive()
+        return rows
+
     def bytes_per_slot(self) -> int:
         """Bytes of one slot's rows over every table."""
-        rows = [getattr(self, n) for n in _DOC_TENSORS]
-        return sum(t.bytes_per_row() for t in self.layers) + sum(t[0].numel() * t.element_size() for t in rows)
+        rows = [getattr(self, n) for n in self._per_slot()]
+        return sum(t.bytes_per_row() for t in self.layers) + sum(t.shape[1:].numel() * t.element_size() for t in rows)
+
+    def allocated_bytes(self) -> int:
+        """Bytes of every tensor the cache holds (free slots included)."""
+        return self.capacity * self.bytes_per_slot() + sum(
+            t.numel() * t.element_size() for t in (self.order, self.doc_pos, self.pooled_sum))
 
     # --------------------------------------------------------------- state
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Every tensor (all capacity rows, free ones included), the order and the free list, by name."""
-        out = {name: getattr(self, name) for name in _DOC_TENSORS}
+        out = {name: getattr(self, name) for name in _DOC_TENSORS}  # (the derived state is not saved)
         out["pooled_sum"] = self.pooled_sum
         for li, t in enumerate(self.layers):
             out.update({f"layer{li}.{name}": v for name, v in t.items()})
@@ -84,6 +132,10 @@ class SlotCache:
         tensors with the same dtypes and row shapes, and that order and free list partition its slots.
         Raises ValueError naming what does not fit, and then changes nothing."""
         cur = self.state_dict()
+        state = dict(state)
+        for li, t in enumerate(self.layers):  # states saved before the drift bound existed: rows as computed
+            if f"layer{li}.drift" not in state and f"layer{li}.Z" in state:
+                state[f"layer{li}.drift"] = torch.zeros_like(state[f"layer{li}.Z"])
         if set(state) != set(cur):
             missing, unexpected = sorted(set(cur) - set(state)), sorted(set(state) - set(cur))
             raise ValueError(f"the state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -104,6 +156,7 @@ class SlotCache:
         self.layers = [LayerTables(**{f.name: t.get(f"layer{li}.{f.name}") for f in dataclasses.fields(LayerTables)})
                        for li in range(len(self.layers))]
         self.order, self.free = torch.tensor(order, dtype=torch.long, device=dev), free
+        self._derive()
 
     def live_state(self) -> dict[str, torch.Tensor]:
         """Every per-token tensor in document order (copies), plus the pooled sum: what must equal a

@@ -20,7 +20,7 @@ from vqt._checks import index_tensor, token_tensor
 from vqt.engine.cache import SlotCache
 from vqt.engine.macs import Baselines, MacCounter, baseline_macs
 from vqt.engine.options import DocumentOptions
-from vqt.engine.positions import plan_position_array
+from vqt.engine.positions import plan_edit_positions
 from vqt.engine.spans import check_spans
 from vqt.modeling.model import VQTModel
 from vqt.ops import Backend, get_backend
@@ -48,7 +48,9 @@ class EditStats:
     inserted: int = 0  # new tokens
     deleted: int = 0  # removed tokens
     macs_by_kind: dict[str, int] = field(default_factory=dict)
-    recomputed: Optional[torch.Tensor] = field(default=None, repr=False)  # (n,) layers that recomputed each token
+    # How many layers recomputed each token: a (n,) tensor in document order, or (counts by slot, order)
+    # from which ``recomputed`` derives it when first asked (an O(n) gather the edit path does not pay).
+    recomputed_by_slot: Union[None, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
     # Per layer, the slots whose output changed there (the next layer's dirty rows), and the document
     # order they are mapped back with, lazily (see changed_rows_per_layer).
     changed_slots: list = field(default_factory=list, repr=False)
@@ -57,6 +59,14 @@ class EditStats:
     reason: str = ""
     # The baselines' MACs, or what computes them: counting them is left until asked.
     baselines: Union[Baselines, Callable[[], Baselines]] = field(default=Baselines(0, 0, 0), repr=False)
+
+    @property
+    def recomputed(self) -> Optional[torch.Tensor]:
+        """(n,) int32: how many layers recomputed each token, in document order (None if unknown)."""
+        if isinstance(self.recomputed_by_slot, tuple):
+            counts, order = self.recomputed_by_slot
+            self.recomputed_by_slot = counts[order].cpu()
+        return self.recomputed_by_slot
 
     def _baselines(self) -> Baselines:
         if callable(self.baselines):
@@ -152,6 +162,7 @@ class _Planned:
     dirty: torch.Tensor  # layer 0's dirty slots (new and moved)
     new_slots: torch.Tensor
     renumbered: torch.Tensor  # kept slots whose position changed
+    moved: torch.Tensor  # slots whose position is new (new ones, then renumbered ones)
     first_changed: int  # index of the first changed token (where prefix reuse starts)
 
 
@@ -187,6 +198,9 @@ class Document:
         self.backend: Backend = get_backend(options.backend, self.model.device)
         # Cancellation guard: refresh a row whose denominator keeps less than tau of its mass.
         self.tau = options.tau if options.tau is not None else (1e-4 if self.model.dtype == torch.float64 else 1e-2)
+        # Rounding-error budget of delta-updated rows (DESIGN.md section 8).
+        self.drift_budget = (options.drift_budget if options.drift_budget is not None
+                             else 2.0 ** -40 if self.model.dtype == torch.float64 else 2.0 ** -16)
         if hasattr(self, "cache"):
             self.bind_model()
 
@@ -205,7 +219,7 @@ class Document:
     @property
     def positions(self) -> torch.Tensor:
         """(n,) float64 positions in document order."""
-        return self.cache.positions[self.cache.order].clone()
+        return self.cache.doc_pos.to(self.model.device, copy=True)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -235,10 +249,14 @@ class Document:
         with torch.no_grad():
             return self.model.logits(self.cache.hidden[idx])
 
-    def state_bytes_per_token(self) -> int:
-        """Bytes of cached state per token (every per-slot row of every layer, the output rows and
-        the per-slot RoPE table)."""
-        return self.cache.bytes_per_slot() + sum(t[0].numel() * t.element_size() for t in self._angles or ())
+    def state_bytes(self) -> int:
+        """Bytes of every tensor the document's state holds: the slot tables with their free slots,
+        the order, the document-order positions and the per-slot RoPE table."""
+        return self.cache.allocated_bytes() + sum(t.numel() * t.element_size() for t in self._angles or ())
+
+    def state_bytes_per_token(self) -> float:
+        """Allocated state bytes per live token (``state_bytes`` / length)."""
+        return self.state_bytes() / max(len(self), 1)
 
     def kv_cache_bytes_per_token(self) -> int:
         """Bytes per token of a plain KV cache of the same model (keys and values of every layer)."""
@@ -315,15 +333,16 @@ class Document:
             raise ValueError("the model was put in training mode: call model.eval() before editing")
         if model_key(self.model) != self._model_key:
             return self._full_recompute(norm, t0, "the model's parameters changed since this document was built")
-        order = self.cache.order
-        tokens, pos = self.cache.tokens[order], self.cache.positions[order]
+        # What a rollback needs, kept by reference (no copies): an update replaces ``order`` and ``doc_pos``
+        # rather than modifying them, and writes new tokens only into slots that were free.
+        order, doc_pos = self.cache.order, self.cache.doc_pos
         try:
             with torch.no_grad():
                 return self._update(norm, t0)
         except BaseException:
-            # Inputs were validated above, so this is an internal failure or an interrupt:
-            # rebuild the pre-edit state densely rather than leave a half-updated one.
-            self._build(tokens, pos.tolist())
+            # Inputs were validated above, so this is an internal failure or an interrupt: rebuild the
+            # pre-edit state densely (one dense pass) rather than leave a half-updated one.
+            self._build(self.cache.tokens[order], doc_pos.tolist())
             raise
 
     def _full_recompute(self, norm, t0: float, reason: str) -> EditStats:
@@ -341,59 +360,81 @@ class Document:
 
     def _plan(self, norm: list[tuple[int, int, torch.Tensor]]) -> _Planned:
         """New order, slots for the new tokens, new positions (DESIGN.md section 3): the plan every
-        layer step shares. Writes the new tokens, positions and RoPE rows into the cache."""
+        layer step shares. Writes the new tokens, positions and RoPE rows into the cache. Its work is
+        O(edit) apart from splicing ``order`` and ``doc_pos`` (two memcpys of the document length)."""
         cache, dev = self.cache, self.model.device
-        old_order = cache.order
+        old_order, old_doc_pos = cache.order, cache.doc_pos
         new_t = torch.tensor(cache.alloc(sum(ids.numel() for _, _, ids in norm)), dtype=torch.long, device=dev)
-        pieces, deleted_pieces, cur, used = [], [], 0, 0
+        orders, doc_pos, deleted_pieces, runs, joins = [], [], [], [], []
+        cur = used = at = 0  # (at: index in the new document)
         for s, e, ids in norm:
-            pieces += [old_order[cur:s], new_t[used:used + ids.numel()]]
+            k = ids.numel()
+            orders += [old_order[cur:s], new_t[used:used + k]]
+            doc_pos += [old_doc_pos[cur:s], torch.full((k,), float("nan"), dtype=torch.float64)]
             deleted_pieces.append(old_order[s:e])
-            cur, used = e, used + ids.numel()
-        pieces.append(old_order[cur:])
-        order = torch.cat(pieces)
+            at += s - cur
+            if k and runs and runs[-1][1] == at - 1:
+                runs[-1] = (runs[-1][0], at + k - 1)  # (adjacent edits: one run of new tokens)
+            elif k:
+                runs.append((at, at + k - 1))
+            elif e > s:
+                joins.append(at)
+            cur, used, at = e, used + k, at + k
+        orders.append(old_order[cur:])
+        doc_pos.append(old_doc_pos[cur:])
+        order, doc_pos = torch.cat(orders), torch.cat(doc_pos)
         deleted = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
-        first_changed = norm[0][0] if norm else len(old_order)
-        is_new = torch.zeros(cache.capacity, dtype=torch.bool, device=dev)
-        is_new[new_t] = True
-        new_at = is_new[order]
+        windows = plan_edit_positions(doc_pos.numpy(), runs, joins, self.position_policy)
 
-        kept_pos = cache.positions[order]
-        kept_pos[new_at] = float("nan")
-        new_pos = torch.from_numpy(plan_position_array(kept_pos.cpu().numpy(), self.position_policy)).to(dev)
-        renumbered_at = (~new_at & (kept_pos != new_pos)).nonzero().squeeze(1)
-        renumbered = order[renumbered_at]
-        if renumbered_at.numel():
-            first_changed = min(first_changed, int(renumbered_at[0]))
-        old_pos = cache.positions.clone()
-        cache.positions[order] = new_pos
+        is_new = cache.is_new
+        is_new[new_t] = True
+        touched = (torch.cat([torch.arange(a, b + 1) for a, b in windows]).unique() if windows
+                   else torch.zeros(0, dtype=torch.long))
+        slots = order[touched.to(dev)]
+        new_values = doc_pos[touched].to(dev)
+        moved_kept = ~is_new[slots] & (cache.positions[slots] != new_values)
+        renumbered = slots[moved_kept]
+        first_changed = norm[0][0] if norm else len(old_order)
+        if renumbered.numel():
+            first_changed = min(first_changed, int(touched[moved_kept.cpu()].min()))
+        cache.positions[slots] = new_values
         if new_t.numel():
             cache.tokens[new_t] = torch.cat([ids for _, _, ids in norm])
             cache.layers[0].x[new_t] = self.model.embed(cache.tokens[new_t])
         moved = torch.cat([new_t, renumbered])  # slots whose position is new
         self._set_angles(moved)
         forced = moved if self._pos_matters else new_t
-        is_forced = is_new.clone()
-        is_forced[forced] = True
-        plan = EditPlan(deleted=deleted, order=order, pos=cache.positions, old_pos=old_pos, is_new=is_new,
-                        is_forced=is_forced, recomputed=torch.zeros(cache.capacity, dtype=torch.int32, device=dev),
-                        angles=self._angles, window=self.cfg.window, tau=self.tau)
-        return _Planned(plan, forced, new_t, renumbered, first_changed)
+        cache.is_forced[forced] = True
+        plan = EditPlan(deleted=deleted, order=order, pos=cache.positions, old_pos=cache.prev_positions, is_new=is_new,
+                        is_forced=cache.is_forced,
+                        recomputed=torch.zeros(cache.capacity, dtype=torch.int32, device=dev),
+                        angles=self._angles, window=self.cfg.window, tau=self.tau, drift_budget=self.drift_budget,
+                        pos_order=doc_pos)
+        return _Planned(plan, forced, new_t, renumbered, moved, first_changed)
 
     def _update(self, norm: list[tuple[int, int, torch.Tensor]], t0: float) -> EditStats:
         planned = self._plan(norm)
         plan, cache = planned.plan, self.cache
-        dirty, counts, changed = planned.dirty, [], []
-        for li, (w, t) in enumerate(zip(self._weights, cache.layers)):  # DESIGN.md section 2, steps 2-5
-            target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else cache.residual
-            dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
-            counts.append(c)
-            changed.append(dirty)
-        self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted, plan.is_new,
-                                    self.model.norm.weight, self.model.norm.eps)
-        cache.order = plan.order
+        try:
+            dirty, counts, changed = planned.dirty, [], []
+            for li, (w, t) in enumerate(zip(self._weights, cache.layers)):  # DESIGN.md section 2, steps 2-5
+                target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else cache.residual
+                dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
+                counts.append(c)
+                changed.append(dirty)
+            self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted,
+                                        plan.is_new, self.model.norm.weight, self.model.norm.eps)
+            stats = self._stats(planned, counts, changed, t0)
+            cache.order, cache.doc_pos = plan.order, plan.pos_order
+        finally:  # the per-update state goes back to its resting values (O(edit)), whatever happened
+            cache.prev_positions[planned.moved] = cache.positions[planned.moved]
+            cache.is_new[planned.new_slots] = False
+            cache.is_forced[planned.moved] = False
         cache.release(plan.deleted)
-        return self._stats(planned, counts, changed, t0)
+        if cache.wants_compaction():
+            cache.compact()
+            self._set_angles()
+        return stats
 
     def _stats(self, planned: _Planned, counts: list[LayerCounts], changed_slots: list[torch.Tensor],
                t0: float) -> EditStats:
@@ -401,18 +442,17 @@ class Document:
         macs = MacCounter(cfg)
         for w, c in zip(self._weights, counts):
             macs.layer(c, w.quantized)
-        pos_order = plan.pos[plan.order]
         # For the cone: positions of the rows whose layer-0 input changed, and those keys left from.
         changed = plan.pos[planned.dirty]
         removed = torch.cat([plan.old_pos[plan.deleted], plan.old_pos[planned.renumbered]])
         total = lambda name: sum(getattr(c, name) for c in counts)  # noqa: E731
         return EditStats(
-            macs=macs.total, baselines=functools.partial(baseline_macs, cfg, pos_order, planned.first_changed, changed,
-                                                         removed),
+            macs=macs.total, baselines=functools.partial(baseline_macs, cfg, plan.pos_order, planned.first_changed,
+                                                         changed, removed),
             n_tokens=plan.order.numel(), dirty_per_layer=[c.dirty for c in counts],
             affected_per_layer=[c.affected for c in counts], flips_per_layer=[c.flipped for c in counts],
             code_flips_per_layer=[c.code_flips for c in counts], certified_skips=total("skips"),
             searches=total("searches"), refreshes=total("refreshes"), renumbered=planned.renumbered.numel(),
             seconds=time.perf_counter() - t0, first_changed=planned.first_changed, inserted=planned.new_slots.numel(),
-            deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind), recomputed=plan.recomputed[plan.order].cpu(),
-            changed_slots=changed_slots, order=plan.order)
+            deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind),
+            recomputed_by_slot=(plan.recomputed, plan.order), changed_slots=changed_slots, order=plan.order)

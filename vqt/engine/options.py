@@ -26,6 +26,10 @@ class DocumentOptions:
     # Memory guard: the longest document (tokens) accepted. None: no cap for windowed models (nothing in
     # their computation depends on document length), the model's ``max_len`` for full-attention ones.
     max_tokens: Optional[int] = None
+    # Rounding-error budget of delta-updated attention rows (DESIGN.md section 8): a row whose bound on the
+    # relative error gathered since its last full computation exceeds this is recomputed in full.
+    # None: 2**-16 for float32 models, 2**-40 for float64 ones.
+    drift_budget: Optional[float] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.backend, str):
@@ -34,6 +38,8 @@ class DocumentOptions:
             raise TypeError(f"positions must be a PositionPolicy, got {self.positions!r}")
         if self.tau is not None and not 0 <= self.tau < 1:
             raise ValueError(f"tau must be in [0, 1), got {self.tau}")
+        if self.drift_budget is not None and not self.drift_budget > 0:
+            raise ValueError(f"drift_budget must be positive, got {self.drift_budget}")
         if self.max_tokens is not None and (isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int)
                                             or self.max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer or None, got {self.max_tokens!r}")
@@ -76,4 +82,4 @@ class DocumentOptions:
             return cls(backend=d["backend"], tau=d["tau"],
                        positions=PositionPolicy(mode=d["position_mode"], **d.get("spacing", {})))
         return cls(backend=d["backend"], tau=d["tau"], positions=PositionPolicy(**d["positions"]),
-                   max_tokens=d.get("max_tokens"))
+                   max_tokens=d.get("max_tokens"), drift_budget=d.get("drift_budget"))

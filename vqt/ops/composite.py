@@ -51,9 +51,13 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     aff = clean[hits > 0]
     refresh = aff[:0]
     if aff.numel():
+        z_old, m_old = t.Z[aff], t.M[aff]
         t.U[aff], t.Z[aff], t.M[aff], ref_mask = ops.attention_delta(
             t.q[aff], old_pos[aff], pos[aff], t.U[aff], t.Z[aff], t.M[aff], k_rem, v_rem, pos_rem, k_new, v_new,
             pos_add, window, w.scale, plan.tau)
+        if t.drift is not None:  # rows whose rounding-error budget is spent are recomputed in full
+            t.drift[aff] = layer.drift_after_delta(t.drift[aff], z_old, m_old, t.Z[aff], t.M[aff])
+            ref_mask = ref_mask | ~(t.drift[aff] <= plan.drift_budget).all(-1)
         refresh = aff[ref_mask]
 
     # Full rows: dirty queries and guarded refreshes, against every key they can see (and the sink).
@@ -66,6 +70,8 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
         sink = (t.sink[full], w.sink_v) if w.has_sink else (None, None)
         t.U[full], t.Z[full], t.M[full] = ops.attention_rows(t.q[full], pf, t.k[band], t.v[band], pos[band], window,
                                                              w.scale, *sink)
+        if t.drift is not None:
+            t.drift[full] = 0
 
     counts = LayerCounts(dirty=dirty.numel(), affected=aff.numel(), refreshes=refresh.numel(),
                          delta_pairs=int(hits.sum()), full_pairs=full_pairs, full_rows=full.numel())

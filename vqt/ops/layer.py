@@ -55,3 +55,12 @@ def mlp_residual(y: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_
     """x' = y + W_down(silu(gate) * up) of RMSNorm(y). Per row."""
     gate, up = F.linear(F.rms_norm(y, norm_weight.shape, norm_weight, eps), w_gate_up).chunk(2, -1)
     return y + F.linear(F.silu(gate) * up, w_down)
+
+
+def drift_after_delta(drift: torch.Tensor, z_old: torch.Tensor, m_old: torch.Tensor, z_new: torch.Tensor,
+                      m_new: torch.Tensor) -> torch.Tensor:
+    """A row's bound on the relative rounding error of its (U, Z) after one delta update (DESIGN.md
+    section 8): the error it carried, an absolute error of ``drift * z_old`` at stabilizer ``m_old``,
+    measured against the new denominator at the new stabilizer, plus one rounding of the stored result.
+    Cancellation (a denominator that shrinks) multiplies it; growth divides it."""
+    return drift * (z_old * torch.exp(m_old - m_new) / z_new).abs() + torch.finfo(z_new.dtype).eps

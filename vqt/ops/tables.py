@@ -31,6 +31,9 @@ class LayerTables:
     codes: torch.Tensor  # (R, G) long (zeros for a dense twin)
     radius: torch.Tensor  # (R, G) certified radius around a_ref
     sink: Optional[torch.Tensor] = None  # (R, H) each query's attention-sink score (models with a sink)
+    # (R, H) a bound on the relative rounding error U and Z have gathered from delta updates since the row was
+    # last computed in full (0 after a full row); a row whose bound exceeds EditPlan.drift_budget is refreshed.
+    drift: Optional[torch.Tensor] = None
 
     def items(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, tensor) of every table present, in field order."""
@@ -48,8 +51,15 @@ class LayerTables:
         for name, t in self.items():
             setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
 
+    def compact(self, rows: torch.Tensor, capacity: int) -> None:
+        """Keep only ``rows`` (moved to the front, in that order) in tables of ``capacity`` rows."""
+        for name, t in self.items():
+            out = t.new_zeros((capacity, *t.shape[1:]))
+            out[:rows.numel()] = t[rows]
+            setattr(self, name, out)
+
     def bytes_per_row(self) -> int:
-        return sum(t[0].numel() * t.element_size() for _, t in self.items())
+        return sum(t.shape[1:].numel() * t.element_size() for _, t in self.items())
 
 
 @dataclass(frozen=True)
@@ -98,6 +108,8 @@ class EditPlan:
     angles: Optional[tuple[torch.Tensor, torch.Tensor]]  # per-slot RoPE (cos, sin), None without RoPE
     window: Optional[float]
     tau: float  # cancellation guard threshold
+    drift_budget: float = float("inf")  # refresh a delta-updated row whose LayerTables.drift exceeds this
+    pos_order: Optional[torch.Tensor] = None  # (n,) float64 CPU: ``pos[order]`` (sorted), for O(edit) range searches
 
 
 @dataclass

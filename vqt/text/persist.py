@@ -124,6 +124,7 @@ def stats_to_json(stats: EditStats) -> dict[str, Any]:
     """An EditStats as JSON-able values (tensor fields become tagged lists)."""
     values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
     values["baselines"] = dataclasses.astuple(stats._baselines())
+    values["recomputed_by_slot"] = stats.recomputed
     values["changed_slots"] = [t.tolist() for t in stats.changed_slots]
     return {k: {_TENSOR_TAG: v.tolist(), "dtype": str(v.dtype).removeprefix("torch.")} if isinstance(v, torch.Tensor)
             else v for k, v in values.items()}
@@ -134,6 +135,8 @@ def stats_from_json(d: dict[str, Any]) -> EditStats:
     values = {k: torch.tensor(v[_TENSOR_TAG], dtype=getattr(torch, v["dtype"]))
               if isinstance(v, dict) and _TENSOR_TAG in v else v for k, v in d.items()}
     values["changed_slots"] = [torch.tensor(s, dtype=torch.long) for s in values.get("changed_slots", [])]
+    if "recomputed" in values:  # written before the counts became lazy
+        values["recomputed_by_slot"] = values.pop("recomputed")
     if "dense_macs" in values:  # written before the baselines' MACs became lazy
         values["baselines"] = (values.pop("dense_macs"), values.pop("prefix_macs"))
     base = tuple(values.get("baselines", (0, 0)))
