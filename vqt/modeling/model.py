@@ -23,13 +23,14 @@ from torch import nn
 from vqt._checks import position_tensor, token_tensor
 from vqt.modeling.config import VQTConfig
 from vqt.modeling.quantize import VectorQuantizer
-from vqt.ops import layer
+from vqt.ops import Backend, get_backend, layer
 from vqt.ops import reference as ops
 from vqt.ops.search import nearest
 from vqt.ops.tables import LayerTables, LayerWeights
 from vqt.ops.visibility import visible
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+DENSE_CHUNK_ROWS = 4096  # rows per chunk of a dense pass: bounds its transient memory independently of n
 
 
 class RMSNorm(nn.Module):
@@ -327,13 +328,19 @@ class VQTModel(nn.Module):
     @torch.no_grad()
     def forward_dense(self, token_ids: Sequence[int] | torch.Tensor,
                       positions: Optional[Sequence[float] | torch.Tensor] = None,
-                      cache: Optional[DenseOutput] = None, start: int = 0) -> DenseOutput:
+                      cache: Optional[DenseOutput] = None, start: int = 0, *,
+                      backend: Optional[str | Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS) -> DenseOutput:
         """Run one document densely; returns per-layer codes and gaps and the final hidden states.
 
         positions: strictly increasing reals (default 0..n-1). Uses the engine's operators,
         so this is the reference the incremental engine is compared with. With ``cache`` (the
         dense output of a document sharing tokens and positions [0, start)), only rows
         [start, n) are computed against the cached prefix keys: common-prefix KV-cache reuse.
+
+        ``backend``: whose ``attention_rows`` and ``lookup`` to run (a name such as "cpu", or a
+        ``vqt.ops.Backend``); None (the default) is the plain reference operators. Every backend is
+        exact, so only float rounding differs. ``chunk_rows``: rows computed together within a layer,
+        which bounds the pass's transient memory (MLP intermediates, distances, key bands) whatever n.
         """
         tok = token_tensor(token_ids, "token_ids", self.device)
         self.check_inputs(tok)
@@ -344,52 +351,100 @@ class VQTModel(nn.Module):
             start = 0
         elif not 0 <= start <= min(n, cache.hidden.shape[0]):
             raise ValueError(f"prefix start {start} is outside [0, {min(n, cache.hidden.shape[0])}]")
-        return self._dense(tok, pos, cache, start)
+        elif len(cache.layers) != len(self.blocks):
+            raise ValueError(f"the prefix cache has {len(cache.layers)} layers, this model {len(self.blocks)}")
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        return self._dense(tok, pos, cache, start, backend=self._dense_backend(backend), chunk_rows=chunk_rows)
+
+    def _dense_backend(self, backend: Optional[str | Backend]) -> Optional[Backend]:
+        if backend is None or isinstance(backend, Backend):
+            return backend
+        if isinstance(backend, str):
+            return get_backend(backend, self.device)
+        raise TypeError(f"backend must be a backend name or a vqt.ops.Backend, not {type(backend).__name__}")
 
     def rope_angles(self, pos: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """RoPE (cos, sin) of positions pos (..., n), each (..., n, 1, head_dim); None without RoPE."""
         cfg = self.config
         return rope_angles(pos, cfg.head_dim, cfg.rope_theta, self.dtype) if cfg.pos_encoding == "rope" else None
 
+    def _layer_tables(self, n: int, start: int, old: Optional[LayerTables]) -> LayerTables:
+        """Uninitialized tables of n rows for one layer of a dense pass, rows [0, start) copied from ``old``."""
+        cfg, dt, dev = self.config, self.dtype, self.device
+        H, Hkv, hd, G, gd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_groups, cfg.group_dim
+        shapes = dict(x=(cfg.d_model,), q=(H, hd), k=(Hkv, hd), v=(Hkv, hd), U=(H, hd), Z=(H,), M=(H,), a_ref=(G, gd),
+                      codes=(G,), radius=(G,), sink=(H,) if cfg.sink != "none" else None)
+        t = LayerTables(**{name: None if shape is None else torch.empty(
+            (n, *shape), dtype=torch.long if name == "codes" else dt, device=dev) for name, shape in shapes.items()})
+        if old is not None and start:
+            for name, table in t.items():
+                table[:start] = getattr(old, name)[:start]
+        return t
+
     def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
-               before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None) -> DenseOutput:
-        """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first."""
+               before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None,
+               backend: Optional[Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS) -> DenseOutput:
+        """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first.
+
+        Each layer runs in two sweeps over chunks of ``chunk_rows`` rows, writing into the output tables:
+        q/k/v and attention (a chunk's queries see only keys of rows up to its own last, already
+        written), then (after ``before_quantize``) quantization, the output projection and the MLP.
+        """
         cfg = self.config
+        attend = ops.attention_rows if backend is None else backend.attention_rows
+        lookup = ops.lookup if backend is None else backend.lookup
         n = tok.numel()
-        rows, pr = slice(start, n), slice(0, start)
-        x = self.embed(tok[rows])
-        angles = self.rope_angles(pos[rows])  # the same for every layer
-        layers = []
-        gaps = []
+        chunks = [slice(lo, min(lo + chunk_rows, n)) for lo in range(start, n, chunk_rows)]
+        L, G = len(self.blocks), cfg.n_groups
+        codes = gaps = None
+        if cfg.quantize:  # every layer's codes and gaps, prefix rows copied from the cache
+            codes = torch.zeros(L, n, G, dtype=torch.long, device=self.device)
+            gaps = torch.full((L, n, G), float("inf"), dtype=self.dtype, device=self.device)
+            if cache is not None and start:
+                codes[:, :start], gaps[:, :start] = cache.codes[:, :start], cache.gaps[:, :start]
+        layers: list[LayerTables] = []
+        t = self._layer_tables(n, start, None if cache is None else cache.layers[0])
+        for c in chunks:
+            t.x[c] = self.embed(tok[c])
         for li, block in enumerate(self.blocks):
-            q, k, v, s = block.qkv(x, pos[rows], angles)
-            if cache is not None:
-                c = cache.layers[li]
-                k, v = torch.cat([c.k[pr], k]), torch.cat([c.v[pr], v])
-            U, Z, M = ops.attention_rows(q, pos[rows], k, v, pos, cfg.window, block.scale, s, block.sink_values())
-            a = (U / Z.unsqueeze(-1)).reshape(n - start, cfg.n_groups, cfg.group_dim)
+            sink_v = block.sink_values()
+            for c in chunks:
+                angles = self.rope_angles(pos[c])
+                q, k, v, s = block.qkv(t.x[c], pos[c], angles)
+                t.q[c], t.k[c], t.v[c] = q, k, v
+                if s is not None:
+                    t.sink[c] = s
+                lo = 0 if cfg.window is None else int(torch.searchsorted(pos, pos[c.start] - cfg.window, right=True))
+                keys = slice(lo, c.stop)  # every key a row of this chunk can see (positions are sorted)
+                U, Z, M = attend(q, pos[c], t.k[keys], t.v[keys], pos[keys], cfg.window, block.scale, s, sink_v)
+                t.U[c], t.Z[c], t.M[c] = U, Z, M
+                t.a_ref[c] = (U / Z.unsqueeze(-1)).reshape(-1, G, cfg.group_dim)
             if before_quantize is not None:
-                before_quantize(block, a)
-            if block.quantizer is not None:
-                res = nearest(a, block.quantizer.codebook)
-                codes, radius = res.codes, res.radius
-                gaps.append(res.gap if cache is None else torch.cat([cache.gaps[li, pr], res.gap]))
-            else:  # an unquantized layer: zero codes, and a gap no float noise can close
-                codes = torch.zeros(n - start, cfg.n_groups, dtype=torch.long, device=x.device)
-                radius = torch.zeros(n - start, cfg.n_groups, dtype=x.dtype, device=x.device)
-                if cfg.quantize:
-                    gaps.append(torch.full((n, cfg.n_groups), float("inf"), dtype=x.dtype, device=x.device))
-            state = LayerTables(x, q, k[rows], v[rows], U, Z, M, a, codes, radius, s)
-            if cache is not None:
-                old = cache.layers[li]
-                state = LayerTables(**{name: torch.cat([getattr(old, name)[pr], t]) for name, t in state.items()})
-            layers.append(state)
-            x = block.finish(x, block.attn_output(codes if block.quantizer is not None else a))
-        hidden = self.norm(x)
-        if cache is not None:
-            x, hidden = torch.cat([cache.residual[pr], x]), torch.cat([cache.hidden[pr], hidden])
-        codes = torch.stack([s.codes for s in layers]) if cfg.quantize else None
-        return DenseOutput(codes, torch.stack(gaps) if cfg.quantize else None, hidden, x, layers)
+                before_quantize(block, t.a_ref[start:])
+            if codes is not None:
+                t.codes = codes[li]  # a view: the layer's codes are rows of the stacked output
+            nxt = (self._layer_tables(n, start, None if cache is None else cache.layers[li + 1])
+                   if li + 1 < L else None)
+            resid = torch.empty(n, cfg.d_model, dtype=self.dtype, device=self.device) if nxt is None else nxt.x
+            for c in chunks:
+                a = t.a_ref[c]
+                if block.quantizer is not None:
+                    res = nearest(a, block.quantizer.codebook)
+                    t.codes[c], t.radius[c], gaps[li, c] = res.codes, res.radius, res.gap
+                    out = lookup(block.lookup_table(), res.codes)
+                else:  # an unquantized layer: zero codes, and a gap no float noise can close
+                    t.codes[c], t.radius[c] = 0, 0
+                    out = block.wo(a.flatten(1))
+                resid[c] = block.finish(t.x[c], out)
+            layers.append(t)
+            t = nxt
+        hidden = torch.empty_like(resid)
+        if cache is not None and start:
+            resid[:start], hidden[:start] = cache.residual[:start], cache.hidden[:start]
+        for c in chunks:
+            hidden[c] = self.norm(resid[c])
+        return DenseOutput(codes, gaps, hidden, resid, layers)
 
     # ----------------------------------------------------------- calibration
     @torch.no_grad()
