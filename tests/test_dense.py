@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from helpers import tiny_model
+from vqt.modeling.model import DenseOutput
 from vqt.ops import ReferenceBackend, get_backend
 from vqt.ops import reference as ref
 
@@ -94,8 +95,19 @@ def test_prefix_reuse_equals_dense_of_the_edited_document(name, backend):
         oracle = model.forward_dense(new_tok, new_pos)
         assert_same(model.forward_dense(new_tok, new_pos, cache=old, start=start, backend=backend, chunk_rows=64),
                     oracle)
+        lean = model.forward_dense(new_tok, new_pos, cache=old, start=start, keep_prefix=False, backend=backend)
+        assert lean.start == start and lean.hidden.shape[0] == len(new_tok) - start
+        assert_same(lean, rows_from(oracle, start))
     # nothing changed after the prefix: every row comes from the cache
     assert_same(model.forward_dense(tok, pos, cache=old, start=N, backend=backend), old)
+    assert model.forward_dense(tok, pos, cache=old, start=N, keep_prefix=False).hidden.shape == (0, 32)
+
+
+def rows_from(out, start: int):
+    """The rows [start, n) of a dense output, as prefix reuse with keep_prefix=False returns them."""
+    cut = lambda t: t[start:]  # noqa: E731
+    return DenseOutput(None if out.codes is None else out.codes[:, start:], None if out.gaps is None else
+                       out.gaps[:, start:], cut(out.hidden), cut(out.residual), [t.map(cut) for t in out.layers], start)
 
 
 class BandRecorder(ReferenceBackend):
@@ -121,6 +133,14 @@ def test_each_chunk_attends_to_its_key_band_only(window, band):
     assert len(recorder.calls) == model.config.n_layers * -(-N // 64)
     assert max(rows for rows, _ in recorder.calls) == 64
     assert max(keys for _, keys in recorder.calls) == band
+    # prefix reuse without the prefix: only the new rows, and keys from the first one they see
+    recorder.calls.clear()
+    lean = model.forward_dense(tok, cache=out, start=200, keep_prefix=False, backend=recorder, chunk_rows=64)
+    assert [rows for rows, _ in recorder.calls] == [64, 36] * model.config.n_layers
+    assert max(keys for _, keys in recorder.calls) == (band if window else N)
+    k = lean.layers[0].k
+    kept = k.untyped_storage().nbytes() // (k[0].numel() * k.element_size())
+    assert kept == (N - 196 if window else N)  # keys copied from the cache: only those row 200 can see
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -136,3 +156,6 @@ def test_bad_arguments_say_what_is_wrong():
     other = tiny_model(max_len=512, n_layers=2).forward_dense(tok)
     with pytest.raises(ValueError, match="the prefix cache has 2 layers, this model 3"):
         model.forward_dense(tok, cache=other, start=5)
+    lean = model.forward_dense(tok, cache=model.forward_dense(tok), start=5, keep_prefix=False)
+    with pytest.raises(ValueError, match="the prefix cache holds rows from 5 on"):
+        model.forward_dense(tok, cache=lean, start=6)
