@@ -34,7 +34,8 @@ def document(seed: int = 1, n: int = N) -> tuple[list[int], torch.Tensor]:
     """Random tokens at strictly increasing, unevenly spaced positions (as stable positions become)."""
     rng = random.Random(seed)
     gen = torch.Generator().manual_seed(seed)
-    return [rng.randrange(61) for _ in range(n)], torch.cumsum(torch.rand(n, generator=gen, dtype=torch.float64) + 0.3, 0)
+    pos = torch.cumsum(torch.rand(n, generator=gen, dtype=torch.float64) + 0.3, 0)
+    return [rng.randrange(61) for _ in range(n)], pos
 
 
 def assert_same(out, oracle, atol: float = 1e-9) -> None:

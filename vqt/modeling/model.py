@@ -386,12 +386,18 @@ class VQTModel(nn.Module):
         keys, values = (torch.empty(n - kbase, Hkv, hd, dtype=dt, device=dev) for _ in range(2))
         shapes = dict(x=(cfg.d_model,), q=(H, hd), U=(H, hd), Z=(H,), M=(H,), a_ref=(G, gd), codes=(G,), radius=(G,),
                       sink=(H,) if cfg.sink != "none" else None)
-        t = LayerTables(k=keys[base - kbase:], v=values[base - kbase:], **{
-            name: None if shape is None else torch.empty((n - base, *shape), dtype=torch.long if name == "codes" else dt,
-                                                         device=dev) for name, shape in shapes.items()})
+
+        def table(name: str, shape: Optional[tuple]) -> Optional[torch.Tensor]:
+            return None if shape is None else torch.empty(
+                (n - base, *shape), dtype=torch.long if name == "codes" else dt, device=dev)
+
+        t = LayerTables(k=keys[base - kbase:], v=values[base - kbase:],
+                        **{name: table(name, shape) for name, shape in shapes.items()})
         if old is not None:
-            for name, table in t.items():
-                table[:start - base] = getattr(old, name)[base:start]
+            for name in shapes:
+                rows = getattr(t, name)
+                if rows is not None:
+                    rows[:start - base] = getattr(old, name)[base:start]
             keys[:start - kbase], values[:start - kbase] = old.k[kbase:start], old.v[kbase:start]
         return t, keys, values
 
