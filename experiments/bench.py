@@ -151,11 +151,12 @@ def bench_window(model, tok, paths: list[str], window: int, max_edits: int, back
     sources: list[str] = []  # the history each record of the first run came from
 
     def run(m, backend: str, observe=None) -> list[EditRecord]:
-        streams = [((Path(path).name, r) for r in replay(m, iter_history(path), tok, window_tokens=window,
-                                                         max_edits=max_edits, baselines=False, observe=observe,
-                                                         options=DocumentOptions(backend=backend)))
-                   for path in paths]
-        tagged = round_robin(streams, max_edits)
+        def stream(path: str) -> Iterator[tuple[str, EditRecord]]:
+            for rec in replay(m, iter_history(path), tok, window_tokens=window, max_edits=max_edits,
+                              baselines=False, observe=observe, options=DocumentOptions(backend=backend)):
+                yield Path(path).name, rec
+
+        tagged = round_robin([stream(path) for path in paths], max_edits)
         if not sources:
             sources.extend(name for name, _ in tagged)
         return [r for _, r in tagged]
