@@ -68,12 +68,14 @@ def test_bench_spreads_edits_over_every_heldout_history():
 
 
 def test_bench_length_section_measures_time_and_memory():
-    out = run_bench("--windows", "--data", str(FIXTURE), "--lengths", "128", "512", "--length-edits", "3")
-    rows = {int(line.split()[0]): line.split() for line in out.splitlines() if re.match(r"\s*(128|512)\s+\d", line)}
-    assert set(rows) == {128, 512}, out
+    out = run_bench("--windows", "--data", str(FIXTURE), "--lengths", "256", "8192", "--length-edits", "3")
+    rows = {int(line.split()[0]): line.split() for line in out.splitlines() if re.match(r"\s*(256|8192)\s+\d", line)}
+    assert set(rows) == {256, 8192}, out
     for n, cols in rows.items():
         build_s, edit_ms, ratio = float(cols[1]), float(cols[2]), float(cols[4].rstrip("x"))
         state, allocated, kv, peak, steady = (float(c) for c in cols[5:10])
         assert build_s > 0 and edit_ms > 0 and ratio > 0
-        assert kv < state <= allocated and peak >= steady and peak > 0, cols
-    assert float(rows[128][4].rstrip("x")) == 1.0
+        assert kv < state <= allocated and peak >= steady, cols
+    assert float(rows[256][4].rstrip("x")) == 1.0
+    # 8192 tokens of tables cannot come out of the warm-up's freed memory: the build shows in the RSS
+    assert float(rows[8192][8]) > float(rows[8192][5]), rows[8192]
