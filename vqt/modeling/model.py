@@ -23,13 +23,14 @@ from torch import nn
 from vqt._checks import position_tensor, token_tensor
 from vqt.modeling.config import VQTConfig
 from vqt.modeling.quantize import VectorQuantizer
-from vqt.ops import layer
+from vqt.ops import Backend, get_backend, layer
 from vqt.ops import reference as ops
 from vqt.ops.search import nearest
 from vqt.ops.tables import LayerTables, LayerWeights
 from vqt.ops.visibility import visible
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+DENSE_CHUNK_ROWS = 4096  # rows per chunk of a dense pass: bounds its transient memory independently of n
 
 
 class RMSNorm(nn.Module):
@@ -205,6 +206,7 @@ class DenseOutput:
     hidden: torch.Tensor  # (n, d) final hidden states (after the final norm)
     residual: torch.Tensor  # (n, d) last block's output, before the final norm
     layers: list[LayerTables]  # every layer's rows (a_ref = the attention output; zero codes for a dense twin)
+    start: int = 0  # the document row the tables begin at (prefix reuse with keep_prefix=False: the first new row)
 
     def codes_agree(self, codes: torch.Tensor) -> bool:
         """The exactness contract for codes: identical, except where this forward's own distance gap
@@ -327,13 +329,21 @@ class VQTModel(nn.Module):
     @torch.no_grad()
     def forward_dense(self, token_ids: Sequence[int] | torch.Tensor,
                       positions: Optional[Sequence[float] | torch.Tensor] = None,
-                      cache: Optional[DenseOutput] = None, start: int = 0) -> DenseOutput:
+                      cache: Optional[DenseOutput] = None, start: int = 0, *, keep_prefix: bool = True,
+                      backend: Optional[str | Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS) -> DenseOutput:
         """Run one document densely; returns per-layer codes and gaps and the final hidden states.
 
         positions: strictly increasing reals (default 0..n-1). Uses the engine's operators,
         so this is the reference the incremental engine is compared with. With ``cache`` (the
         dense output of a document sharing tokens and positions [0, start)), only rows
         [start, n) are computed against the cached prefix keys: common-prefix KV-cache reuse.
+        ``keep_prefix=False`` returns only those rows (``DenseOutput.start == start``) and copies from the
+        cache nothing but the keys and values they attend to, as a KV-cache server would.
+
+        ``backend``: whose ``attention_rows`` and ``lookup`` to run (a name such as "cpu", or a
+        ``vqt.ops.Backend``); None (the default) is the plain reference operators. Every backend is
+        exact, so only float rounding differs. ``chunk_rows``: rows computed together within a layer,
+        which bounds the pass's transient memory (MLP intermediates, distances, key bands) whatever n.
         """
         tok = token_tensor(token_ids, "token_ids", self.device)
         self.check_inputs(tok)
@@ -342,54 +352,133 @@ class VQTModel(nn.Module):
                else position_tensor(positions, n, self.device))
         if cache is None:
             start = 0
+        elif len(cache.layers) != len(self.blocks):
+            raise ValueError(f"the prefix cache has {len(cache.layers)} layers, this model {len(self.blocks)}")
+        elif cache.start:
+            raise ValueError(f"the prefix cache holds rows from {cache.start} on, not the whole document "
+                             f"(it was computed with keep_prefix=False)")
         elif not 0 <= start <= min(n, cache.hidden.shape[0]):
             raise ValueError(f"prefix start {start} is outside [0, {min(n, cache.hidden.shape[0])}]")
-        return self._dense(tok, pos, cache, start)
+        if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
+            raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        return self._dense(tok, pos, cache, start, backend=self._dense_backend(backend), chunk_rows=chunk_rows,
+                           keep_prefix=keep_prefix)
+
+    def _dense_backend(self, backend: Optional[str | Backend]) -> Optional[Backend]:
+        if backend is None or isinstance(backend, Backend):
+            return backend
+        if isinstance(backend, str):
+            return get_backend(backend, self.device)
+        raise TypeError(f"backend must be a backend name or a vqt.ops.Backend, not {type(backend).__name__}")
 
     def rope_angles(self, pos: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """RoPE (cos, sin) of positions pos (..., n), each (..., n, 1, head_dim); None without RoPE."""
         cfg = self.config
         return rope_angles(pos, cfg.head_dim, cfg.rope_theta, self.dtype) if cfg.pos_encoding == "rope" else None
 
+    def _layer_tables(self, n: int, base: int, kbase: int, start: int, old: Optional[LayerTables]
+                      ) -> tuple[LayerTables, torch.Tensor, torch.Tensor]:
+        """Uninitialized tables of one layer of a dense pass for rows [base, n), and its keys and values for
+        rows [kbase, n) (kbase <= base; the tables' k and v are views of them); rows before ``start`` are
+        copied from ``old``. Returns (tables, keys, values)."""
+        cfg, dt, dev = self.config, self.dtype, self.device
+        H, Hkv, hd, G, gd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_groups, cfg.group_dim
+        keys, values = (torch.empty(n - kbase, Hkv, hd, dtype=dt, device=dev) for _ in range(2))
+        shapes = dict(x=(cfg.d_model,), q=(H, hd), U=(H, hd), Z=(H,), M=(H,), a_ref=(G, gd), codes=(G,), radius=(G,),
+                      sink=(H,) if cfg.sink != "none" else None)
+
+        def table(name: str, shape: Optional[tuple]) -> Optional[torch.Tensor]:
+            return None if shape is None else torch.empty(
+                (n - base, *shape), dtype=torch.long if name == "codes" else dt, device=dev)
+
+        t = LayerTables(k=keys[base - kbase:], v=values[base - kbase:],
+                        **{name: table(name, shape) for name, shape in shapes.items()})
+        if old is not None:
+            for name in shapes:
+                rows = getattr(t, name)
+                if rows is not None:
+                    rows[:start - base] = getattr(old, name)[base:start]
+            keys[:start - kbase], values[:start - kbase] = old.k[kbase:start], old.v[kbase:start]
+        return t, keys, values
+
     def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
-               before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None) -> DenseOutput:
-        """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first."""
+               before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None,
+               backend: Optional[Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS,
+               keep_prefix: bool = True) -> DenseOutput:
+        """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first.
+
+        Each layer runs in two sweeps over chunks of ``chunk_rows`` rows, writing into the output tables:
+        q/k/v and attention (a chunk's queries see only keys of rows up to its own last, already
+        written), then (after ``before_quantize``) quantization, the output projection and the MLP.
+        Rows [base, n) are output (base = 0, or ``start`` without ``keep_prefix``); keys and values are
+        kept from row kbase on, the first one row ``base`` can see.
+        """
         cfg = self.config
+        attend = ops.attention_rows if backend is None else backend.attention_rows
+        lookup = ops.lookup if backend is None else backend.lookup
         n = tok.numel()
-        rows, pr = slice(start, n), slice(0, start)
-        x = self.embed(tok[rows])
-        angles = self.rope_angles(pos[rows])  # the same for every layer
-        layers = []
-        gaps = []
+        base = 0 if cache is None or keep_prefix else start
+        kbase = base if base == n else self._first_key(pos, base)
+        chunks = [slice(lo, min(lo + chunk_rows, n)) for lo in range(start, n, chunk_rows)]
+        local = [slice(c.start - base, c.stop - base) for c in chunks]  # the same rows in the output tables
+        L, G = len(self.blocks), cfg.n_groups
+        codes = gaps = None
+        if cfg.quantize:  # every layer's codes and gaps, prefix rows copied from the cache
+            codes = torch.zeros(L, n - base, G, dtype=torch.long, device=self.device)
+            gaps = torch.full((L, n - base, G), float("inf"), dtype=self.dtype, device=self.device)
+            if cache is not None:
+                codes[:, :start - base], gaps[:, :start - base] = cache.codes[:, base:start], cache.gaps[:, base:start]
+        cached = (lambda li: None) if cache is None else (lambda li: cache.layers[li])  # noqa: E731
+        layers: list[LayerTables] = []
+        t, keys, values = self._layer_tables(n, base, kbase, start, cached(0))
+        for c, r in zip(chunks, local):
+            t.x[r] = self.embed(tok[c])
+        angles = [self.rope_angles(pos[c]) for c in chunks]  # the same for every layer (n x head_dim x 2 values)
         for li, block in enumerate(self.blocks):
-            q, k, v, s = block.qkv(x, pos[rows], angles)
-            if cache is not None:
-                c = cache.layers[li]
-                k, v = torch.cat([c.k[pr], k]), torch.cat([c.v[pr], v])
-            U, Z, M = ops.attention_rows(q, pos[rows], k, v, pos, cfg.window, block.scale, s, block.sink_values())
-            a = (U / Z.unsqueeze(-1)).reshape(n - start, cfg.n_groups, cfg.group_dim)
+            sink_v = block.sink_values()
+            for c, r, rot in zip(chunks, local, angles):
+                q, k, v, s = block.qkv(t.x[r], pos[c], rot)
+                t.q[r], t.k[r], t.v[r] = q, k, v
+                if s is not None:
+                    t.sink[r] = s
+                band = slice(self._first_key(pos, c.start), c.stop)  # every key a row of this chunk can see
+                kb = slice(band.start - kbase, band.stop - kbase)
+                U, Z, M = attend(q, pos[c], keys[kb], values[kb], pos[band], cfg.window, block.scale, s, sink_v)
+                t.U[r], t.Z[r], t.M[r] = U, Z, M
+                t.a_ref[r] = (U / Z.unsqueeze(-1)).reshape(-1, G, cfg.group_dim)
             if before_quantize is not None:
-                before_quantize(block, a)
-            if block.quantizer is not None:
-                res = nearest(a, block.quantizer.codebook)
-                codes, radius = res.codes, res.radius
-                gaps.append(res.gap if cache is None else torch.cat([cache.gaps[li, pr], res.gap]))
-            else:  # an unquantized layer: zero codes, and a gap no float noise can close
-                codes = torch.zeros(n - start, cfg.n_groups, dtype=torch.long, device=x.device)
-                radius = torch.zeros(n - start, cfg.n_groups, dtype=x.dtype, device=x.device)
-                if cfg.quantize:
-                    gaps.append(torch.full((n, cfg.n_groups), float("inf"), dtype=x.dtype, device=x.device))
-            state = LayerTables(x, q, k[rows], v[rows], U, Z, M, a, codes, radius, s)
-            if cache is not None:
-                old = cache.layers[li]
-                state = LayerTables(**{name: torch.cat([getattr(old, name)[pr], t]) for name, t in state.items()})
-            layers.append(state)
-            x = block.finish(x, block.attn_output(codes if block.quantizer is not None else a))
-        hidden = self.norm(x)
+                before_quantize(block, t.a_ref[start - base:])
+            if codes is not None:
+                t.codes = codes[li]  # a view: the layer's codes are rows of the stacked output
+            nxt = None
+            if li + 1 < L:
+                nxt, keys_next, values_next = self._layer_tables(n, base, kbase, start, cached(li + 1))
+            resid = torch.empty(n - base, cfg.d_model, dtype=self.dtype, device=self.device) if nxt is None else nxt.x
+            for r in local:
+                a = t.a_ref[r]
+                if block.quantizer is not None:
+                    res = nearest(a, block.quantizer.codebook)
+                    t.codes[r], t.radius[r], gaps[li, r] = res.codes, res.radius, res.gap
+                    out = lookup(block.lookup_table(), res.codes)
+                else:  # an unquantized layer: zero codes, and a gap no float noise can close
+                    t.codes[r], t.radius[r] = 0, 0
+                    out = block.wo(a.flatten(1))
+                resid[r] = block.finish(t.x[r], out)
+            layers.append(t)
+            if nxt is not None:
+                t, keys, values = nxt, keys_next, values_next
+        hidden = torch.empty_like(resid)
         if cache is not None:
-            x, hidden = torch.cat([cache.residual[pr], x]), torch.cat([cache.hidden[pr], hidden])
-        codes = torch.stack([s.codes for s in layers]) if cfg.quantize else None
-        return DenseOutput(codes, torch.stack(gaps) if cfg.quantize else None, hidden, x, layers)
+            resid[:start - base], hidden[:start - base] = cache.residual[base:start], cache.hidden[base:start]
+        for r in local:
+            hidden[r] = self.norm(resid[r])
+        return DenseOutput(codes, gaps, hidden, resid, layers, start=base)
+
+    def _first_key(self, pos: torch.Tensor, row: int) -> int:
+        """The first row whose key row ``row`` (and every later row) can see: 0 without a window."""
+        if self.config.window is None or row >= pos.numel():
+            return 0 if self.config.window is None else row
+        return int(torch.searchsorted(pos, pos[row] - self.config.window, right=True))
 
     # ----------------------------------------------------------- calibration
     @torch.no_grad()

@@ -1,0 +1,81 @@
+"""experiments/bench.py: edits spread over every history, the baselines' lines, the length section."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers import SHARED_DATA
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "experiments" / "bench.py"
+API = SHARED_DATA / "wiki" / "api"
+FIXTURE = ROOT / "tests" / "fixtures" / "mediawiki" / "marrowby_tide_mill_1.json"
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_bench(*args: str) -> str:
+    proc = subprocess.run([sys.executable, str(BENCH), "--model", "demo", "--threads", "1", *args],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_round_robin_takes_one_from_each_stream_in_turn():
+    rr = bench_module().round_robin
+    streams = lambda: [iter([1, 2, 3]), iter([10]), iter([20, 21])]  # noqa: E731
+    assert rr(streams(), 5) == [1, 10, 20, 2, 21]
+    assert rr(streams(), 100) == [1, 10, 20, 2, 21, 3]  # exhausted streams leave their turns to the others
+    assert rr(streams(), 2) == [1, 10]
+    assert rr([], 3) == []
+
+
+def test_random_edits_are_small_real_edits_inside_the_document():
+    random_edit = bench_module().random_edit
+    rng, pool = random.Random(0), [5, 6, 7]
+    kinds = set()
+    for n in [1, 2, 3, 50] * 100:
+        start, end, new = random_edit(rng, n, pool)
+        assert 0 <= start <= end <= n and end - start <= 3 and len(new) <= 3 and set(new) <= set(pool)
+        assert end > start or new  # never empty
+        kinds.add("insert" if start == end else "delete" if not new else "replace")
+    assert kinds == {"insert", "delete", "replace"}
+
+
+@pytest.mark.skipif(len(list(API.glob("*.json.xz"))) < 2, reason=f"needs the held-out histories in {API}")
+def test_bench_spreads_edits_over_every_heldout_history():
+    out = run_bench("--windows", "128", "--max-edits", "8", "--single-token", "0")
+    header = next(line for line in out.splitlines() if line.startswith("=== window 128"))
+    counts = dict((name, int(k)) for name, k in re.findall(r"(\w+\.json\.xz) (\d+)", header))
+    assert len(counts) == len(list(API.glob("*.json.xz"))) and set(counts.values()) == {2}, header
+    for label in ("dense forward ms, cpu kernels", "dense forward, cpu kernels vs reference",
+                  "prefix reuse ms, cpu kernels", "speedup vs dense (cpu kernels)",
+                  "speedup vs prefix reuse (cpu kernels)", "speedup vs cone (cpu, no VQ)"):
+        assert re.search(re.escape(label) + r"\s+median\s+\d", out), label
+
+
+def test_bench_length_section_measures_time_and_memory():
+    out = run_bench("--windows", "--data", str(FIXTURE), "--lengths", "256", "8192", "--length-edits", "3")
+    rows = {int(line.split()[0]): line.split() for line in out.splitlines() if re.match(r"\s*(256|8192)\s+\d", line)}
+    assert set(rows) == {256, 8192}, out
+    for n, cols in rows.items():
+        build_s, edit_ms, ratio = float(cols[1]), float(cols[2]), float(cols[4].rstrip("x"))
+        state, allocated, kv, peak, steady = (float(c) for c in cols[5:10])
+        assert build_s > 0 and edit_ms > 0 and ratio > 0
+        assert kv < state <= allocated and peak >= steady, cols
+    assert float(rows[256][4].rstrip("x")) == 1.0
+    # 8192 tokens of tables cannot come out of the warm-up's freed memory: the build shows in the RSS
+    assert float(rows[8192][8]) > float(rows[8192][5]), rows[8192]
