@@ -29,8 +29,9 @@ backend. Prints medians and per-edit ratio distributions (median, p10, p90), MAC
 single-token edits, and the document-state memory per token next to a plain KV cache's.
 
 Length section: per length, the median engine time per edit (EditStats.seconds) and its ratio to the
-first length's; state bytes per slot (Document.state_bytes_per_token), allocated state bytes per live
-token (every cached tensor, free capacity included) and a plain KV cache's bytes per token; the RSS
+first length's; state bytes per slot (SlotCache.bytes_per_slot), allocated state bytes per live
+token after the edits (Document.state_bytes_per_token: every cached tensor, free capacity included) and
+a plain KV cache's bytes per token; the RSS
 growth while building the document (peak, VmHWM) and after it (steady, VmRSS), each over the process's
 RSS before the build, per token (below ~64k tokens RSS moves in the allocator's steps, so read those
 rows as rough; the peak is the build's dense pass plus the document's tables). A 262,144-token
@@ -289,16 +290,12 @@ def length_child(a: argparse.Namespace) -> None:
     peak = proc_status_kb("VmHWM")
     gc.collect()
     steady = proc_status_kb("VmRSS")
-    state = doc.cache.state_dict()
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.values()}
-    allocated = sum(storages.values()) / len(doc)
-    del state
     seconds = []
     for _ in tqdm(range(a.length_edits), desc=f"{n} tokens: edits", unit="edit", file=sys.stderr):
         seconds.append(doc.apply_edits([random_edit(rng, len(doc), text)]).seconds)
-    print(LENGTH_RESULT + json.dumps(dict(
-        n=n, build_s=build_s, edit_s=seconds, state_bytes_per_token=doc.state_bytes_per_token(),
-        allocated_bytes_per_token=allocated, kv_bytes_per_token=doc.kv_cache_bytes_per_token(),
+    print(LENGTH_RESULT + json.dumps(dict(  # (memory after the edits: free capacity the edits grew included)
+        n=n, build_s=build_s, edit_s=seconds, state_bytes_per_token=doc.cache.bytes_per_slot(),
+        allocated_bytes_per_token=doc.state_bytes_per_token(), kv_bytes_per_token=doc.kv_cache_bytes_per_token(),
         peak_rss_bytes_per_token=(peak - before) * 1024 / n, steady_rss_bytes_per_token=(steady - before) * 1024 / n,
         exact_peak=exact_peak)), flush=True)
 
@@ -377,9 +374,9 @@ def main(argv: Optional[list[str]] = None) -> None:
             bench_single_token(model, tok, paths, window, a.single_token, backends)
     if a.windows:
         doc = TextDocument(model, tok, "memory probe " * 50).doc
-        print(f"\ndocument state {doc.state_bytes_per_token()} B/token vs plain KV cache "
+        print(f"\ndocument state {doc.state_bytes_per_token():.0f} B/token allocated vs plain KV cache "
               f"{doc.kv_cache_bytes_per_token()} B/token "
-              f"({doc.state_bytes_per_token() / doc.kv_cache_bytes_per_token():.1f}x)")
+              f"({doc.state_bytes_per_token() / doc.kv_cache_bytes_per_token():.2f}x)")
     if a.lengths:
         if model.config.window is None:
             raise SystemExit("--lengths needs a windowed model (full attention is O(n^2) per document)")

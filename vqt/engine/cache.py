@@ -67,11 +67,11 @@ class SlotCache:
         return [*_DOC_TENSORS, "prev_positions", "is_new", "is_forced"]
 
     def alloc(self, count: int) -> list[int]:
-        """``count`` free slots (lowest first), growing every table by half its size (at least what is
-        needed, and 16) when there are not enough: appends cost amortized O(1) copies per slot."""
+        """``count`` free slots (lowest first), growing every table by an eighth of its size (at least
+        what is needed, and 16) when there are not enough: appends cost amortized O(1) copies per slot."""
         if len(self.free) < count:
             old = self.capacity
-            extra = max(old // 2, count - len(self.free), 16)
+            extra = max(old // 8, count - len(self.free), 16)
             for t in self.layers:
                 t.grow(extra)
             for name in self._per_slot():
@@ -89,11 +89,11 @@ class SlotCache:
         return len(self.free) > max(64, self.capacity // 2)
 
     def compact(self) -> torch.Tensor:
-        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus a
-        quarter; returns the old slot of each new one. O(n), and only when half the slots are free, so
+        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus an
+        eighth; returns the old slot of each new one. O(n), and only when half the slots are free, so
         amortized O(1) per deleted token."""
         n, rows = len(self), self.order
-        cap = max(n + n // 4, 16)
+        cap = max(n + n // 8, 16)
         for t in self.layers:
             t.compact(rows, cap)
         for name in _DOC_TENSORS:
