@@ -33,7 +33,8 @@ def main() -> int:
     p.add_argument("--bundle", default=str(BUNDLE))
     p.add_argument("--path-glob", default="text/00*.md", help="RFC files replayed (default: the 28 of 00xx)")
     p.add_argument("--model", default=None, help="default: the shipped model")
-    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--prefix-tokens", type=int, default=512, help="replay the first N tokens of each document "
+                   "(0: whole documents)")
     p.add_argument("--max-revisions", type=int, default=40, help="per history")
     p.add_argument("--max-edits", type=int, default=None, help="per work unit (default: every edit)")
     p.add_argument("--range-revisions", type=int, default=200)
@@ -42,10 +43,10 @@ def main() -> int:
     args = p.parse_args()
 
     inputs = expand_inputs([args.bundle], args.path_glob)
-    options = ReplayOptions(window_tokens=args.window, max_edits=args.max_edits, baselines=False,
+    options = ReplayOptions(prefix_tokens=args.prefix_tokens or None, max_edits=args.max_edits, baselines=False,
                             range_revisions=args.range_revisions, max_revisions=args.max_revisions)
     load = partial(load_for_replay, args.model, "float32", None)
-    print(f"{len(inputs)} RFC histories ({args.path_glob}), window {args.window}, at most {args.max_revisions} "
+    print(f"{len(inputs)} RFC histories ({args.path_glob}), first {args.prefix_tokens or 'all'} tokens, at most {args.max_revisions} "
           f"revisions and {args.max_edits or 'all'} edits per history, no baselines, {args.repeats} repeats")
 
     def timed(**kw) -> list:

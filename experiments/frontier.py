@@ -6,7 +6,7 @@
 A point is ``w<W>-<sink|nosink>-<granularity>-k<K>`` (converted training-free: k-means codebooks on
 Anarchism text) or ``--model DIR`` (an adapted checkpoint). For each: held-out perplexity next to the
 original full-attention model's on the same windows; on real edits of the held-out API articles
-(1024-token windows, stable positions, the ``cpu`` backend): the median and p10 MAC ratio vs the
+(the first 1024 tokens of each document, stable positions, the ``cpu`` backend): the median and p10 MAC ratio vs the
 original's dense forward (full attention), vs the windowed model's own dense forward, VQ's saving
 over the cone of influence, VQT vs prefix reuse, the layer-1 code flip rate, the engine's time per
 edit and the original's dense forward time over it (same process, torch threads as given).
@@ -59,7 +59,7 @@ def measure(name: str, model: VQTModel, original: VQTModel, tok, held: np.ndarra
     t0 = time.time()
     ppl = heldout_perplexity(model, held, a.seq_len, a.eval_tokens)
     revs = (r for path in HELDOUT for r in iter_history(path))
-    recs = list(replay(model, revs, tok, window_tokens=1024, max_edits=a.edits, baselines=False,
+    recs = list(replay(model, revs, tok, prefix_tokens=1024, max_edits=a.edits, baselines=False,
                        options=DocumentOptions(backend=a.backend)))
     full = [full_attention_macs(original, r.n_tokens) / r.macs if r.macs else float("inf") for r in recs]
     row = {

@@ -2,7 +2,7 @@
 
     python experiments/positions.py data/vqt-small --min-spacing 1/32 1/64 1/128
 
-Replays real edits of the held-out histories (1024-token windows) in stable positions, once
+Replays real edits of the held-out histories (the first 1024 tokens of each document) in stable positions, once
 per minimum spacing. Prints the MAC ratio vs dense (median, p10) and how many kept tokens
 were renumbered, and, every ``--every`` edits, compares the LM loss of the edited document at
 its stable positions with the loss at canonical positions 0..n-1 (what a model that always
@@ -42,7 +42,8 @@ def main() -> None:
     p.add_argument("--min-spacing", nargs="+", default=["1/32", "1/64", "1/128"])
     p.add_argument("--max-edits", type=int, default=150)
     p.add_argument("--every", type=int, default=5, help="measure the loss drift every N edits")
-    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--prefix-tokens", type=int, default=1024, help="replay the first N tokens of each document "
+                   "(0: whole documents)")
     a = p.parse_args()
     torch.set_grad_enabled(False)
     model, name, tok = load_model(a.model, torch.float32)
@@ -63,7 +64,7 @@ def main() -> None:
         revs = (r for path in HELDOUT for r in iter_history(str(path)))
         recs = []
         with tqdm(total=a.max_edits, desc=f"min_spacing {spec}", unit="edit") as bar:
-            for rec in replay(model, revs, tok, window_tokens=a.window, max_edits=a.max_edits, baselines=False,
+            for rec in replay(model, revs, tok, prefix_tokens=a.prefix_tokens or None, max_edits=a.max_edits, baselines=False,
                               options=options, observe=observe):
                 recs.append(rec)
                 bar.update(1)

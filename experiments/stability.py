@@ -3,7 +3,7 @@
     python experiments/stability.py runs/w32-layer-k256/model --twin runs/w32-twin/model --plot runs/plots
 
 Replays consecutive revisions of the held-out MediaWiki API articles in ../shared/data
-(1024-token windows, edits as atomic diff hunks) and prints the per-code flip rate at
+(the first 1024 tokens of each document, edits as atomic diff hunks) and prints the per-code flip rate at
 layer 1, the dirty fraction (median/p90), the MAC ratio vs dense (median/p10/p90), and
 held-out perplexity next to the dense twin's.
 """
@@ -33,11 +33,11 @@ from vqt.text.tokenizer import Tokenizer  # noqa: E402
 
 
 def stability_report(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: Tokenizer,
-                     window_tokens: int = 1024, max_edits: Optional[int] = None,
+                     prefix_tokens: Optional[int] = 1024, max_edits: Optional[int] = None,
                      progress=None) -> tuple[dict[str, Any], list[EditRecord]]:
     """Replay real edits (MACs only, no timing) and summarize how far they spread."""
     records = []
-    for rec in replay(model, revisions, tokenizer, window_tokens=window_tokens, max_edits=max_edits, baselines=False):
+    for rec in replay(model, revisions, tokenizer, prefix_tokens=prefix_tokens, max_edits=max_edits, baselines=False):
         records.append(rec)
         if progress is not None:
             progress.update(1)
@@ -77,7 +77,8 @@ def main() -> None:
     p.add_argument("checkpoints", nargs="+", help="model directories")
     p.add_argument("--twin", default=None, help="dense twin checkpoint for the perplexity comparison")
     p.add_argument("--data", nargs="*", default=None, help="histories (default: the held-out API-JSON articles)")
-    p.add_argument("--window", type=int, default=1024)
+    p.add_argument("--prefix-tokens", type=int, default=1024, help="replay the first N tokens of each document "
+                   "(0: whole documents)")
     p.add_argument("--max-edits", type=int, default=200, help="per checkpoint, over all histories")
     p.add_argument("--json", default=None, help="append one JSON line per checkpoint here")
     p.add_argument("--plot", default=None, help="folder for dirty_per_layer.png")
@@ -92,7 +93,7 @@ def main() -> None:
         model = load_spec(ck, tok)
         revs = (rev for path in paths for rev in iter_history(path))
         with tqdm(total=a.max_edits, desc=Path(ck).parent.name or ck, unit="edit") as bar:
-            rep, _ = stability_report(model, revs, tok, a.window, a.max_edits, progress=bar)
+            rep, _ = stability_report(model, revs, tok, a.prefix_tokens or None, a.max_edits, progress=bar)
         rep["checkpoint"], rep["model"] = ck, model.describe()
         rep["perplexity"] = math.exp(evaluate_loss(model, held, 1024))
         rep["twin_perplexity"] = twin_ppl

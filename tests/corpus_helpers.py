@@ -20,7 +20,7 @@ API = SHARED_DATA / "wiki" / "api"
 BUNDLE = SHARED_DATA / "git" / "rust-rfcs.bundle"
 RFC_GLOB = "text/000[1-3]-*.md"  # three RFCs with 5 to 14 revisions
 # Short units (3 revision pairs) so that every history is split; float64 and verify: every edit is checked.
-OPTIONS = ReplayOptions(window_tokens=128, max_edits=2, baselines=False, verify=True, range_revisions=3,
+OPTIONS = ReplayOptions(prefix_tokens=128, max_edits=2, baselines=False, verify=True, range_revisions=3,
                         max_revisions=6)
 LOAD = partial(load_for_replay, "demo", "float64", None)
 

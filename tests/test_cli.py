@@ -93,12 +93,17 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["replay", "--window", "-5"], r"argument --window: expected a positive integer, got -5 \(see vqt replay --help\)"),
-    (["replay", "--window", "0"], "argument --window: expected a positive integer, got 0"),
+    (["replay", "--prefix-tokens", "-5"], r"argument --prefix-tokens: expected a positive integer, got -5 "
+                                          r"\(see vqt replay --help\)"),
+    (["replay", "--prefix-tokens", "0"], "argument --prefix-tokens: expected a positive integer, got 0"),
+    (["replay", "--window", "1024"], "argument --window: '1024': --window was removed, replay now replays whole "
+                                     "documents; --prefix-tokens 1024 replays only the first 1024 tokens of each"),
+    (["replay", "--max-tokens", "0"], "argument --max-tokens: expected a positive integer, got 0"),
+    (["lsp", "--max-tokens", "many"], "argument --max-tokens: expected a positive integer, got 'many'"),
     (["replay", "--max-edits", "-1"], "argument --max-edits: expected a positive integer, got -1"),
     (["replay", "--max-edits", "0"], "argument --max-edits: expected a positive integer, got 0"),
     (["replay", "--max-revisions", "0"], "argument --max-revisions: expected a positive integer, got 0"),
-    (["replay", "--window", "ten"], "argument --window: expected a positive integer, got 'ten'"),
+    (["replay", "--prefix-tokens", "ten"], "argument --prefix-tokens: expected a positive integer, got 'ten'"),
     (["lsp", "--max-live", "0"], r"^vqt lsp: error: argument --max-live: expected a positive integer, got 0"),
     (["fetch-wiki", "T", "--out", "x.json", "--limit", "0"], "argument --limit: expected a positive integer"),
     (["convert", "--out", "x", "--codebook-size", "0"], "argument --codebook-size: expected a positive integer"),

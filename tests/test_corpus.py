@@ -18,7 +18,7 @@ import torch
 
 from corpus_helpers import API, BUNDLE, LOAD, OPTIONS, RFC_GLOB, TINY, comparable, corpus, needs_shared_data
 from vqt._errors import UserError
-from vqt.apps.corpus import load_for_replay
+from vqt.apps.corpus import load_for_replay, report
 from vqt.histories.corpus_replay import (ReplayOptions, read_output, replay_corpus, replay_unit, to_records,
                                          unit_path)
 from vqt.histories.sources import CorpusInput, expand_inputs, plan_input, read_unit
@@ -60,8 +60,8 @@ def test_bad_inputs_are_named(specs, glob, message):
         expand_inputs(specs, glob)
 
 
-@pytest.mark.parametrize("option, value", [("window_tokens", 0), ("range_revisions", -3), ("max_edits", 0),
-                                           ("max_revisions", 2.5)])
+@pytest.mark.parametrize("option, value", [("prefix_tokens", 0), ("max_tokens", -1), ("range_revisions", -3),
+                                           ("max_edits", 0), ("max_revisions", 2.5)])
 def test_bad_options_are_named(option, value):
     with pytest.raises(ValueError, match=f"{option} must be a positive integer, got {value}"):
         ReplayOptions(**{option: value})
@@ -133,16 +133,16 @@ def test_resume_replays_only_what_is_missing(tmp_path):
     again = replay_corpus(inputs, LOAD, OPTIONS, out=out, settings={"model": "demo"})
     assert [(s["history"], s["start"]) for s in again.replayed] == [(victim["history"], 3)]
     assert comparable(again.rows) == comparable(first.rows)
-    with pytest.raises(UserError, match="another window_tokens \\(128, now 256\\)"):
-        replay_corpus(inputs, LOAD, ReplayOptions(**{**OPTIONS.__dict__, "window_tokens": 256}), out=out,
+    with pytest.raises(UserError, match="another prefix_tokens \\(128, now 256\\)"):
+        replay_corpus(inputs, LOAD, ReplayOptions(**{**OPTIONS.__dict__, "prefix_tokens": 256}), out=out,
                       settings={"model": "demo"})
 
 
 def test_an_interrupted_run_loses_only_the_units_in_flight(tmp_path):
     needs_shared_data()
     out = tmp_path / "out"
-    command = [sys.executable, "-m", "vqt", "replay", "--model", "demo", "--data", str(API), str(TINY), "--window",
-               "128", "--max-edits", "4", "--max-revisions", "9", "--range-revisions", "2", "--no-baselines",
+    command = [sys.executable, "-m", "vqt", "replay", "--model", "demo", "--data", str(API), str(TINY),
+               "--prefix-tokens", "128", "--max-edits", "4", "--max-revisions", "9", "--range-revisions", "2", "--no-baselines",
                "--out", str(out), "--quiet"]
     run = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
@@ -168,7 +168,7 @@ def test_a_malformed_revision_is_skipped_and_counted_or_fails_its_history_with_s
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(revisions))
     inputs = expand_inputs([str(bad), str(API / "japan_cup.json.xz")])
-    options = ReplayOptions(window_tokens=64, max_edits=3, max_revisions=6, baselines=False)
+    options = ReplayOptions(prefix_tokens=64, max_edits=3, max_revisions=6, baselines=False)
     lenient = replay_corpus(inputs, LOAD, options)
     assert [(s["history"], s["error"], s["skipped"]) for s in lenient.statuses] == [
         (str(bad), None, 1), (str(API / "japan_cup.json.xz"), None, 0)]
@@ -187,9 +187,22 @@ def test_a_unit_that_fails_keeps_its_records_before_the_failure(tmp_path):
     (unit,) = plan_input(CorpusInput(0, str(path)), range_revisions=20)
     path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])  # damaged after planning
     model, tokenizer = LOAD()
-    result = replay_unit(model, tokenizer, unit, ReplayOptions(window_tokens=64, baselines=False))
+    result = replay_unit(model, tokenizer, unit, ReplayOptions(prefix_tokens=64, baselines=False))
     assert "truncated or corrupt compressed stream" in result.error
     assert 1 <= len(result.rows) < 11 and [r["rev_id"] for r in result.rows] == list(range(1, len(result.rows) + 1))
+
+
+def test_documents_over_the_memory_guard_are_counted_in_the_status_and_the_summary(tmp_path, capsys):
+    needs_shared_data()
+    inputs = expand_inputs([str(API / "nintendo_switch.json.xz")])  # 320 to 1,800 tokens
+    run = replay_corpus(inputs, LOAD, ReplayOptions(max_tokens=1000, baselines=False), out=tmp_path / "out")
+    (status,) = run.statuses  # read back from the Parquet file's metadata
+    assert status["error"] is None and status["edits"] == len(run.rows) > 0 and status["over_guard"] > 0
+    assert "exceed the memory guard max_tokens=1000" in status["first_over_guard"]
+    assert all(r["n_tokens"] <= 1000 for r in run.rows)
+    assert report(run) == 0
+    assert f"skipped {status['over_guard']} revision pairs of documents over the memory guard (--max-tokens) in 1 " \
+           f"work units" in capsys.readouterr().out
 
 
 def run_vqt(*args: str) -> subprocess.CompletedProcess:
@@ -200,7 +213,7 @@ def test_cli_replays_a_corpus_and_summarizes_saved_records(tmp_path):
     needs_shared_data()
     out, plots = tmp_path / "out", tmp_path / "plots"
     res = run_vqt("replay", "--model", "demo", "--data", str(TINY), str(API / "japan_cup.json.xz"), "--workers", "2",
-                  "--window", "128", "--max-edits", "3", "--max-revisions", "8", "--out", str(out), "--jsonl",
+                  "--prefix-tokens", "128", "--max-edits", "3", "--max-revisions", "8", "--out", str(out), "--jsonl",
                   str(tmp_path / "all.jsonl"), "--quiet")
     assert res.returncode == 0, res.stderr
     assert "3 histories (3 work units)" in res.stdout and "histories/s" in res.stdout

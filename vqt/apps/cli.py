@@ -22,7 +22,7 @@ from vqt.apps.loading import add_engine_arguments, document_options, load_model
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse whose errors are one line: "vqt replay: error: argument --window: ... (see vqt replay --help)"."""
+    """argparse whose errors are one line: "vqt replay: error: argument --max-edits: ... (see vqt replay --help)"."""
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -47,6 +47,11 @@ def _number_at_least(kind: type, minimum: float, what: str, strict: bool = False
 positive_int = _number_at_least(int, 1, "a positive integer")
 non_negative_int = _number_at_least(int, 0, "an integer >= 0")
 positive_float = _number_at_least(float, 0.0, "a positive number", strict=True)
+
+
+def _removed_window(text: str):
+    raise argparse.ArgumentTypeError(f"{text!r}: --window was removed, replay now replays whole documents; "
+                                     f"--prefix-tokens {text} replays only the first {text} tokens of each")
 
 
 def _cannot_write(flag: str, path: str, error: OSError) -> UserError:
@@ -123,8 +128,8 @@ def _replay(args: argparse.Namespace) -> int:
 
     from vqt.apps.demo import demo_history
     from vqt.histories.formats import BadRevision, HistoryFormatError, iter_history
-    from vqt.histories.replay import format_summary, replay, summarize
-    from vqt.apps.corpus import replay_command, wants_corpus
+    from vqt.histories.replay import ReplayStats, format_summary, replay, summarize
+    from vqt.apps.corpus import replay_command, replayed_part, wants_corpus
 
     if wants_corpus(args):
         return replay_command(args)
@@ -146,14 +151,18 @@ def _replay(args: argparse.Namespace) -> int:
             yield from iter_history(path, file_path=args.file, max_revisions=args.max_revisions,
                                     on_bad_revision=None if args.strict else skip)
 
-    print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; window {args.window} tokens, "
+    print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; {replayed_part(args)}, "
           f"positions {args.positions}, backend {options.backend}")
-    records, failure = [], None
+    records, failure, stats = [], None, ReplayStats()
+
+    def over_guard(reason: str) -> None:
+        tqdm.write(f"vqt replay: skipped: {reason}", file=sys.stderr)
     out = _open_output("--jsonl", args.jsonl)
     try:
         with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
-            for rec in replay(model, revisions(), tok, window_tokens=args.window, max_edits=args.max_edits,
-                              baselines=not args.no_baselines, verify=args.verify, options=options):
+            for rec in replay(model, revisions(), tok, prefix_tokens=args.prefix_tokens, max_edits=args.max_edits,
+                              baselines=not args.no_baselines, verify=args.verify, options=options, stats=stats,
+                              on_skip=over_guard):
                 records.append(rec)
                 if out:
                     out.write(json.dumps(rec.to_json()) + "\n")
@@ -167,12 +176,13 @@ def _replay(args: argparse.Namespace) -> int:
     if skipped:
         print(f"skipped {len(skipped)} malformed revision{'s' if len(skipped) > 1 else ''} "
               f"(see the warnings; --strict stops at the first)")
+    print(stats.describe())
     if records:
         print(format_summary(summarize(records), len(records)))
     if failure is not None:
         raise failure
     if not records:
-        print("no edit touched the window")
+        print("no edit was replayed")
         return 1
     if args.verify:
         bad = sum(not r.exact for r in records)
@@ -259,7 +269,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "into ranges of this many revision pairs, each starting with a dense pass (default 200)")
     r.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     r.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
-    r.add_argument("--window", type=positive_int, default=1024, help="tokens of each document replayed (the first N)")
+    r.add_argument("--prefix-tokens", type=positive_int, default=None, metavar="N", help="replay only the first N "
+                   "tokens of each document (default: whole documents, every edit wherever it falls)")
+    r.add_argument("--window", type=_removed_window, help=argparse.SUPPRESS)
     r.add_argument("--max-edits", type=positive_int, default=None, help="stop after this many edits (corpus: per "
                    "history, or per revision range of a split history)")
     r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per "

@@ -41,10 +41,17 @@ def load_for_replay(spec: Optional[str], dtype: str, tokenizer_path: Optional[st
     return model, tokenizer
 
 
+def replayed_part(args: argparse.Namespace) -> str:
+    """What of each document `vqt replay` replays, in words (for its first lines)."""
+    part = f"the first {args.prefix_tokens} tokens of each document" if args.prefix_tokens else "whole documents"
+    return part + (f" up to {args.max_tokens} tokens (--max-tokens)" if args.max_tokens else "")
+
+
 def replay_command(args: argparse.Namespace) -> int:
     """`vqt replay` over a corpus: plan, replay on the chosen executor, print the summary, save what was asked."""
     inputs = expand_inputs(args.data, args.path_glob or args.file)  # --file: a glob matching one path
-    options = ReplayOptions(window_tokens=args.window, max_edits=args.max_edits, baselines=not args.no_baselines,
+    options = ReplayOptions(prefix_tokens=args.prefix_tokens, max_tokens=args.max_tokens, max_edits=args.max_edits,
+                            baselines=not args.no_baselines,
                             verify=args.verify, positions=args.positions, backend=args.backend,
                             range_revisions=args.range_revisions, max_revisions=args.max_revisions,
                             strict=args.strict)
@@ -54,7 +61,7 @@ def replay_command(args: argparse.Namespace) -> int:
     print(f"model: {args.model or 'shipped'}: {model.describe()}")
     where = ("Ray " + (args.ray or "(local cluster)")) if args.ray is not None else \
         f"{args.workers or 1} local process{'es' if (args.workers or 1) > 1 else ''}"
-    print(f"corpus: {len(inputs)} inputs; {where}; window {args.window} tokens, positions {args.positions}, "
+    print(f"corpus: {len(inputs)} inputs; {where}; {replayed_part(args)}, positions {args.positions}, "
           f"backend {args.backend}" + (f"; records under {args.out}" if args.out else ""))
     done = 0
 
@@ -65,6 +72,8 @@ def replay_command(args: argparse.Namespace) -> int:
             note = f"FAILED: {status['error']}" if status["error"] else f"{status['edits']} edits"
             if status["skipped"]:
                 note += f"; skipped {status['skipped']} malformed revisions, first: {status['first_skipped']}"
+            if status.get("over_guard"):
+                note += f"; skipped {status['over_guard']} revision pairs over --max-tokens: {status['first_over_guard']}"
             print(f"[{done}] {status['history']} @{status['start']}: {note}", file=sys.stderr)
 
     run = replay_corpus(inputs, partial(load_for_replay, args.model, args.dtype, args.tokenizer), options,
@@ -89,10 +98,14 @@ def report(run: CorpusRun, plot: Optional[str] = None, verify: bool = False) -> 
     if skipped:
         print(f"skipped {sum(s['skipped'] for s in skipped)} malformed revisions in {len(skipped)} work units "
               f"(first: {skipped[0]['first_skipped']}; --strict fails their histories instead)")
+    guarded = [s for s in run.statuses if s.get("over_guard")]
+    if guarded:
+        print(f"skipped {sum(s['over_guard'] for s in guarded)} revision pairs of documents over the memory guard "
+              f"(--max-tokens) in {len(guarded)} work units (first: {guarded[0]['first_over_guard']})")
     if run.replayed:
         print(run.throughput())
     if not run.rows:
-        print("no edit touched the window")
+        print("no edit was replayed")
         return 1
     records = to_records(run.rows)
     print(format_summary(summarize(records), len(records)))

@@ -64,6 +64,19 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
                         f"({', '.join(SHIPPED_DELTAS)}) or 'demo')") from e
 
 
+def _token_count(text: str) -> int:
+    """argparse type of --max-tokens: a positive integer."""
+    import argparse
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
 def add_engine_arguments(parser, backend_default: str = "auto") -> None:
     """The engine settings every command takes (--positions, --backend), declared once."""
     from vqt.engine.positions import POSITION_MODES
@@ -73,7 +86,7 @@ def add_engine_arguments(parser, backend_default: str = "auto") -> None:
                         help="stable: kept tokens keep their positions; canonical: renumber 0..n-1 after every edit")
     parser.add_argument("--backend", choices=["auto", *BACKENDS], default=backend_default,
                         help="auto: the fused backend of the device when it builds, else reference")
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N",
+    parser.add_argument("--max-tokens", type=_token_count, default=None, metavar="N",
                         help="memory guard: refuse documents longer than N tokens (default: no cap for windowed "
                              "models, the model's max_len otherwise)")
 

@@ -30,7 +30,7 @@ import torch
 from vqt._errors import UserError
 from vqt._extras import require
 from vqt.engine.options import DocumentOptions
-from vqt.histories.replay import EditRecord, replay
+from vqt.histories.replay import EditRecord, ReplayStats, replay
 from vqt.histories.sources import CorpusInput, WorkUnit, plan_input, read_unit
 from vqt.modeling.model import VQTModel
 from vqt.ops import get_backend
@@ -49,7 +49,8 @@ _JSON_FIELDS = ("macs_by_kind", "flags")  # dict fields, stored as JSON text (th
 class ReplayOptions:
     """What every work unit is replayed with (`vqt.histories.replay.replay`'s options) and how units are cut."""
 
-    window_tokens: int = 1024
+    prefix_tokens: Optional[int] = None  # replay only the first N tokens of each document (None: whole documents)
+    max_tokens: Optional[int] = None  # the memory guard (DocumentOptions.max_tokens): longer documents are skipped
     max_edits: Optional[int] = None  # per work unit
     baselines: bool = True
     verify: bool = False
@@ -60,7 +61,7 @@ class ReplayOptions:
     strict: bool = False  # a malformed revision fails its history (default: it is skipped and counted)
 
     def __post_init__(self) -> None:
-        for name in ("window_tokens", "range_revisions", "max_edits", "max_revisions"):
+        for name in ("prefix_tokens", "max_tokens", "range_revisions", "max_edits", "max_revisions"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -79,6 +80,8 @@ class UnitResult:
     error: Optional[str]  # why the unit stopped early (its rows before the failure are kept)
     seconds: float
     skipped: list[str] = dataclasses.field(default_factory=list)  # the malformed revisions skipped
+    over_guard: int = 0  # revision pairs skipped: their document is longer than the memory guard (max_tokens)
+    guard_reasons: list[str] = dataclasses.field(default_factory=list)  # why, once per document that went over
 
     def status(self) -> dict[str, Any]:
         """What the output file records about the unit besides its rows."""
@@ -86,7 +89,8 @@ class UnitResult:
         return {"history": u.history, "title": u.title, "doc_id": u.doc_id, "input": u.input.index,
                 "page": u.page, "start": u.start, "stop": u.stop, "edits": len(self.rows),
                 "error": self.error, "skipped": len(self.skipped),
-                "first_skipped": self.skipped[0] if self.skipped else None, "seconds": self.seconds}
+                "first_skipped": self.skipped[0] if self.skipped else None, "over_guard": self.over_guard,
+                "first_over_guard": self.guard_reasons[0] if self.guard_reasons else None, "seconds": self.seconds}
 
 
 def replay_unit(model: VQTModel, tokenizer: Tokenizer, unit: WorkUnit, options: ReplayOptions) -> UnitResult:
@@ -95,19 +99,20 @@ def replay_unit(model: VQTModel, tokenizer: Tokenizer, unit: WorkUnit, options: 
     t0 = time.perf_counter()
     rows: list[dict[str, Any]] = []
     skipped: list[str] = []
+    stats, reasons = ReplayStats(), []
     error = unit.error
     if error is None:
         try:
             doc_options = DocumentOptions.make(backend=get_backend(options.backend, model.device).name,
-                                               position_mode=options.positions)
+                                               position_mode=options.positions, max_tokens=options.max_tokens)
             revisions = read_unit(unit, None if options.strict else lambda bad: skipped.append(str(bad)))
-            for rec in replay(model, revisions, tokenizer, window_tokens=options.window_tokens,
+            for rec in replay(model, revisions, tokenizer, prefix_tokens=options.prefix_tokens,
                               max_edits=options.max_edits, baselines=options.baselines, verify=options.verify,
-                              options=doc_options):
+                              options=doc_options, stats=stats, on_skip=reasons.append):
                 rows.append({"history": unit.history, "title": unit.title, **rec.to_json()})
         except Exception as e:  # noqa: BLE001  (recorded in the unit's status and the summary)
             error = f"{type(e).__name__}: {e}"
-    return UnitResult(unit, rows, error, time.perf_counter() - t0, skipped)
+    return UnitResult(unit, rows, error, time.perf_counter() - t0, skipped, stats.over_guard, reasons)
 
 
 def load_worker_model(load: ModelLoader, options: ReplayOptions) -> tuple[VQTModel, Tokenizer]:
@@ -180,7 +185,7 @@ def read_output(folder: str | Path) -> tuple[list[dict[str, Any]], list[dict[str
     for path in sorted(folder.rglob("*.jsonl")):
         rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         units.append(({"history": str(path), "input": -1, "page": 0, "start": 0, "edits": len(rows),
-                       "error": None, "skipped": 0}, rows))
+                       "error": None, "skipped": 0, "over_guard": 0}, rows))
     if not units:
         raise UserError(f"{folder} holds no records (.parquet or .jsonl files)")
     units.sort(key=lambda u: (u[0]["input"], u[0]["page"], u[0]["start"], u[0]["history"]))  # WorkUnit.key order

@@ -1,11 +1,20 @@
 """Replaying revision histories edit by edit through the incremental engine, with baselines.
 
-Window policy: a document longer than the model's context is replayed on its first
-``window_tokens`` tokens. An atomic edit counts when it starts inside the window (the part
-of an edit that runs past the window's end is clipped); edits after the window are skipped.
-When the window's token count drifts outside [0.75, 1.25] x ``window_tokens`` (or past the
-model's ``max_len``), the document is re-windowed from the current revision with a dense
-pass that is not counted as an edit.
+Whole documents by default: the document of each revision pair is the parent revision's whole
+text, and every atomic edit of the pair is applied to it wherever it falls, so the document
+follows the history exactly (checked after every pair). A revision pair is skipped, and the
+document rebuilt from the next revision with a dense pass that is not counted as an edit, when
+it holds an edit larger than ``max_edit_chars``, blanks the document, is a revert (with
+``skip_reverts``), or would make the document longer than the engine's memory guard
+(``DocumentOptions.max_tokens``; for full-attention models the model's ``max_len``): such
+documents are skipped with a reason passed to ``on_skip`` and counted in ``ReplayStats``,
+never an error.
+
+``prefix_tokens=N`` replays only the first N tokens of each document instead (the behaviour
+before whole-document replay): an atomic edit counts when it starts inside the prefix (the
+part that runs past the prefix's end is clipped); edits after the prefix are skipped. When the
+prefix's token count drifts outside [0.75, 1.25] x N (or past the memory guard), the document
+is re-cut from the current revision with an uncounted dense pass.
 
 ``replay`` is a pure function of its arguments (model, revisions, options): replays of
 different pages share nothing, so a corpus can be split across processes or machines.
@@ -15,6 +24,7 @@ from __future__ import annotations
 
 import statistics
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional
 
@@ -25,6 +35,11 @@ from vqt.histories.edits import revision_edits
 from vqt.modeling.model import VQTModel
 from vqt.text.document import TextDocument
 from vqt.text.tokenizer import Tokenizer
+
+
+# Revision pairs with an atomic edit larger than this (code points) are skipped by default: such an edit is
+# a rewrite, not the small edit whose cost the replay measures.
+MAX_EDIT_CHARS = 2000
 
 
 @dataclass
@@ -55,7 +70,7 @@ class EditRecord:
     refreshes: int
     renumbered: int
     seconds: float  # the engine's update (Document.apply_edits; re-tokenization and the diff excluded, as for the baselines)
-    dense_seconds: Optional[float] = None  # dense forward of the edited window, same process
+    dense_seconds: Optional[float] = None  # dense forward of the edited document (or prefix), same process
     prefix_seconds: Optional[float] = None  # common-prefix KV reuse on the same edit
     exact: Optional[bool] = None  # with verify: codes equal and hidden allclose to the dense forward
     n_groups: int = 1  # codes per position per layer
@@ -78,6 +93,36 @@ class EditRecord:
         return d
 
 
+@dataclass
+class ReplayStats:
+    """What a replay did besides the edits it yielded; ``replay`` updates the one it is given."""
+
+    pairs: int = 0  # revision pairs read (identical consecutive revisions are not pairs)
+    edits: int = 0  # atomic edits replayed (records yielded)
+    rebuilds: int = 0  # uncounted dense passes that (re)started a document
+    oversize: int = 0  # pairs skipped: an atomic edit larger than max_edit_chars
+    blankings: int = 0  # pairs skipped: the new revision blanks the document
+    reverts: int = 0  # pairs skipped with skip_reverts
+    over_guard: int = 0  # pairs skipped: the document is (or would grow) longer than the memory guard
+    outside_prefix: int = 0  # with prefix_tokens: atomic edits after the prefix, not replayed
+
+    def skipped_pairs(self) -> int:
+        return self.oversize + self.blankings + self.reverts + self.over_guard
+
+    def describe(self, max_edit_chars: Optional[int] = MAX_EDIT_CHARS) -> str:
+        """One line: the pairs read and every reason pairs or edits were left out (the non-zero ones)."""
+        reasons = [(self.oversize, f"with an edit over {max_edit_chars} characters"),
+                   (self.blankings, "blanking the document"), (self.reverts, "reverts"),
+                   (self.over_guard, "of documents over the memory guard (--max-tokens)")]
+        parts = [f"{n} {what}" for n, what in reasons if n]
+        line = f"{self.pairs} revision pairs, {self.edits} edits replayed"
+        if parts:
+            line += f"; skipped {self.skipped_pairs()} pairs: " + ", ".join(parts)
+        if self.outside_prefix:
+            line += f"; {self.outside_prefix} edits after the replayed prefix left out"
+        return line
+
+
 # EditRecord fields copied as they are from the engine's EditStats.
 _FROM_STATS = ("n_tokens", "first_changed", "macs", "dense_macs", "prefix_macs", "cone_macs", "ratio", "prefix_ratio",
                "cone_ratio",
@@ -85,30 +130,60 @@ _FROM_STATS = ("n_tokens", "first_changed", "macs", "dense_macs", "prefix_macs",
                "certified_skips", "refreshes", "renumbered", "seconds", "macs_by_kind")
 
 
-def _window_end(tokenizer: Tokenizer, text: str, window_tokens: int) -> int:
-    """Code-point offset where the first ``window_tokens`` tokens of ``text`` end."""
-    _, offsets = tokenizer.encode_with_offsets(text)
-    return len(text) if len(offsets) <= window_tokens else offsets[window_tokens - 1][1]
+def _prefix_end(offsets: list[tuple[int, int]], text: str, prefix_tokens: int) -> int:
+    """Code-point offset where the first ``prefix_tokens`` tokens (of ``offsets``) of ``text`` end."""
+    return len(text) if len(offsets) <= prefix_tokens else offsets[prefix_tokens - 1][1]
+
+
+def _positive(name: str, value: Optional[int]) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: Tokenizer,
-           window_tokens: int = 1024, max_edits: Optional[int] = None, baselines: bool = True,
-           verify: bool = False, max_edit_chars: Optional[int] = 2000, skip_reverts: bool = False,
+           prefix_tokens: Optional[int] = None, max_edits: Optional[int] = None, baselines: bool = True,
+           verify: bool = False, max_edit_chars: Optional[int] = MAX_EDIT_CHARS, skip_reverts: bool = False,
            observe: Optional[Callable[[TextDocument, EditRecord], None]] = None,
-           options: Optional[DocumentOptions] = None) -> Iterator[EditRecord]:
-    """Yield one ``EditRecord`` per atomic edit that touches the window.
+           options: Optional[DocumentOptions] = None, stats: Optional[ReplayStats] = None,
+           on_skip: Optional[Callable[[str], None]] = None,
+           window_tokens: Optional[int] = None) -> Iterator[EditRecord]:
+    """Yield one ``EditRecord`` per atomic edit replayed (every edit of the whole document by default).
 
-    baselines: also time a dense forward and prefix reuse on every edited window (same
-    process, same model). verify: check every step against the dense forward. observe: called
-    with the document and the record after every edit, before the record is yielded (to
-    measure anything else about the edited state). options: the documents' engine settings.
+    prefix_tokens: replay only the first N tokens of each document (see the module's docstring).
+    baselines: also time a dense forward and prefix reuse on every edited document (same process,
+    same model). verify: check every step against the dense forward. observe: called with the
+    document and the record after every edit, before the record is yielded (to measure anything
+    else about the edited state). options: the documents' engine settings, whose ``max_tokens``
+    memory guard skips longer documents. stats: updated with what was replayed and skipped.
+    on_skip: called with a one-line reason when a document is first found over the memory guard
+    (its pairs are then skipped until it fits again). window_tokens: the former name of
+    ``prefix_tokens`` (deprecated).
     """
+    if window_tokens is not None:
+        if prefix_tokens is not None:
+            raise ValueError("give prefix_tokens or its deprecated name window_tokens, not both")
+        warnings.warn("replay(window_tokens=N) is now replay(prefix_tokens=N); without it the whole document is "
+                      "replayed", DeprecationWarning, stacklevel=2)
+        _positive("window_tokens", window_tokens)
+        prefix_tokens = window_tokens
     if model.training:
         raise ValueError("call model.eval() before replaying")
-    for name, value in (("window_tokens", window_tokens), ("max_edits", max_edits)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    window_tokens = min(window_tokens, model.config.max_len)
+    for name, value in (("prefix_tokens", prefix_tokens), ("max_edits", max_edits),
+                        ("max_edit_chars", max_edit_chars)):
+        _positive(name, value)
+    return _replay(model, revisions, tokenizer, prefix_tokens, max_edits, baselines, verify, max_edit_chars,
+                   skip_reverts, observe, options or DocumentOptions(), stats if stats is not None else ReplayStats(),
+                   on_skip)
+
+
+def _replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: Tokenizer,
+            prefix_tokens: Optional[int], max_edits: Optional[int], baselines: bool, verify: bool,
+            max_edit_chars: Optional[int], skip_reverts: bool,
+            observe: Optional[Callable[[TextDocument, EditRecord], None]], options: DocumentOptions,
+            stats: ReplayStats, on_skip: Optional[Callable[[str], None]]) -> Iterator[EditRecord]:
+    limit = options.token_limit(model.config)  # the memory guard (None: no cap)
+    if prefix_tokens is not None and limit is not None:
+        prefix_tokens = min(prefix_tokens, limit)
     texts: dict[int, str] = {}
 
     def remember(revs):
@@ -118,39 +193,70 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                 texts.pop(next(iter(texts)))
             yield rev
 
+    def over_guard(n_tokens: int) -> bool:
+        return limit is not None and n_tokens > limit
+
     doc: Optional[TextDocument] = None
-    doc_key: Optional[tuple[str, int]] = None  # (doc_id, rev_id) whose window the document holds
-    wend = 0
+    doc_of: Optional[tuple[str, str]] = None  # (doc_id, the revision's whole text) whose text or prefix doc holds
+    guarded: Optional[str] = None  # the doc_id last found over the memory guard, until it fits again
+    pend = 0  # with prefix_tokens: where the prefix ends in the current text (code points)
     dense = None
     count = 0
     for pair in revision_edits(remember(revisions), max_edit_chars=max_edit_chars):
         if max_edits is not None and count >= max_edits:
             return
-        if pair.flags.oversize or pair.flags.blanking or (skip_reverts and pair.flags.revert):
+        stats.pairs += 1
+        skip = ("oversize" if pair.flags.oversize else "blankings" if pair.flags.blanking else
+                "reverts" if skip_reverts and pair.flags.revert else None)
+        if skip is not None:
+            setattr(stats, skip, getattr(stats, skip) + 1)
             doc = None  # start afresh from the next revision
             continue
-        if doc is None or doc_key != (pair.doc_id, pair.parent_rev_id) or not (
-                0.75 * window_tokens <= len(doc.doc) <= min(1.25 * window_tokens, model.config.max_len)):
-            parent = texts[pair.parent_rev_id]
-            wend = _window_end(tokenizer, parent, window_tokens)
-            doc = TextDocument(model, tokenizer, parent[:wend], options)
+        parent = texts[pair.parent_rev_id]
+        if doc is None or doc_of != (pair.doc_id, parent) or (prefix_tokens is not None and not (
+                0.75 * prefix_tokens <= len(doc.doc) <= min(1.25 * prefix_tokens, limit or float("inf")))):
+            doc = None
+            ids, offsets = tokenizer.encode_with_offsets(parent)
+            if prefix_tokens is not None:
+                pend = _prefix_end(offsets, parent, prefix_tokens)
+            elif over_guard(len(ids)):
+                stats.over_guard += 1
+                if guarded != pair.doc_id and on_skip is not None:
+                    on_skip(f"{pair.doc_id} revision {pair.parent_rev_id}: {len(ids)} tokens exceed the memory "
+                            f"guard max_tokens={limit}; its revision pairs are skipped until it fits")
+                guarded = pair.doc_id
+                continue
+            guarded = None
+            doc = TextDocument(model, tokenizer, parent[:pend] if prefix_tokens is not None else parent, options)
+            stats.rebuilds += 1
             dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions) if baselines or verify else None
-        full_len = len(texts[pair.parent_rev_id])  # length of the whole text the next edit applies to
+        full_len = len(parent)  # length of the whole text the next edit applies to
         for i, e in enumerate(pair.edits):
             text_len = full_len
             full_len += len(e.text) - (e.end - e.start)
-            if e.start > wend or e.start == wend < text_len:
-                continue  # after the window (an insertion exactly at its end counts only at the text's end)
-            end = min(e.end, wend)
+            end = e.end
+            if prefix_tokens is not None:
+                if e.start > pend or e.start == pend < text_len:
+                    stats.outside_prefix += 1
+                    continue  # after the prefix (an insertion exactly at its end counts only at the text's end)
+                end = min(e.end, pend)
             new_len = len(doc.text) + len(e.text) - (end - e.start)
             try:
                 st = doc.edit(e.start, end, e.text)
-            except ValueError as err:  # the window outgrew max_len: re-window at the next pair
-                if "max_len" not in str(err):
+            except ValueError:  # over the memory guard? (the document is left as it was)
+                new_text = doc.text[:e.start] + e.text + doc.text[end:]
+                n_new = len(tokenizer.encode(new_text))
+                if not over_guard(n_new):
                     raise
                 doc = None
+                if prefix_tokens is None:  # the prefix is re-cut at the next pair; a whole document is skipped
+                    stats.over_guard += 1
+                    if on_skip is not None:
+                        on_skip(f"{pair.doc_id} revision {pair.rev_id}: {n_new} tokens would exceed the memory "
+                                f"guard max_tokens={limit}; its revision pairs are skipped until it fits")
+                    guarded = pair.doc_id
                 break
-            wend = new_len
+            pend = new_len
             rec = EditRecord(doc_id=pair.doc_id, rev_id=pair.rev_id, edit_index=i, chars_removed=end - e.start,
                              chars_inserted=len(e.text), inserted_tokens=st.inserted, deleted_tokens=st.deleted,
                              n_groups=model.config.n_groups, flags={"revert": pair.flags.revert},
@@ -165,18 +271,34 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
                     model.forward_dense(tok, pos, cache=dense, start=st.first_changed)
                     rec.prefix_seconds = time.perf_counter() - t0
                 if verify:
-                    atol = 1e-9 if model.dtype == torch.float64 else 1e-4
-                    rec.exact = new_dense.codes_agree(doc.doc.codes) and bool(
-                        torch.allclose(new_dense.hidden, doc.doc.hidden, atol=atol))
+                    rec.exact = matches_dense(model, doc, new_dense)
                 dense = new_dense
             count += 1
+            stats.edits += 1
             if observe is not None:
                 observe(doc, rec)
             yield rec
             if max_edits is not None and count >= max_edits:
                 return
         if doc is not None:
-            doc_key = (pair.doc_id, pair.rev_id)
+            if prefix_tokens is None and doc.text != texts[pair.rev_id]:
+                raise RuntimeError(f"{pair.doc_id} revision {pair.rev_id}: the replayed document differs from the "
+                                   f"revision's text (a bug in the atomic edits or the document)")
+            doc_of = (pair.doc_id, texts[pair.rev_id])
+
+
+def dense_tolerance(model: VQTModel) -> float:
+    """The absolute tolerance of hidden states against a dense forward: float noise of the model's dtype."""
+    return 1e-9 if model.dtype == torch.float64 else 1e-4
+
+
+def matches_dense(model: VQTModel, doc: TextDocument, dense=None) -> bool:
+    """Whether ``doc``'s state matches a dense forward (``dense``, or one computed now) of its tokens and
+    positions: codes agree (``DenseOutput.codes_agree``) and hidden states are allclose (``dense_tolerance``)."""
+    if dense is None:
+        dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions)
+    return dense.codes_agree(doc.doc.codes) and bool(
+        torch.allclose(dense.hidden, doc.doc.hidden, atol=dense_tolerance(model)))
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
