@@ -13,7 +13,7 @@ status 1 after printing what failed.
 
 The first document is verified as built (so that every later RSS reading comes after one dense
 forward); every ``--every`` revisions (and at the last one) a checkpoint verifies the state against
-a dense forward of the whole document (codes agree per ``DenseOutput.codes_agree``, hidden states
+a dense forward of the whole document (``vqt.histories.replay.dense_check``: the contract, hidden states
 within the float tolerance replay uses) and appends one JSON line to ``OUT/soak.jsonl``: revision
 index, tokens, edits/s since the last checkpoint (time in ``TextDocument.edit`` only:
 re-tokenization and the engine update), RSS (``VmRSS``, before and after the dense forward) and the
@@ -50,7 +50,7 @@ from vqt.apps.loading import load_model  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
 from vqt.histories.edits import RevisionStats, revision_edits  # noqa: E402
 from vqt.histories.formats import iter_history  # noqa: E402
-from vqt.histories.replay import dense_tolerance  # noqa: E402
+from vqt.histories.replay import dense_check  # noqa: E402
 from vqt.ops import get_backend  # noqa: E402
 from vqt.text.document import TextDocument  # noqa: E402
 
@@ -91,10 +91,7 @@ class _Feed:
 def verify(model, doc: TextDocument) -> dict[str, Any]:
     """The document's state against a dense forward of its tokens and positions."""
     t0 = time.perf_counter()
-    dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions)
-    hidden_diff = float((dense.hidden - doc.doc.hidden).abs().max()) if len(doc.doc) else 0.0
-    codes_differ = int((dense.codes != doc.doc.codes).sum()) if dense.codes is not None else 0
-    exact = dense.codes_agree(doc.doc.codes) and hidden_diff <= dense_tolerance(model)
+    exact, codes_differ, hidden_diff = dense_check(model, doc)
     return {"exact": bool(exact), "codes_differ": codes_differ, "max_hidden_diff": hidden_diff,
             "verify_s": round(time.perf_counter() - t0, 3)}
 

@@ -70,6 +70,7 @@ def _open_output(flag: str, path: Optional[str]) -> Optional[IO[str]]:
 
 def _demo(args: argparse.Namespace) -> int:
     from vqt.apps.demo import demo_model, demo_revisions
+    from vqt.histories.replay import matches_dense
     from vqt.text.document import TextDocument
     from vqt.text.tokenizer import Tokenizer
 
@@ -89,9 +90,7 @@ def _demo(args: argparse.Namespace) -> int:
         st = doc.set_text(text)
         exact = "-"
         if args.verify:
-            out = model.forward_dense(doc.doc.token_ids, doc.doc.positions)
-            ok = out.codes_agree(doc.doc.codes) and torch.allclose(out.hidden, doc.doc.hidden,
-                                                                   atol=1e-9 if dtype == torch.float64 else 1e-4)
+            ok = matches_dense(model, doc)
             all_exact &= ok
             exact = "yes" if ok else "NO"
         ratios.append(st.ratio)

@@ -330,7 +330,8 @@ class VQTModel(nn.Module):
     def forward_dense(self, token_ids: Sequence[int] | torch.Tensor,
                       positions: Optional[Sequence[float] | torch.Tensor] = None,
                       cache: Optional[DenseOutput] = None, start: int = 0, *, keep_prefix: bool = True,
-                      backend: Optional[str | Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS) -> DenseOutput:
+                      backend: Optional[str | Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS,
+                      follow_codes: Optional[torch.Tensor] = None) -> DenseOutput:
         """Run one document densely; returns per-layer codes and gaps and the final hidden states.
 
         positions: strictly increasing reals (default 0..n-1). Uses the engine's operators,
@@ -344,6 +345,13 @@ class VQTModel(nn.Module):
         ``vqt.ops.Backend``); None (the default) is the plain reference operators. Every backend is
         exact, so only float rounding differs. ``chunk_rows``: rows computed together within a layer,
         which bounds the pass's transient memory (MLP intermediates, distances, key bands) whatever n.
+
+        ``follow_codes`` (L, n, G), e.g. an incremental document's codes: the float32 contract (DESIGN.md
+        section 8). Wherever this pass's own choice of a code is undecided at float noise (its distance
+        gap within a few times the search's float margin, as ``DenseOutput.codes_agree`` judges) and
+        ``follow_codes`` holds another code, that code is taken and fed to the layers above: each layer
+        is then the dense forward of that layer given the followed codes of the layers below, and the
+        document must match it exactly (in float64 no gap is at noise, so nothing is followed).
         """
         tok = token_tensor(token_ids, "token_ids", self.device)
         self.check_inputs(tok)
@@ -361,8 +369,12 @@ class VQTModel(nn.Module):
             raise ValueError(f"prefix start {start} is outside [0, {min(n, cache.hidden.shape[0])}]")
         if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, int) or chunk_rows < 1:
             raise ValueError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
+        if follow_codes is not None and (not self.config.quantize or tuple(follow_codes.shape) != (
+                len(self.blocks), n, self.config.n_groups)):
+            raise ValueError(f"follow_codes must be ({len(self.blocks)}, {n}, {self.config.n_groups}) codes of a "
+                             f"quantized model, got {tuple(follow_codes.shape)}")
         return self._dense(tok, pos, cache, start, backend=self._dense_backend(backend), chunk_rows=chunk_rows,
-                           keep_prefix=keep_prefix)
+                           keep_prefix=keep_prefix, follow=follow_codes)
 
     def _dense_backend(self, backend: Optional[str | Backend]) -> Optional[Backend]:
         if backend is None or isinstance(backend, Backend):
@@ -404,7 +416,7 @@ class VQTModel(nn.Module):
     def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
                before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None,
                backend: Optional[Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS,
-               keep_prefix: bool = True) -> DenseOutput:
+               keep_prefix: bool = True, follow: Optional[torch.Tensor] = None) -> DenseOutput:
         """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first.
 
         Each layer runs in two sweeps over chunks of ``chunk_rows`` rows, writing into the output tables:
@@ -458,8 +470,13 @@ class VQTModel(nn.Module):
                 a = t.a_ref[r]
                 if block.quantizer is not None:
                     res = nearest(a, block.quantizer.codebook)
-                    t.codes[r], t.radius[r], gaps[li, r] = res.codes, res.radius, res.gap
-                    out = lookup(block.lookup_table(), res.codes)
+                    chosen = res.codes
+                    if follow is not None:  # the float32 contract: follow the document where this pass is undecided
+                        want = follow[li, r.start + base:r.stop + base].to(chosen.device)
+                        chosen = torch.where((chosen != want) & (res.gap <= 4 * (res.gap / 2 - res.radius)), want,
+                                             chosen)
+                    t.codes[r], t.radius[r], gaps[li, r] = chosen, res.radius, res.gap
+                    out = lookup(block.lookup_table(), chosen)
                 else:  # an unquantized layer: zero codes, and a gap no float noise can close
                     t.codes[r], t.radius[r] = 0, 0
                     out = block.wo(a.flatten(1))
