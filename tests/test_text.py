@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import random
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -143,8 +146,8 @@ def test_local_encode_equals_a_full_encode(data):
         new = text[:s] + "".join(data.draw(st.lists(_ALPHABET, max_size=4), label="insert")) + text[e:]
         old_ids, old_offsets = tok.encode_with_offsets(text)
         ids, offsets, edits = local_encode(tok, text, old_ids, old_offsets, new, margin=1)
-        assert (ids, offsets) == tok.encode_with_offsets(new)
-        assert edits == token_diff(old_ids, ids)  # the same hunks as a diff of the whole sequences
+        assert (ids.tolist(), [tuple(o) for o in offsets.tolist()]) == tok.encode_with_offsets(new)
+        assert edits == token_diff(old_ids, ids.tolist())  # the same hunks as a diff of the whole sequences
         text = new
 
 
@@ -156,4 +159,31 @@ def test_local_encode_never_cuts_a_whitespace_run(text, start, end, insert):
     for tok in TOKENIZERS.values():
         new = text[:start] + insert + text[end:]
         ids, offsets, _ = local_encode(tok, text, *tok.encode_with_offsets(text), new, margin=1)
-        assert (ids, offsets) == tok.encode_with_offsets(new)
+        assert (ids.tolist(), [tuple(o) for o in offsets.tolist()]) == tok.encode_with_offsets(new)
+
+
+def test_local_encode_on_real_text_stays_local_and_equals_a_full_encode():
+    """Random small edits of a real document (this project's architecture notes, Markdown with code):
+    every re-encode equals a full one, and the re-encoded window stays small."""
+    from vqt.text.document import local_encode
+
+    tok = Tokenizer.default()
+    text = (Path(__file__).resolve().parents[1] / "docs" / "architecture.md").read_text()
+    ids, offsets = tok.encode_with_offsets(text)
+    rng = random.Random(0)
+    windows = []
+    encode = tok.encode_with_offsets
+    for _ in range(150):
+        s = rng.randrange(len(text))
+        new = text[:s] + rng.choice(["a", " the", "", "x y", "\n", "é"]) + text[s + rng.randrange(4):]
+        sizes = []
+        tok.encode_with_offsets = lambda t: (sizes.append(len(t)), encode(t))[1]  # noqa: E731 (count, then encode)
+        try:
+            ids, offsets, _ = local_encode(tok, text, ids, offsets, new)
+        finally:
+            del tok.encode_with_offsets
+        assert (ids.tolist(), [tuple(o) for o in offsets.tolist()]) == encode(new)
+        windows.append(sum(sizes))
+        text = new
+    assert sorted(windows)[len(windows) // 2] < 200, "the median edit re-encoded a large part of the text"
+    assert max(windows) < len(text) / 2, "an edit re-encoded most of the text"

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import bisect
 import difflib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import numpy as np
 import torch
 
 from vqt._strings import common_prefix_len, common_suffix_len
@@ -41,38 +41,45 @@ def token_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int, l
 
 
 
-def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], old_offsets: Sequence[tuple[int, int]],
-                 new_text: str, margin: int = 4
-                 ) -> tuple[list[int], list[tuple[int, int]], list[tuple[int, int, list[int]]]]:
+def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int] | np.ndarray,
+                 old_offsets: Sequence[tuple[int, int]] | np.ndarray, new_text: str, margin: int = 4
+                 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int, list[int]]]]:
     """Tokenize ``new_text`` by re-encoding only a neighbourhood of what changed from ``old_text``.
 
     The neighbourhood starts ``margin`` tokens before the first changed character and ends ``margin``
-    tokens after the last; it is accepted when its re-encoding reproduces the old tokens of both
-    margins (ids and offsets), i.e. the new tokens meet the old tokenization at a boundary on both
-    sides (and neither side cuts a run of whitespace), and widened (margin doubled) until it does or covers
-    the whole text. Returns the new ids,
-    their code-point offsets, and the token edits (``token_diff`` of the re-encoded window, in old-token
-    coordinates: the same hunks a diff of the whole sequences finds).
+    tokens after the last; it is accepted when its re-encoding reproduces the old tokens at both of its
+    ends (the outermost ``margin`` tokens on each side, ids and offsets), i.e. the new tokens meet the
+    old tokenization at a boundary on both sides (and neither side cuts a run of whitespace), and
+    widened (margin doubled) until it does or covers the whole text. Returns the new ids (n,) and code-point offsets (n, 2) as int64 arrays
+    (spliced with array copies: no per-token Python work outside the window), and the token edits
+    (``token_diff`` of the re-encoded window, in old-token coordinates: the same hunks a diff of the
+    whole sequences finds).
     """
+    old_ids = np.asarray(old_ids, dtype=np.int64).reshape(-1)
+    old_offsets = np.asarray(old_offsets, dtype=np.int64).reshape(-1, 2)
     n, delta = len(old_ids), len(new_text) - len(old_text)
     p = common_prefix_len(old_text, new_text)
     q = common_suffix_len(old_text, new_text, min(len(old_text), len(new_text)) - p)
-    first = bisect.bisect_right(old_offsets, p, key=lambda o: o[1])  # tokens before it end at or before p
-    last = bisect.bisect_left(old_offsets, len(old_text) - q, key=lambda o: o[0])  # tokens from it start after the change
+    first = int(np.searchsorted(old_offsets[:, 1], p, side="right"))  # tokens before it end at or before p
+    last = int(np.searchsorted(old_offsets[:, 0], len(old_text) - q, side="left"))  # from it: after the change
     last = max(last, first)
+    edge = margin
     while True:
         i0, i1 = max(0, first - margin), min(n, last + margin)
-        start = old_offsets[i0][0] if i0 < n else len(old_text)
+        start = int(old_offsets[i0, 0]) if i0 < n else len(old_text)
         if i0 == 0:
             start = 0
-        end_old = old_offsets[i1][0] if i1 < n else len(old_text)
-        ids, offsets = tokenizer.encode_with_offsets(new_text[start:end_old + delta])
-        offsets = [(a + start, b + start) for a, b in offsets]
-        left, right = first - i0, i1 - last
-        left_ok = i0 == 0 or (list(ids[:left]) == list(old_ids[i0:first]) and offsets[:left] == list(old_offsets[i0:first]))
-        shifted = [(a + delta, b + delta) for a, b in old_offsets[last:i1]]
-        right_ok = i1 == n or (right <= len(ids) and list(ids[len(ids) - right:]) == list(old_ids[last:i1])
-                               and offsets[len(offsets) - right:] == shifted)
+        end_old = int(old_offsets[i1, 0]) if i1 < n else len(old_text)
+        window_ids, window_offsets = tokenizer.encode_with_offsets(new_text[start:end_old + delta])
+        ids = np.asarray(window_ids, dtype=np.int64).reshape(-1)
+        offsets = np.asarray(window_offsets, dtype=np.int64).reshape(-1, 2) + start
+        # The window's outermost tokens (up to ``edge`` on each side) must be the old ones: tokens nearer the
+        # change may legitimately re-tokenize (a deletion can merge the token after it into the one before).
+        left, right = min(edge, first - i0), min(edge, i1 - last)
+        left_ok = i0 == 0 or (len(ids) >= left and np.array_equal(ids[:left], old_ids[i0:i0 + left])
+                              and np.array_equal(offsets[:left], old_offsets[i0:i0 + left]))
+        right_ok = i1 == n or (right <= len(ids) and np.array_equal(ids[len(ids) - right:], old_ids[i1 - right:i1])
+                               and np.array_equal(offsets[len(offsets) - right:], old_offsets[i1 - right:i1] + delta))
         # A boundary inside a run of whitespace is not a boundary at all: how a run splits depends on its
         # whole length (GPT-2-style pre-tokenizers), so such a window is widened too.
         left_ok = left_ok and not (0 < start < len(new_text) and new_text[start - 1].isspace() and new_text[start].isspace())
@@ -82,9 +89,10 @@ def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int], ol
         if (left_ok and right_ok) or (i0 == 0 and i1 == n):
             break
         margin *= 2
-    new_ids = list(old_ids[:i0]) + ids + list(old_ids[i1:])
-    new_offsets = list(old_offsets[:i0]) + offsets + [(a + delta, b + delta) for a, b in old_offsets[i1:]]
-    return new_ids, new_offsets, [(i0 + s, i0 + e, rep) for s, e, rep in token_diff(old_ids[i0:i1], ids)]
+    new_ids = np.concatenate([old_ids[:i0], ids, old_ids[i1:]])
+    new_offsets = np.concatenate([old_offsets[:i0], offsets, old_offsets[i1:] + delta])
+    return new_ids, new_offsets, [(i0 + s, i0 + e, rep) for s, e, rep in token_diff(old_ids[i0:i1].tolist(),
+                                                                                    ids.tolist())]
 
 
 def changed_tokens(old_ids: Sequence[int], old_hidden: torch.Tensor, new_ids: Sequence[int],
@@ -144,8 +152,9 @@ class TextDocument:
         if self.tokenizer.vocab_size > model.config.vocab_size:
             raise ValueError(f"tokenizer has {self.tokenizer.vocab_size} tokens but the model only "
                              f"{model.config.vocab_size}")
-        ids, self._offsets = self.tokenizer.encode_with_offsets(text)
-        self._ids = ids
+        ids, offsets = self.tokenizer.encode_with_offsets(text)
+        # Tokens and their code-point spans as arrays, spliced by local_encode without per-token Python work.
+        self._ids, self._offsets = np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
         self.doc = Document(model, ids, options, **settings)
         self._text = text
         self.last_stats: Optional[EditStats] = None
@@ -157,7 +166,7 @@ class TextDocument:
     @property
     def token_offsets(self) -> list[tuple[int, int]]:
         """(start, end) code-point span of every token."""
-        return list(self._offsets)
+        return [(int(a), int(b)) for a, b in self._offsets.tolist()]
 
     def __len__(self) -> int:
         return len(self._text)
@@ -260,13 +269,13 @@ class TextDocument:
             raise ValueError("changed_ranges() follows updates made by update(), apply_changes() or edit_bytes(); "
                              "the last update was made by another method")
         index = LineIndex(self._text)
-        spans = merge_spans(self._offsets[i] for i in self._changed[1])
+        spans = merge_spans((int(self._offsets[i, 0]), int(self._offsets[i, 1])) for i in self._changed[1])
         return [ChangedRange(s, e, index.lsp_range(s, e, self._position_encoding)) for s, e in spans]
 
     def snapshot(self) -> TextSnapshot:
         """A copy of the whole state; ``restore`` brings it back."""
         changed = list(self._changed[1]) if self._changed and self._changed[0] is self.last_stats else None
-        return TextSnapshot(self._text, list(self._offsets), self.version, self._position_encoding, self.last_stats,
+        return TextSnapshot(self._text, self.token_offsets, self.version, self._position_encoding, self.last_stats,
                             changed, persist.tokenizer_fingerprint(self.tokenizer), persist.capture(self.doc))
 
     def restore(self, snapshot: TextSnapshot) -> None:
@@ -277,8 +286,9 @@ class TextDocument:
         if snapshot.tokenizer != persist.tokenizer_fingerprint(self.tokenizer):
             raise ValueError("the snapshot was taken with another tokenizer")
         persist.restore(self.doc, snapshot.state)
-        self._text, self._offsets, self.version = snapshot.text, list(snapshot.offsets), snapshot.version
-        self._ids = self.doc.token_ids
+        self._text, self.version = snapshot.text, snapshot.version
+        self._offsets = np.asarray(snapshot.offsets, dtype=np.int64).reshape(-1, 2)
+        self._ids = np.asarray(self.doc.token_ids, dtype=np.int64)
         self._position_encoding = snapshot.position_encoding
         self.last_stats = snapshot.last_stats
         self._changed = None if snapshot.changed is None else (snapshot.last_stats, list(snapshot.changed))
