@@ -17,6 +17,10 @@ Flags:
                        backend; each length runs in a fresh process so its memory can be read from
                        /proc/self/status. Only windowed models (no length cap); full attention is O(n^2).
   --length-edits N     edits per length (default 50)
+  --whole N            whole-document section (off by default): N real edits of the Anarchism history in
+                       ../shared/data from revision --whole-start (default 3000: 15k-20k tokens), each edit
+                       applied to the whole document wherever it falls (`replay`); VQT against the dense
+                       forward and prefix reuse on the same backend's kernels
   --threads N          torch threads (0: torch's default); use 1 on a shared machine
   --device cpu|cuda    where the model, the documents and the baselines run
 
@@ -62,7 +66,7 @@ from tqdm import tqdm  # noqa: E402
 from vqt.apps.loading import load_model  # noqa: E402
 from vqt.engine.document import Document  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
-from vqt.histories.corpus import HELDOUT  # noqa: E402
+from vqt.histories.corpus import HELDOUT, WIKI  # noqa: E402
 from vqt.histories.formats import iter_history  # noqa: E402
 from vqt.histories.replay import EditRecord, quantiles, replay  # noqa: E402
 from vqt.ops import BACKENDS, get_backend  # noqa: E402
@@ -155,7 +159,7 @@ def bench_window(model, tok, paths: list[str], window: int, max_edits: int, back
 
     def run(m, backend: str, observe=None) -> list[EditRecord]:
         def stream(path: str) -> Iterator[tuple[str, EditRecord]]:
-            for rec in replay(m, iter_history(path), tok, window_tokens=window, max_edits=max_edits,
+            for rec in replay(m, iter_history(path), tok, prefix_tokens=window, max_edits=max_edits,
                               baselines=False, observe=observe, options=DocumentOptions(backend=backend)):
                 yield Path(path).name, rec
 
@@ -300,6 +304,29 @@ def length_child(a: argparse.Namespace) -> None:
         exact_peak=exact_peak)), flush=True)
 
 
+def bench_whole(model, tok, path: str, start: int, edits: int, backend: str) -> None:
+    """Real edits of a whole document (every atomic edit wherever it falls), VQT on ``backend`` against
+    the dense forward and prefix reuse on the same backend's kernels, timed in this process."""
+    if not Path(path).exists():
+        print(f"\nwhole documents: skipped ({path} not found)")
+        return
+    revisions = itertools.islice(iter_history(path), start, None)
+    recs = list(tqdm(replay(model, revisions, tok, max_edits=edits, baselines=True,
+                            options=DocumentOptions(backend=backend)), total=edits, desc="whole documents",
+                     unit="edit", file=sys.stderr))
+    print(f"\n=== whole documents: {len(recs)} real edits of {Path(path).name} from revision {start}, "
+          f"{backend} backend; baselines on the same kernels (medians; p10-p90)")
+    rows = [("tokens", [r.n_tokens for r in recs]), ("VQT ms", [r.seconds * 1e3 for r in recs]),
+            ("dense ms", [r.dense_seconds * 1e3 for r in recs]), ("prefix ms", [r.prefix_seconds * 1e3 for r in recs]),
+            ("wall vs dense", [r.dense_seconds / r.seconds for r in recs]),
+            ("wall vs prefix reuse", [r.prefix_seconds / r.seconds for r in recs]),
+            ("MACs vs dense", [r.ratio for r in recs]), ("MACs vs prefix reuse", [r.prefix_macs / r.macs for r in recs]),
+            ("MACs vs the cone", [r.cone_ratio for r in recs])]
+    for label, values in rows:
+        q = quantiles(values)
+        print(f"{label:<22} {q['median']:>10.3g}  ({q['p10']:.3g}-{q['p90']:.3g})")
+
+
 def bench_lengths(a: argparse.Namespace, backend: str) -> None:
     rows = []
     for n in a.lengths:
@@ -347,6 +374,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="document lengths of the length section")
     p.add_argument("--length-edits", type=int, default=50, help="random small edits per length")
     p.add_argument("--seed", type=int, default=0, help="seed of the length section's edits")
+    p.add_argument("--whole", type=int, default=0, metavar="N",
+                   help="whole-document section: N real edits of whole 10k+-token documents (default 0: skip)")
+    p.add_argument("--whole-data", default=str(WIKI / "enwiki-anarchism-history.xml.lzma"),
+                   help="the history of the whole-document section")
+    p.add_argument("--whole-start", type=int, default=3000, help="its first revision (the article has 15k+ tokens)")
     p.add_argument("--length-child", type=int, default=None, help=argparse.SUPPRESS)  # one length, in a subprocess
     p.add_argument("--backend", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -366,7 +398,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     backends = available_backends(a.device)
     paths = a.data or [str(x) for x in HELDOUT]
     for window in a.windows:
-        if window > model.config.max_len:  # replay keeps windows within max_len
+        if model.config.window is None and window > model.config.max_len:  # full attention keeps its max_len
             print(f"\nwindow {window}: skipped (model max_len {model.config.max_len})")
             continue
         bench_window(model, tok, paths, window, a.max_edits, backends)
@@ -377,6 +409,8 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"\ndocument state {doc.state_bytes_per_token():.0f} B/token allocated vs plain KV cache "
               f"{doc.kv_cache_bytes_per_token()} B/token "
               f"({doc.state_bytes_per_token() / doc.kv_cache_bytes_per_token():.2f}x)")
+    if a.whole:
+        bench_whole(model, tok, a.whole_data, a.whole_start, a.whole, backends[-1])
     if a.lengths:
         if model.config.window is None:
             raise SystemExit("--lengths needs a windowed model (full attention is O(n^2) per document)")

@@ -33,6 +33,7 @@ import torch
 from vqt.engine.options import DocumentOptions
 from vqt.histories.edits import revision_edits
 from vqt.modeling.model import VQTModel
+from vqt.ops import get_backend
 from vqt.text.document import TextDocument
 from vqt.text.tokenizer import Tokenizer
 
@@ -151,7 +152,8 @@ def replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: T
 
     prefix_tokens: replay only the first N tokens of each document (see the module's docstring).
     baselines: also time a dense forward and prefix reuse on every edited document (same process,
-    same model). verify: check every step against the dense forward. observe: called with the
+    same model, each on the fastest backend's kernels: ``get_backend("auto")``). verify: check every
+    step against the dense forward of the reference operators, under the contract (``dense_check``). observe: called with the
     document and the record after every edit, before the record is yielded (to measure anything
     else about the edited state). options: the documents' engine settings, whose ``max_tokens``
     memory guard skips longer documents. stats: updated with what was replayed and skipped.
@@ -182,6 +184,7 @@ def _replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: 
             observe: Optional[Callable[[TextDocument, EditRecord], None]], options: DocumentOptions,
             stats: ReplayStats, on_skip: Optional[Callable[[str], None]]) -> Iterator[EditRecord]:
     limit = options.token_limit(model.config)  # the memory guard (None: no cap)
+    fastest = get_backend("auto", model.device) if baselines else None
     if prefix_tokens is not None and limit is not None:
         prefix_tokens = min(prefix_tokens, limit)
     texts: dict[int, str] = {}
@@ -229,7 +232,7 @@ def _replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: 
             guarded = None
             doc = TextDocument(model, tokenizer, parent[:pend] if prefix_tokens is not None else parent, options)
             stats.rebuilds += 1
-            dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions) if baselines or verify else None
+            dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions, backend=fastest) if baselines else None
         full_len = len(parent)  # length of the whole text the next edit applies to
         for i, e in enumerate(pair.edits):
             text_len = full_len
@@ -261,18 +264,17 @@ def _replay(model: VQTModel, revisions: Iterable[Mapping[str, Any]], tokenizer: 
                              chars_inserted=len(e.text), inserted_tokens=st.inserted, deleted_tokens=st.deleted,
                              n_groups=model.config.n_groups, flags={"revert": pair.flags.revert},
                              **{name: getattr(st, name) for name in _FROM_STATS})
-            if baselines or verify:
+            if baselines:  # each on its fastest exact path: the fastest backend's kernels
                 tok, pos = doc.doc.token_ids, doc.doc.positions
                 t0 = time.perf_counter()
-                new_dense = model.forward_dense(tok, pos)
+                new_dense = model.forward_dense(tok, pos, backend=fastest)
                 rec.dense_seconds = time.perf_counter() - t0
-                if baselines:
-                    t0 = time.perf_counter()
-                    model.forward_dense(tok, pos, cache=dense, start=st.first_changed)
-                    rec.prefix_seconds = time.perf_counter() - t0
-                if verify:
-                    rec.exact = matches_dense(model, doc, new_dense)
+                t0 = time.perf_counter()
+                model.forward_dense(tok, pos, cache=dense, start=st.first_changed, keep_prefix=False, backend=fastest)
+                rec.prefix_seconds = time.perf_counter() - t0
                 dense = new_dense
+            if verify:  # against the reference operators: independent of the backend the document runs on
+                rec.exact = matches_dense(model, doc)
             count += 1
             stats.edits += 1
             if observe is not None:
