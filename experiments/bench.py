@@ -66,7 +66,7 @@ from tqdm import tqdm  # noqa: E402
 from vqt.apps.loading import load_model  # noqa: E402
 from vqt.engine.document import Document  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
-from vqt.histories.corpus import HELDOUT, WIKI  # noqa: E402
+from vqt.histories.corpus import HELDOUT, WIKI, heldout_texts  # noqa: E402
 from vqt.histories.formats import iter_history  # noqa: E402
 from vqt.histories.replay import EditRecord, quantiles, replay  # noqa: E402
 from vqt.ops import BACKENDS, get_backend  # noqa: E402
@@ -231,13 +231,7 @@ def bench_single_token(model, tok, paths: list[str], window: int, count: int, ba
 # --------------------------------------------------------------------- lengths
 def heldout_tokens(tok, paths: list[str]) -> list[int]:
     """The latest revision of every history, tokenized and concatenated (blank-line separated)."""
-    texts = []
-    for path in paths:
-        last = ""
-        for rev in iter_history(path):
-            last = rev["text"] or last
-        texts.append(last)
-    ids = tok.encode("\n\n".join(t for t in texts if t))
+    ids = tok.encode("\n\n".join(t for t in heldout_texts(paths) if t))
     if not ids:
         raise ValueError(f"the histories {paths} hold no text to build long documents from")
     return ids

@@ -150,3 +150,41 @@ def test_typing_and_backspacing_a_dominant_token_100k_times_stays_within_the_flo
             drift = doc.cache.layers[0].drift[doc.cache.order]
             assert float(drift.max()) <= doc.drift_budget
     assert refreshes > 0, "the budget never refreshed a row: the test did not exercise it"
+
+
+class _FailsInLayer:
+    """The document's own backend, except that the ``fail_at``-th layer step raises (an internal failure
+    in the middle of an update, after earlier layers have written their tables)."""
+
+    def __init__(self, inner, fail_at: int) -> None:
+        self.inner, self.fail_at, self.calls = inner, fail_at, 0
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def layer_step(self, *args):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure")
+        return self.inner.layer_step(*args)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_a_failure_mid_update_leaves_the_document_as_it_was(backend):
+    model = tiny_model(window=8.0)
+    rng = random.Random(2)
+    doc = Document(model, [rng.randrange(61) for _ in range(120)], backend=backend)
+    for _ in range(10):  # a history of edits first: slots out of order, positions no longer 0..n-1
+        s = rng.randrange(len(doc))
+        doc.replace(s, min(len(doc), s + 2), [rng.randrange(61) for _ in range(rng.randrange(4))])
+    tokens, positions, codes, hidden = doc.token_ids, doc.positions, doc.codes, doc.hidden
+    real = doc.backend
+    doc.backend = _FailsInLayer(real, fail_at=2)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        doc.apply_edits([(3, 5, [7, 8, 9]), (40, 40, [1] * 6), (90, 97, [])])
+    doc.backend = real
+    assert doc.token_ids == tokens and torch.equal(doc.positions, positions)
+    assert torch.equal(doc.codes, codes)
+    torch.testing.assert_close(doc.hidden, hidden, atol=1e-9, rtol=0)
+    doc.apply_edits([(3, 5, [7, 8, 9]), (40, 40, [1] * 6)])  # and it goes on exactly
+    assert_matches_dense(doc)

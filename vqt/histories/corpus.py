@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -57,10 +57,10 @@ def rfc_texts(limit: Optional[int] = None) -> Iterator[str]:
         yield path.read_text(encoding="utf-8", errors="replace")
 
 
-def heldout_texts() -> list[str]:
-    """The latest revision of each held-out API-JSON article."""
+def heldout_texts(paths: Optional[Sequence[str | Path]] = None) -> list[str]:
+    """The latest revision of each history in ``paths`` (default: the held-out API-JSON articles)."""
     out = []
-    for path in HELDOUT:
+    for path in HELDOUT if paths is None else paths:
         last = ""
         for rev in iter_history(path):
             last = rev["text"] or last
