@@ -129,6 +129,14 @@ def summarize(checkpoints: Sequence[dict[str, Any]], session: Sequence[dict[str,
         warm, end = session[0], session[-1]
         out.update(rss_warmup_mb=warm["rss_mb"], rss_end_mb=end["rss_mb"], tokens_warmup=warm["tokens"],
                    tokens_end=end["tokens"], rss_change=(end["rss_mb"] - warm["rss_mb"]) / warm["rss_mb"])
+        # A leak shows as growth at equal document size: the earliest checkpoint after warm-up whose
+        # document was within 5% of the final one's length, against the end.
+        same = [c for c in session[1:-1] if c["rss_mb"] is not None and abs(c["tokens"] - end["tokens"]) <=
+                0.05 * end["tokens"]]
+        if same:
+            out.update(rss_same_size_mb=same[0]["rss_mb"], tokens_same_size=same[0]["tokens"],
+                       revision_same_size=same[0]["revision"],
+                       rss_same_size_change=(end["rss_mb"] - same[0]["rss_mb"]) / same[0]["rss_mb"])
     return out
 
 
@@ -142,6 +150,10 @@ def format_summary(s: dict[str, Any]) -> str:
     if "rss_warmup_mb" in s:
         lines.append(f"RSS: {s['rss_warmup_mb']:.0f} MB at warm-up ({s['tokens_warmup']} tokens) vs "
                      f"{s['rss_end_mb']:.0f} MB at the end ({s['tokens_end']} tokens): {100 * s['rss_change']:+.1f}%")
+    if "rss_same_size_mb" in s:
+        lines.append(f"RSS at the same document size: {s['rss_same_size_mb']:.0f} MB at revision "
+                     f"{s['revision_same_size']} ({s['tokens_same_size']} tokens) vs {s['rss_end_mb']:.0f} MB at the "
+                     f"end: {100 * s['rss_same_size_change']:+.1f}%")
     lines.append(f"verification failures: {s['failures']} of {s['verified']} checkpoints")
     return "\n".join(lines)
 
@@ -192,11 +204,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    threads = torch.get_num_threads()
     try:
-        return run(args)
+        with torch.no_grad():  # (scoped, so that a caller in the same process keeps its settings)
+            return run(args)
     except UserError as e:
         print(f"soak: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,7 +225,6 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_plot:
         require("matplotlib", "plots")  # before the long work, not after it
     torch.set_num_threads(args.threads)
-    torch.set_grad_enabled(False)
     out = Path(args.out)
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -4,8 +4,8 @@ Every token owns one slot (one row in every table) for as long as it lives; ``or
 slot comes where in the document and deleted slots go to a free list, so an insertion or a
 deletion moves no large arrays. The cache owns its tensors, hands out slots (``alloc``, growing
 the tables geometrically, from the exact size of the document it was built for, when it runs
-out), takes them back (``release``) and compacts itself when most slots are free (``compact``),
-and reads and writes itself as a flat dict of tensors (``state_dict``/``load_state_dict``).
+out), takes them back (``release``), compacts itself when a quarter of its slots are free
+(``compact``), and reads and writes itself as a flat dict of tensors (``state_dict``/``load_state_dict``).
 
 Besides the per-slot rows it keeps ``doc_pos``, the positions in document order (a CPU float64
 tensor, replaced, never modified, by each update), so that the edit path finds what an edit
@@ -85,13 +85,14 @@ class SlotCache:
         self.free.extend(reversed(slots.tolist()))
 
     def wants_compaction(self) -> bool:
-        """More than half the slots (and over 64) are free: ``compact`` pays for itself."""
-        return len(self.free) > max(64, self.capacity // 2)
+        """More than a quarter of the slots (and over 64) are free: ``compact`` pays for itself (with
+        the eighth of headroom it leaves, a sixth of the document must go before the next one)."""
+        return len(self.free) > max(64, self.capacity // 4)
 
     def compact(self) -> torch.Tensor:
         """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus an
-        eighth; returns the old slot of each new one. O(n), and only when half the slots are free, so
-        amortized O(1) per deleted token."""
+        eighth; returns the old slot of each new one. O(n), and only when a quarter of the slots are free,
+        so amortized O(1) per deleted token."""
         n, rows = len(self), self.order
         cap = max(n + n // 8, 16)
         for t in self.layers:
