@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import random
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from lsp_helpers import lsp_position
 from vqt import TextDocument
 from vqt.engine.options import DocumentOptions
 from vqt.text.changes import LineIndex, apply_content_changes
+from vqt.text.document import token_diff
 from vqt.text.persist import FORMAT_VERSION, MAGIC
 from vqt.text.tokenizer import Tokenizer
 
@@ -176,6 +178,33 @@ def test_edit_bytes_matches_code_point_edits():
 
 
 # ------------------------------------------------------------ changed_ranges
+def changed_tokens(old_ids, old_hidden: torch.Tensor, new_ids, new_hidden: torch.Tensor) -> list[int]:
+    """The definition, in O(n): indices of new tokens whose final hidden state differs from the one they
+    had before (inserted tokens always count), kept tokens matched with ``token_diff`` as the engine does."""
+    changed = torch.ones(len(new_ids), dtype=torch.bool)
+    old_i = new_i = 0
+    for s, e, rep in token_diff(old_ids, new_ids) + [(len(old_ids), len(old_ids), [])]:
+        k = s - old_i  # kept tokens old[old_i:s] are new[new_i:new_i + k]
+        changed[new_i:new_i + k] = (new_hidden[new_i:new_i + k] != old_hidden[old_i:s]).any(-1)
+        old_i, new_i = e, new_i + k + len(rep)
+    return changed.nonzero().flatten().tolist()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_the_engine_reports_exactly_the_tokens_whose_outputs_changed(backend):
+    """``EditStats.hidden_changed`` (O(edit): what the final norm rewrote and found different) against the
+    O(n) definition, over random text edits, float32 included."""
+    rng = random.Random(4)
+    for model in (MODEL, tiny_model(dtype=torch.float32, vocab_size=TOKENIZER.vocab_size, window=16.0)):
+        doc = TextDocument(model, TOKENIZER, BASE, backend=backend)
+        for version in range(1, 40):
+            old_ids, old_hidden = doc.doc.token_ids, doc.doc.hidden
+            s = rng.randrange(len(doc.text) + 1)
+            new = doc.text[:s] + rng.choice(["", "x", " tea", "é 😀"]) + doc.text[s + rng.randrange(4):]
+            stats = doc.update(new, version)
+            assert stats.hidden_changed == changed_tokens(old_ids, old_hidden, doc.doc.token_ids, doc.doc.hidden)
+
+
 def test_changed_ranges_cover_exactly_the_tokens_whose_outputs_moved():
     text = " ".join(f"word{i}" for i in range(40)) + "\nlast 😀 line"
     doc = TextDocument(MODEL, TOKENIZER, text)

@@ -187,3 +187,10 @@ def test_local_encode_on_real_text_stays_local_and_equals_a_full_encode():
         text = new
     assert sorted(windows)[len(windows) // 2] < 200, "the median edit re-encoded a large part of the text"
     assert max(windows) < len(text) / 2, "an edit re-encoded most of the text"
+
+
+def test_last_token_ending_by_matches_a_scan():
+    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    ends = [e for _, e in doc.token_offsets]
+    for offset in range(len(doc.text) + 2):
+        assert doc.last_token_ending_by(offset) == max([i for i, e in enumerate(ends) if e <= offset], default=-1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import bisect
 import hashlib
 import json
 import logging
@@ -226,7 +225,7 @@ class DocumentStore:
         entry = self.get(uri)
         offset = self.cursor(entry, line, character)
         doc = self.live(entry)
-        i = bisect.bisect_right([e for _, e in doc.token_offsets], offset) - 1
+        i = doc.last_token_ending_by(offset)
         return [] if i < 0 else next_tokens(doc.doc.logits([i])[0], self.tokenizer, k)
 
     def classify(self, entry: OpenDocument) -> Optional[list[float]]:

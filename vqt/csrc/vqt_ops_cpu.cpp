@@ -1083,14 +1083,18 @@ py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, co
 }
 
 // finish_outputs (semantics: vqt/ops/composite.py finish_outputs), with the same ATen operators in
-// the same order, so the hidden states and pooled sum are bitwise those of the composite.
-void finish_outputs(const Tensor& resid, Tensor hidden, Tensor pooled_sum, const Tensor& rows, const Tensor& deleted,
-                    const Tensor& is_new, const Tensor& norm_weight, double eps) {
+// the same order, so the hidden states and pooled sum are bitwise those of the composite. Returns the
+// slots among rows whose final hidden state changed bitwise (new ones always).
+Tensor finish_outputs(const Tensor& resid, Tensor hidden, Tensor pooled_sum, const Tensor& rows, const Tensor& deleted,
+                      const Tensor& is_new, const Tensor& norm_weight, double eps) {
   VQT_CHECK_CPU(resid);
-  const Tensor old_rows = rows.index({at::logical_not(is_new.index({rows}))});
+  const Tensor new_at = is_new.index({rows});
+  const Tensor old_rows = rows.index({at::logical_not(new_at)}), before = hidden.index({rows});
   pooled_sum.sub_(hidden.index({deleted}).sum(0) + hidden.index({old_rows}).sum(0));
   hidden.index_put_({rows}, at::rms_norm(resid.index({rows}), norm_weight.sizes(), norm_weight, eps));
-  pooled_sum.add_(hidden.index({rows}).sum(0));
+  const Tensor after = hidden.index({rows});
+  pooled_sum.add_(after.sum(0));
+  return rows.index({at::logical_or(after.ne(before).any(-1), new_at)});
 }
 }  // namespace
 }  // namespace vqt

@@ -55,6 +55,9 @@ class EditStats:
     # order they are mapped back with, lazily (see changed_rows_per_layer).
     changed_slots: list = field(default_factory=list, repr=False)
     order: Optional[torch.Tensor] = field(default=None, repr=False)
+    # Indices (after the edit, ascending) of the tokens whose final hidden state changed bitwise, inserted
+    # ones included; None when unknown (a full recompute).
+    hidden_changed: Optional[list[int]] = field(default=None, repr=False)
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
     # The baselines' MACs, or what computes them: counting them is left until asked.
@@ -422,9 +425,9 @@ class Document:
                 dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
                 counts.append(c)
                 changed.append(dirty)
-            self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted,
-                                        plan.is_new, self.model.norm.weight, self.model.norm.eps)
-            stats = self._stats(planned, counts, changed, t0)
+            final = self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted,
+                                                plan.is_new, self.model.norm.weight, self.model.norm.eps)
+            stats = self._stats(planned, counts, changed, final, t0)
             cache.order, cache.doc_pos = plan.order, plan.pos_order
         finally:  # the per-update state goes back to its resting values (O(edit)), whatever happened
             cache.prev_positions[planned.moved] = cache.positions[planned.moved]
@@ -437,7 +440,7 @@ class Document:
         return stats
 
     def _stats(self, planned: _Planned, counts: list[LayerCounts], changed_slots: list[torch.Tensor],
-               t0: float) -> EditStats:
+               final: torch.Tensor, t0: float) -> EditStats:
         plan, cfg = planned.plan, self.cfg
         macs = MacCounter(cfg)
         for w, c in zip(self._weights, counts):
@@ -446,6 +449,8 @@ class Document:
         changed = plan.pos[planned.dirty]
         removed = torch.cat([plan.old_pos[plan.deleted], plan.old_pos[planned.renumbered]])
         total = lambda name: sum(getattr(c, name) for c in counts)  # noqa: E731
+        # The tokens whose final hidden state changed, by binary search of their positions (O(edit log n)).
+        hidden_changed = torch.searchsorted(plan.pos_order, plan.pos[final].cpu()).sort().values.tolist()
         return EditStats(
             macs=macs.total, baselines=functools.partial(baseline_macs, cfg, plan.pos_order, planned.first_changed,
                                                          changed, removed),
@@ -455,4 +460,5 @@ class Document:
             searches=total("searches"), refreshes=total("refreshes"), renumbered=planned.renumbered.numel(),
             seconds=time.perf_counter() - t0, first_changed=planned.first_changed, inserted=planned.new_slots.numel(),
             deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind),
-            recomputed_by_slot=(plan.recomputed, plan.order), changed_slots=changed_slots, order=plan.order)
+            recomputed_by_slot=(plan.recomputed, plan.order), changed_slots=changed_slots, order=plan.order,
+            hidden_changed=hidden_changed)

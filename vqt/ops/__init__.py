@@ -57,8 +57,11 @@ class Backend:
         return composite.layer_step(self, w, t, target, dirty, plan)
 
     def finish_outputs(self, resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, rows: torch.Tensor,
-                       deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> None:
-        composite.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps)
+                       deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float
+                       ) -> torch.Tensor:
+        """The final norm and pooled sum (``vqt.ops.composite.finish_outputs``); returns the slots
+        whose final hidden state changed."""
+        return composite.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps)
 
     def __repr__(self) -> str:
         return f"<vqt backend {self.name!r}>"

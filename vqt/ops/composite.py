@@ -123,10 +123,14 @@ def layer_step(ops: "Backend", w: LayerWeights, t: LayerTables, target: torch.Te
 
 
 def finish_outputs(resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, rows: torch.Tensor,
-                   deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> None:
+                   deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """Final RMSNorm of the slots ``rows`` whose residual changed, and the pooled sum of the final
-    hidden states kept up to date (deleted slots and the old values of changed ones leave it)."""
-    old_rows = rows[~is_new[rows]]
+    hidden states kept up to date (deleted slots and the old values of changed ones leave it).
+    Returns the slots among ``rows`` whose final hidden state changed bitwise (new ones always)."""
+    new_at = is_new[rows]
+    old_rows, before = rows[~new_at], hidden[rows]
     pooled_sum -= hidden[deleted].sum(0) + hidden[old_rows].sum(0)
     hidden[rows] = F.rms_norm(resid[rows], norm_weight.shape, norm_weight, eps)
-    pooled_sum += hidden[rows].sum(0)
+    after = hidden[rows]
+    pooled_sum += after.sum(0)
+    return rows[(after != before).any(-1) | new_at]

@@ -121,7 +121,8 @@ class CpuBackend(FusedBackend):
         return next_dirty, LayerCounts(**counts)
 
     def finish_outputs(self, resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps):
-        self.ext.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight.detach(), float(eps))
+        return self.ext.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight.detach(),
+                                       float(eps))
 
 
 @functools.lru_cache(maxsize=None)

@@ -95,19 +95,6 @@ def local_encode(tokenizer: Tokenizer, old_text: str, old_ids: Sequence[int] | n
                                                                                     ids.tolist())]
 
 
-def changed_tokens(old_ids: Sequence[int], old_hidden: torch.Tensor, new_ids: Sequence[int],
-                   new_hidden: torch.Tensor) -> list[int]:
-    """Indices of new tokens whose final hidden state differs from the one they had before
-    (inserted tokens always count). Kept tokens are matched with ``token_diff``, as the engine does."""
-    changed = torch.ones(len(new_ids), dtype=torch.bool)
-    old_i = new_i = 0
-    for s, e, rep in token_diff(old_ids, new_ids) + [(len(old_ids), len(old_ids), [])]:
-        k = s - old_i  # kept tokens old[old_i:s] are new[new_i:new_i + k]
-        changed[new_i:new_i + k] = (new_hidden[new_i:new_i + k] != old_hidden[old_i:s]).any(-1)
-        old_i, new_i = e, new_i + k + len(rep)
-    return changed.nonzero().flatten().tolist()
-
-
 @dataclass(frozen=True)
 class TextSnapshot:
     """Everything a TextDocument holds, copied: ``TextDocument.restore`` brings it back."""
@@ -171,6 +158,10 @@ class TextDocument:
     def __len__(self) -> int:
         return len(self._text)
 
+    def last_token_ending_by(self, offset: int) -> int:
+        """Index of the last token that ends at or before code-point ``offset`` (-1 if none); O(log n)."""
+        return int(np.searchsorted(self._offsets[:, 1], offset, side="right")) - 1
+
     def edit(self, start: int, end: int, replacement: str) -> EditStats:
         """Replace text[start:end] by ``replacement`` (code-point offsets)."""
         return self.apply_text_edits([(start, end, replacement)])
@@ -217,9 +208,9 @@ class TextDocument:
         """``set_text`` for editors: checks that ``version`` (when given) increases and records which
         tokens' outputs changed, for ``changed_ranges``. On any error nothing changes."""
         self._check_version(version)
-        old_ids, old_hidden = self.doc.token_ids, self.doc.hidden
         stats = self.set_text(new_text)
-        self._changed = (stats, changed_tokens(old_ids, old_hidden, self.doc.token_ids, self.doc.hidden))
+        changed = stats.hidden_changed if stats.hidden_changed is not None else list(range(len(self.doc)))
+        self._changed = (stats, changed)
         if version is not None:
             self.version = version
         return stats
