@@ -14,6 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence, Union
 
+import numpy as np
 import torch
 
 from vqt._checks import index_tensor, token_tensor
@@ -56,12 +57,20 @@ class EditStats:
     changed_slots: list = field(default_factory=list, repr=False)
     order: Optional[torch.Tensor] = field(default=None, repr=False)
     # Indices (after the edit, ascending) of the tokens whose final hidden state changed bitwise, inserted
-    # ones included; None when unknown (a full recompute).
-    hidden_changed: Optional[list[int]] = field(default=None, repr=False)
+    # ones included, or what computes them (``hidden_changed``); None when unknown (a full recompute).
+    hidden_changed_of: Union[None, list[int], Callable[[], list[int]]] = field(default=None, repr=False)
     full_recompute: bool = False  # True when the state could not be reused
     reason: str = ""
     # The baselines' MACs, or what computes them: counting them is left until asked.
     baselines: Union[Baselines, Callable[[], Baselines]] = field(default=Baselines(0, 0, 0), repr=False)
+
+    @property
+    def hidden_changed(self) -> Optional[list[int]]:
+        """Indices (after the edit, ascending) of the tokens whose final hidden state changed bitwise,
+        inserted ones included (None after a full recompute)."""
+        if callable(self.hidden_changed_of):
+            self.hidden_changed_of = self.hidden_changed_of()
+        return self.hidden_changed_of
 
     @property
     def recomputed(self) -> Optional[torch.Tensor]:
@@ -303,6 +312,7 @@ class Document:
         per-slot RoPE table from the positions. Called after the cache is (re)built or loaded."""
         self._model_key = model_key(self.model)
         self._weights = [self.backend.prepare(b.layer_weights()) for b in self.model.blocks]
+        self._macs = MacCounter(self.cfg)  # (each update counts into a fresh copy of it)
         self._set_angles()
 
     def _set_angles(self, slots: Optional[torch.Tensor] = None) -> None:
@@ -391,8 +401,8 @@ class Document:
 
         is_new = cache.is_new
         is_new[new_t] = True
-        touched = (torch.cat([torch.arange(a, b + 1) for a, b in windows]).unique() if windows
-                   else torch.zeros(0, dtype=torch.long))
+        touched = torch.from_numpy(np.unique(np.concatenate([np.arange(a, b + 1) for a, b in windows]))
+                                   if windows else np.zeros(0, dtype=np.int64))
         slots = order[touched.to(dev)]
         new_values = doc_pos[touched].to(dev)
         moved_kept = ~is_new[slots] & (cache.positions[slots] != new_values)
@@ -442,15 +452,17 @@ class Document:
     def _stats(self, planned: _Planned, counts: list[LayerCounts], changed_slots: list[torch.Tensor],
                final: torch.Tensor, t0: float) -> EditStats:
         plan, cfg = planned.plan, self.cfg
-        macs = MacCounter(cfg)
+        macs = self._macs.fresh()
         for w, c in zip(self._weights, counts):
             macs.layer(c, w.quantized)
         # For the cone: positions of the rows whose layer-0 input changed, and those keys left from.
         changed = plan.pos[planned.dirty]
         removed = torch.cat([plan.old_pos[plan.deleted], plan.old_pos[planned.renumbered]])
         total = lambda name: sum(getattr(c, name) for c in counts)  # noqa: E731
-        # The tokens whose final hidden state changed, by binary search of their positions (O(edit log n)).
-        hidden_changed = torch.searchsorted(plan.pos_order, plan.pos[final].cpu()).sort().values.tolist()
+        # The tokens whose final hidden state changed: their positions now, found in the document-order
+        # positions by binary search when asked for (O(edit log n)).
+        final_pos, pos_order = plan.pos[final].cpu(), plan.pos_order
+        hidden_changed = lambda: torch.searchsorted(pos_order, final_pos).sort().values.tolist()  # noqa: E731
         return EditStats(
             macs=macs.total, baselines=functools.partial(baseline_macs, cfg, plan.pos_order, planned.first_changed,
                                                          changed, removed),
@@ -461,4 +473,4 @@ class Document:
             seconds=time.perf_counter() - t0, first_changed=planned.first_changed, inserted=planned.new_slots.numel(),
             deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind),
             recomputed_by_slot=(plan.recomputed, plan.order), changed_slots=changed_slots, order=plan.order,
-            hidden_changed=hidden_changed)
+            hidden_changed_of=hidden_changed)

@@ -16,6 +16,7 @@ recomputed in full, layer by layer, with no quantization).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
@@ -35,35 +36,47 @@ class MacCounter:
     def __init__(self, cfg: VQTConfig) -> None:
         self.cfg = cfg
         self.by_kind: Counter[str] = Counter()
+        # MACs per row, pair or group vector of each kind (counting runs once per layer of every edit)
+        hd = cfg.head_dim
+        self._qkv_row = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
+        self._pair = 2 * cfg.n_heads * hd
+        self._search = cfg.codebook_size * cfg.group_dim
+        self._skip = cfg.group_dim
+        self._output_row = {True: cfg.n_groups * cfg.d_model, False: cfg.d_model * cfg.n_heads * hd}
+        self._mlp_row = 3 * cfg.d_model * cfg.d_ff
+        self._sink = cfg.sink != "none"
+
+    def fresh(self) -> "MacCounter":
+        """An empty counter with the same rates (cheaper than building one: a document keeps one to copy)."""
+        out = copy.copy(self)
+        out.by_kind = Counter()
+        return out
 
     @property
     def total(self) -> int:
         return sum(self.by_kind.values())
 
     def qkv(self, rows: int) -> None:
-        c = self.cfg
-        self.by_kind["qkv"] += rows * c.d_model * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim
+        self.by_kind["qkv"] += rows * self._qkv_row
 
     def attention(self, pairs: int, kind: str = "attention") -> None:
         """Score plus weighted value for each visible pair, per query head."""
-        self.by_kind[kind] += pairs * 2 * self.cfg.n_heads * self.cfg.head_dim
+        self.by_kind[kind] += pairs * self._pair
 
     def quantize_search(self, vectors: int) -> None:
         """Distances of ``vectors`` group vectors to every codeword of their codebook."""
-        self.by_kind["quantize"] += vectors * self.cfg.codebook_size * self.cfg.group_dim
+        self.by_kind["quantize"] += vectors * self._search
 
     def quantize_skip(self, vectors: int) -> None:
         """Distance of ``vectors`` group vectors to their reference point."""
-        self.by_kind["quantize"] += vectors * self.cfg.group_dim
+        self.by_kind["quantize"] += vectors * self._skip
 
     def output(self, rows: int, quantized: bool) -> None:
         """Lookup-table sum (a quantized layer) or the W_o projection (an unquantized one)."""
-        c = self.cfg
-        per_row = c.n_groups * c.d_model if quantized else c.d_model * c.n_heads * c.head_dim
-        self.by_kind["output"] += rows * per_row
+        self.by_kind["output"] += rows * self._output_row[quantized]
 
     def mlp(self, rows: int) -> None:
-        self.by_kind["mlp"] += rows * 3 * self.cfg.d_model * self.cfg.d_ff
+        self.by_kind["mlp"] += rows * self._mlp_row
 
     def rows(self, rows: int, pairs: int, quantized: bool) -> None:
         """One layer recomputed from scratch on ``rows`` positions that see ``pairs`` keys in all (count a
@@ -80,7 +93,7 @@ class MacCounter:
         self.qkv(counts.dirty)
         if counts.affected:
             self.attention(counts.delta_pairs, "attention_delta")
-        sink_pairs = counts.full_rows if self.cfg.sink != "none" else 0
+        sink_pairs = counts.full_rows if self._sink else 0
         self.attention(counts.full_pairs + sink_pairs)
         if quantized:
             self.quantize_skip(counts.skip_checks)

@@ -125,6 +125,7 @@ def stats_to_json(stats: EditStats) -> dict[str, Any]:
     values = {f.name: getattr(stats, f.name) for f in dataclasses.fields(stats)}
     values["baselines"] = dataclasses.astuple(stats._baselines())
     values["recomputed_by_slot"] = stats.recomputed
+    values["hidden_changed_of"] = stats.hidden_changed
     values["changed_slots"] = [t.tolist() for t in stats.changed_slots]
     return {k: {_TENSOR_TAG: v.tolist(), "dtype": str(v.dtype).removeprefix("torch.")} if isinstance(v, torch.Tensor)
             else v for k, v in values.items()}
