@@ -285,9 +285,9 @@ def length_child(a: argparse.Namespace) -> None:
     t0 = time.perf_counter()
     doc = Document(model, ids, options)
     build_s = time.perf_counter() - t0
-    peak = proc_status_kb("VmHWM")
     gc.collect()
     steady = proc_status_kb("VmRSS")
+    peak = proc_status_kb("VmHWM")  # (read after steady: the high-water mark so far, so never below it)
     seconds = []
     for _ in tqdm(range(a.length_edits), desc=f"{n} tokens: edits", unit="edit", file=sys.stderr):
         seconds.append(doc.apply_edits([random_edit(rng, len(doc), text)]).seconds)
