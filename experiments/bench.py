@@ -63,12 +63,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from vqt import _memory as memory  # noqa: E402
 from vqt.apps.loading import load_model  # noqa: E402
 from vqt.engine.document import Document  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
 from vqt.histories.corpus import HELDOUT, WIKI, heldout_texts  # noqa: E402
 from vqt.histories.formats import iter_history  # noqa: E402
-from vqt.histories.replay import EditRecord, quantiles, replay  # noqa: E402
+from vqt.histories.replay import EditRecord, percentile, quantiles, replay  # noqa: E402
 from vqt.ops import BACKENDS, get_backend  # noqa: E402
 from vqt.text.document import TextDocument  # noqa: E402
 
@@ -84,11 +85,6 @@ def available_backends(device: str) -> list[str]:
         except (RuntimeError, ValueError) as e:
             print(f"backend {name}: unavailable ({e})")
     return out
-
-
-def percentile(values: list[float], q: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
 
 
 def fmt(q: dict) -> str:
@@ -239,10 +235,10 @@ def heldout_tokens(tok, paths: list[str]) -> list[int]:
 
 def proc_status_kb(field: str) -> int:
     """A memory field of /proc/self/status (VmRSS, VmHWM), in kB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field} (the length section needs Linux)")
+    kb = memory.proc_status_kb(field)
+    if kb is None:
+        raise RuntimeError(f"/proc/self/status has no {field} (the length section needs Linux)")
+    return kb
 
 
 def reset_peak_rss() -> bool:

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vqt._errors import UserError  # noqa: E402
+from vqt._memory import proc_status_kb  # noqa: E402
 from vqt._extras import require  # noqa: E402
 from vqt.apps.loading import load_model  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
@@ -62,14 +63,8 @@ SETTINGS = ("data", "model", "backend", "positions", "start", "limit", "every")
 
 def rss_mb() -> Optional[float]:
     """This process's resident set size in MB (VmRSS of /proc/self/status; None where there is none)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
+    kb = proc_status_kb("VmRSS")
+    return None if kb is None else kb / 1024
 
 
 class _Feed:

@@ -641,6 +641,17 @@ struct Counts {
   }
 };
 
+// fn(c) for each index covered by one of the spans [lo, hi), once each and in ascending order.
+template <typename F>
+void for_each_covered(std::vector<std::pair<int64_t, int64_t>> spans, F&& fn) {
+  std::sort(spans.begin(), spans.end());
+  int64_t done = 0;
+  for (const auto& [lo, hi] : spans) {
+    for (int64_t c = std::max(lo, done); c < hi; ++c) fn(c);
+    done = std::max(done, hi);
+  }
+}
+
 // Named fields of the Python records (vqt/ops/tables.py): the seam is by name, never by position.
 Tensor field(const py::handle& o, const char* name) { return o.attr(name).cast<Tensor>(); }
 std::optional<Tensor> optional_field(const py::handle& o, const char* name) {
@@ -787,26 +798,22 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
           if (lo < hi) reach.emplace_back(lo, hi);
         }
       }
-      std::sort(reach.begin(), reach.end());
     } else {
       reach.emplace_back(0, n_order);
     }
     std::vector<int64_t> aff;
-    int64_t delta_pairs = 0, done = 0;
-    for (const auto& [lo, hi] : reach) {
-      for (int64_t c = std::max(lo, done); c < hi; ++c) {
-        const int64_t s = order_at(c);
-        if (is_dirty(s)) continue;
-        const auto [rlo, rhi] = removed.visible(P0[s], w);
-        const auto [alo, ahi] = added.visible(P[s], w);
-        const int64_t hits = (rhi - rlo) + (ahi - alo);
-        if (hits > 0) {
-          aff.push_back(s);
-          delta_pairs += hits;
-        }
+    int64_t delta_pairs = 0;
+    for_each_covered(std::move(reach), [&](int64_t c) {
+      const int64_t s = order_at(c);
+      if (is_dirty(s)) return;
+      const auto [rlo, rhi] = removed.visible(P0[s], w);
+      const auto [alo, ahi] = added.visible(P[s], w);
+      const int64_t hits = (rhi - rlo) + (ahi - alo);
+      if (hits > 0) {
+        aff.push_back(s);
+        delta_pairs += hits;
       }
-      done = std::max(done, hi);
-    }
+    });
     const int64_t na = static_cast<int64_t>(aff.size());
 
     // Exact delta updates of the affected rows.
@@ -870,13 +877,8 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
         full_pairs += hi - lo;
         if (lo < hi) seen.emplace_back(lo, hi);
       }
-      std::sort(seen.begin(), seen.end());
       std::vector<int64_t> band_slots;
-      int64_t covered = 0;
-      for (const auto& [lo, hi] : seen) {
-        for (int64_t c = std::max(lo, covered); c < hi; ++c) band_slots.push_back(order_at(c));
-        covered = std::max(covered, hi);
-      }
+      for_each_covered(std::move(seen), [&](int64_t c) { band_slots.push_back(order_at(c)); });
       const KeyBlock band(Keys<T>{kp, vp, P, C}, L, band_slots);
       if (drift) {
         for (const int64_t s : full) std::fill_n(drift->data_ptr<T>() + s * L.H, L.H, T(0));
@@ -1088,9 +1090,8 @@ py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, co
 Tensor finish_outputs(const Tensor& resid, Tensor hidden, Tensor pooled_sum, const Tensor& rows, const Tensor& deleted,
                       const Tensor& is_new, const Tensor& norm_weight, double eps) {
   VQT_CHECK_CPU(resid);
-  const Tensor new_at = is_new.index({rows});
-  const Tensor old_rows = rows.index({at::logical_not(new_at)}), before = hidden.index({rows});
-  pooled_sum.sub_(hidden.index({deleted}).sum(0) + hidden.index({old_rows}).sum(0));
+  const Tensor new_at = is_new.index({rows}), before = hidden.index({rows});
+  pooled_sum.sub_(hidden.index({deleted}).sum(0) + before.index({at::logical_not(new_at)}).sum(0));
   hidden.index_put_({rows}, at::rms_norm(resid.index({rows}), norm_weight.sizes(), norm_weight, eps));
   const Tensor after = hidden.index({rows});
   pooled_sum.add_(after.sum(0));

@@ -294,34 +294,36 @@ def dense_tolerance(model: VQTModel) -> float:
     return 1e-9 if model.dtype == torch.float64 else 1e-4
 
 
-def dense_check(model: VQTModel, doc: TextDocument, dense=None) -> tuple[bool, int, float]:
-    """``doc``'s state against a dense forward of its tokens and positions, under the contract (DESIGN.md
-    section 8): codes identical and hidden states within ``dense_tolerance``, where in float32 the dense
-    forward follows the document's codes wherever its own choice is undecided at float noise (each layer
-    judged given the codes below; ``forward_dense(follow_codes=...)``). ``dense``: a plain dense forward
-    already computed, used as it is when its codes equal the document's. Returns (ok, codes that differ,
-    largest hidden-state difference)."""
+def dense_check(model: VQTModel, doc: TextDocument) -> tuple[bool, int, float]:
+    """``doc``'s state against a dense forward of its tokens and positions (the reference operators),
+    under the contract (DESIGN.md section 8): codes identical and hidden states within ``dense_tolerance``,
+    where in float32 the dense forward follows the document's codes wherever its own choice is undecided
+    at float noise (each layer judged given the codes below; ``forward_dense(follow_codes=...)``).
+    Returns (ok, codes that differ, largest hidden-state difference)."""
     codes = doc.doc.codes if model.config.quantize else None
-    if dense is None or (codes is not None and not torch.equal(dense.codes, codes)):
-        dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions, follow_codes=codes)
+    dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions, follow_codes=codes)
     differ = 0 if codes is None else int((dense.codes != codes).sum())
     diff = float((dense.hidden - doc.doc.hidden).abs().max()) if len(doc.doc) else 0.0
     return differ == 0 and diff <= dense_tolerance(model), differ, diff
 
 
-def matches_dense(model: VQTModel, doc: TextDocument, dense=None) -> bool:
+def matches_dense(model: VQTModel, doc: TextDocument) -> bool:
     """Whether ``doc``'s state matches a dense forward under the contract (``dense_check``)."""
-    return dense_check(model, doc, dense)[0]
+    return dense_check(model, doc)[0]
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The value at quantile ``q`` of a non-empty list (nearest rank)."""
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
 def quantiles(values: list[float]) -> dict[str, float]:
     """median, p10, p90 and mean of a list (inf-safe for the median)."""
     if not values:
         return {"median": float("nan"), "p10": float("nan"), "p90": float("nan"), "mean": float("nan")}
-    s = sorted(values)
-    pick = lambda q: s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]  # noqa: E731
-    finite = [v for v in s if v != float("inf")]
-    return {"median": statistics.median(s), "p10": pick(0.1), "p90": pick(0.9),
+    finite = [v for v in values if v != float("inf")]
+    return {"median": statistics.median(values), "p10": percentile(values, 0.1), "p90": percentile(values, 0.9),
             "mean": statistics.fmean(finite) if finite else float("inf")}
 
 

@@ -56,8 +56,9 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
             t.q[aff], old_pos[aff], pos[aff], t.U[aff], t.Z[aff], t.M[aff], k_rem, v_rem, pos_rem, k_new, v_new,
             pos_add, window, w.scale, plan.tau)
         if t.drift is not None:  # rows whose rounding-error budget is spent are recomputed in full
-            t.drift[aff] = layer.drift_after_delta(t.drift[aff], z_old, m_old, t.Z[aff], t.M[aff])
-            ref_mask = ref_mask | ~(t.drift[aff] <= plan.drift_budget).all(-1)
+            drift = layer.drift_after_delta(t.drift[aff], z_old, m_old, t.Z[aff], t.M[aff])
+            t.drift[aff] = drift
+            ref_mask = ref_mask | ~(drift <= plan.drift_budget).all(-1)
         refresh = aff[ref_mask]
 
     # Full rows: dirty queries and guarded refreshes, against every key they can see (and the sink).
@@ -127,9 +128,8 @@ def finish_outputs(resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.
     """Final RMSNorm of the slots ``rows`` whose residual changed, and the pooled sum of the final
     hidden states kept up to date (deleted slots and the old values of changed ones leave it).
     Returns the slots among ``rows`` whose final hidden state changed bitwise (new ones always)."""
-    new_at = is_new[rows]
-    old_rows, before = rows[~new_at], hidden[rows]
-    pooled_sum -= hidden[deleted].sum(0) + hidden[old_rows].sum(0)
+    new_at, before = is_new[rows], hidden[rows]
+    pooled_sum -= hidden[deleted].sum(0) + before[~new_at].sum(0)
     hidden[rows] = F.rms_norm(resid[rows], norm_weight.shape, norm_weight, eps)
     after = hidden[rows]
     pooled_sum += after.sum(0)

@@ -37,12 +37,8 @@ def visible_counts(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[fl
 
 def visible_to_any(pos_q: torch.Tensor, pos_k: torch.Tensor, window: Optional[float]) -> tuple[torch.Tensor, int]:
     """(mask over sorted ``pos_k`` of the keys at least one query sees, the number of visible pairs)."""
-    n = pos_k.numel()
     lo, hi = key_range(pos_q, pos_k, window)
-    cover = torch.zeros(n + 1, dtype=torch.long, device=pos_k.device)  # +1 where a range starts, -1 where it ends
-    cover.index_add_(0, lo, torch.ones_like(lo))
-    cover.index_add_(0, hi, -torch.ones_like(hi))
-    return cover.cumsum(0)[:n] > 0, int((hi - lo).sum())
+    return _covered(lo, hi, pos_k.numel()), int((hi - lo).sum())
 
 
 def seen_by_any(pos_k: torch.Tensor, pos_q: torch.Tensor, window: Optional[float]) -> torch.Tensor:
@@ -51,7 +47,12 @@ def seen_by_any(pos_k: torch.Tensor, pos_q: torch.Tensor, window: Optional[float
     n = pos_q.numel()
     lo = torch.searchsorted(pos_q, pos_k, right=False)
     hi = torch.full_like(lo, n) if window is None else torch.searchsorted(pos_q, pos_k + window, right=False)
-    cover = torch.zeros(n + 1, dtype=torch.long, device=pos_q.device)  # +1 where a key's reach starts, -1 where it ends
+    return _covered(lo, hi, n)
+
+
+def _covered(lo: torch.Tensor, hi: torch.Tensor, n: int) -> torch.Tensor:
+    """(n,) mask of the indices inside at least one of the ranges [lo[i], hi[i])."""
+    cover = torch.zeros(n + 1, dtype=torch.long, device=lo.device)  # +1 where a range starts, -1 where it ends
     cover.index_add_(0, lo, torch.ones_like(lo))
     cover.index_add_(0, hi, -torch.ones_like(hi))
     return cover.cumsum(0)[:n] > 0
