@@ -196,7 +196,7 @@ def test_refresh_when_a_removed_key_held_nearly_all_the_mass(fused, dtype, tau):
 
 # ----------------------------------------------------------------------------- requantize
 def requantize_case(gen, dtype, device, m=80, G=3, K=16, gd=8):
-    """Groups that stay inside their radius, that leave it, new rows (radius -inf) and NaN references."""
+    """Groups that stay inside their radius, that leave it, new rows (radius -inf) and NaN old outputs."""
     cb = randn(gen, G, K, gd, scale=0.5)
     a0 = randn(gen, m, G, gd, scale=0.5)
     res = nearest(a0, cb)
@@ -204,10 +204,10 @@ def requantize_case(gen, dtype, device, m=80, G=3, K=16, gd=8):
     a = a0 + randn(gen, m, G, gd) * step
     radius = res.radius.clone()
     radius[::7] = float("-inf")
-    a_ref = a0.clone()
-    a_ref[5::11, 1] = float("nan")
+    a_old = a0.clone()
+    a_old[5::11, 1] = float("nan")
     to = dict(dtype=dtype, device=device)
-    return a.to(**to), cb.to(**to), res.codes.to(device), a_ref.to(**to), radius.to(**to)
+    return a.to(**to), cb.to(**to), res.codes.to(device), a_old.to(**to), radius.to(**to)
 
 
 @pytest.mark.parametrize("m", [80, 5])  # many searches (transposed codebook) and a few (codebook read in place)
@@ -216,8 +216,9 @@ def test_requantize_float64(fused, m):
     args = requantize_case(torch.Generator().manual_seed(6), F64, dev, m=m)
     got, want = ops.requantize(*args), ref.requantize(*args)
     assert_same(got, want)
-    searched = want[3]
+    searched = want[2]
     assert 0 < int(searched.sum()) < searched.numel(), "the case must mix skipped and searched groups"
+    assert_radius_kept_soundly(args, got)
 
 
 @pytest.mark.parametrize("m", [200, 5])
@@ -227,15 +228,29 @@ def test_requantize_float32_no_worse_than_reference(fused, m):
     a, cb = args[0].double().cpu(), args[1].double().cpu()
     oracle = nearest(a, cb)
     got, want = on_cpu(ops.requantize(*args)), on_cpu(ref.requantize(*args))
-    assert torch.equal(got[3], want[3])
-    s = want[3]
+    assert torch.equal(got[2], want[2])
+    s = want[2]
     clear = s & (oracle.gap > 1e-4)  # where float32 noise cannot decide the code
     assert torch.equal(got[0][clear], oracle.codes[clear]) and torch.equal(want[0][clear], oracle.codes[clear])
     # The radius of a float32 search carries float32's margin: the oracle's gap minus that margin.
     margin32 = (32 * EPS32 * (a.pow(2).sum(-1) + cb.pow(2).sum(-1).amax(-1))).sqrt()
     same = s & (got[0] == want[0]) & (want[0] == oracle.codes)
-    assert_no_worse(got[2][same], want[2][same], (oracle.gap / 2 - margin32)[same], "radius")
-    assert torch.equal(got[1], want[1])
+    assert_no_worse(got[1][same], want[1][same], (oracle.gap / 2 - margin32)[same], "radius")
+    assert_radius_kept_soundly(args, got)
+    assert_radius_kept_soundly(args, want)
+
+
+def assert_radius_kept_soundly(args, got):
+    """A skipped group kept its code and carries its old radius less (at least) the distance it moved,
+    and that is positive; a group whose old radius does not cover the move was searched."""
+    a, _, codes, a_old, radius = (t.double().cpu() for t in args)
+    new_codes, new_radius, searched = on_cpu(got)
+    left = radius - (a - a_old).pow(2).sum(-1).sqrt()
+    kept = ~searched
+    assert torch.equal(new_codes[kept], codes.long()[kept])
+    assert bool((new_radius[kept].double() <= left[kept]).all() and (new_radius[kept] > 0).all())
+    assert bool(searched[~(left > 0)].all()), "a group that left its certified ball was not searched"
+    torch.testing.assert_close(new_radius[kept].double(), left[kept], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])
@@ -263,10 +278,10 @@ def test_requantize_ties_and_near_ties(fused, dtype):
     assert int(got[0][0, 1]) == 3 and int(want[0][0, 1]) in (3, 5)
     if dtype == F64:  # near ties are decided identically wherever float64 resolves them
         assert got[0][1:, 1].tolist() == [3, 5] and torch.equal(got[0][1:, 1], want[0][1:, 1])
-    assert bool((got[2] < 0).all() and (want[2] < 0).all())
+    assert bool((got[1] < 0).all() and (want[1] < 0).all())
     tol = 1e-12 if dtype == F64 else 1e-6
-    torch.testing.assert_close(got[2], want[2], rtol=tol, atol=tol)
-    assert torch.equal(got[3], want[3]) and bool(got[3].all())
+    torch.testing.assert_close(got[1], want[1], rtol=tol, atol=tol)
+    assert torch.equal(got[2], want[2]) and bool(got[2].all())
 
 
 # ----------------------------------------------------------------------------- lookup
@@ -380,11 +395,10 @@ def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
 
 
 class ComposedCpu(vqt.ops.cpu.CpuBackend):
-    """The cpu operators with the Python layer step, commit and final norm around the fused layer_attend."""
+    """The cpu operators with the Python layer step and commit (final norm included) around the fused layer_attend."""
 
     layer_step = vqt.ops.Backend.layer_step
     layer_commit = vqt.ops.Backend.layer_commit
-    finish_outputs = vqt.ops.Backend.finish_outputs
 
 
 # ----------------------------------------------------------------------------- backend selection

@@ -269,7 +269,7 @@ def test_checkpoint_loads_in_requested_dtype(tmp_path):
 def test_changed_rows_per_layer_are_the_rows_whose_next_input_changed():
     model = tiny_model(window=6.0)
     doc = Document(model, list(range(40)))
-    outputs = lambda: [t.x.clone() for t in doc.cache.layers[1:]] + [doc.cache.residual.clone()]  # noqa: E731
+    outputs = lambda: [t.x.clone() for t in doc.cache.layers[1:]] + [doc.cache.hidden.clone()]  # noqa: E731
     before = outputs()
     st = doc.replace(10, 11, [5, 6])
     rows = st.changed_rows_per_layer()

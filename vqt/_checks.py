@@ -8,7 +8,7 @@ is refused with a TypeError/ValueError that names the value, before any state is
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -35,11 +35,12 @@ def _one_dimensional(value: Any, what: str) -> None:
         raise ValueError(f"{what} must be one-dimensional (one document), got shape {tuple(value.shape)}")
 
 
-def token_tensor(token_ids: Any, what: str, device: torch.device) -> torch.Tensor:
+def token_tensor(token_ids: Any, what: str, device: torch.device, vocab_size: Optional[int] = None) -> torch.Tensor:
     """Token ids as a 1-D int64 tensor on ``device``: a sequence of integers or a 1-D integer tensor/array.
 
     The vocabulary range is the model's to check (``VQTModel.check_inputs``); this only refuses
-    what cannot be token ids at all."""
+    what cannot be token ids at all, and, given ``vocab_size``, ids of a sequence (not a tensor)
+    outside [0, vocab_size), with the message ``check_inputs`` gives."""
     if isinstance(token_ids, (str, bytes)):
         raise TypeError(f"{what} must be a sequence of token ids, not {type(token_ids).__name__} "
                         f"(use TextDocument for text)")
@@ -59,6 +60,9 @@ def token_tensor(token_ids: Any, what: str, device: torch.device) -> torch.Tenso
     if ids and not (_INT64[0] <= min(ids) and max(ids) < _INT64[1]):
         bad = next(t for t in ids if not _INT64[0] <= t < _INT64[1])
         raise ValueError(f"token id {bad} in {what} is outside every vocabulary (it does not fit in 64 bits)")
+    if vocab_size is not None and ids and not (0 <= min(ids) and max(ids) < vocab_size):
+        bad = next(t for t in ids if not 0 <= t < vocab_size)
+        raise ValueError(f"token id {bad} is outside the vocabulary [0, {vocab_size})")
     return torch.tensor(ids, dtype=torch.long, device=device)
 
 

@@ -64,10 +64,11 @@ struct DeltaInputs {
   double scale, tau;
 };
 
-// Inputs of requantize: group vectors a and a_ref (m, G, gd), codebook (G, K, gd), codes and radius (m, G).
+// Inputs of requantize: group vectors a and a_old (where they were before they moved; m, G, gd), codebook
+// (G, K, gd), codes and the radius certifying each around a_old (m, G).
 template <typename T>
 struct RequantizeInputs {
-  const T *a, *codebook, *a_ref, *radius;
+  const T *a, *codebook, *a_old, *radius;
   const int64_t* codes;
   int64_t G, K, gd;
 };
@@ -85,6 +86,18 @@ template <>
 struct Eps<double> {
   static constexpr double value = DBL_EPSILON;
 };
+
+// One step down from x, towards -inf (NaN and -inf stay).
+VQT_HD float step_down(float x) { return nextafterf(x, -INFINITY); }
+VQT_HD double step_down(double x) { return nextafter(x, -INFINITY); }
+
+// What is left of a certified radius after its group vector moved by sqrt(moved2) (vqt.ops.reference.
+// remaining_radius): radius - distance, the distance enlarged by 2^-40 and the result rounded down, so the
+// ball it certifies always lies inside the old one. NaN-safe: NaN in, NaN out (which certifies nothing).
+template <typename T>
+VQT_HD T remaining_radius(T radius, double moved2) {
+  return step_down(static_cast<T>(static_cast<double>(radius) - sqrt(moved2) * (1 + 0x1p-40)));
+}
 
 // Nearest and second-nearest codeword by squared distance under the total order (distance, index):
 // ties go to the lower index and NaN never wins. Pushing codewords in any order, or merging partial

@@ -390,22 +390,23 @@ inline Top2 nearest_two(const double* dist2, int64_t K) {
   return best;
 }
 
-// Keeps the code of group vector ig when it stays within its certified radius (the code cannot have
-// changed) and returns false; returns true, writing nothing, when it must be searched.
+// Keeps the code of group vector ig when what is left of its certified radius after the move from a_old
+// to a is positive (the code cannot have changed), storing that remaining radius, and returns false;
+// returns true, writing nothing, when it must be searched.
 template <typename T>
-bool must_search(int64_t ig, const RequantizeInputs<T>& in, int64_t* codes, T* a_ref, T* radius) {
+bool must_search(int64_t ig, const RequantizeInputs<T>& in, int64_t* codes, T* radius) {
   const int64_t gd = in.gd;
   const T* a = in.a + ig * gd;
-  const T* ref = in.a_ref + ig * gd;
+  const T* old = in.a_old + ig * gd;
   double moved = 0;
   for (int64_t d = 0; d < gd; ++d) {
-    const double diff = static_cast<double>(a[d]) - static_cast<double>(ref[d]);
+    const double diff = static_cast<double>(a[d]) - static_cast<double>(old[d]);
     moved += diff * diff;
   }
-  if (std::sqrt(moved) < static_cast<double>(in.radius[ig])) {  // NaN-safe: anything uncertain is searched
+  const T left = remaining_radius(in.radius[ig], moved);
+  if (left > 0) {  // NaN-safe: anything uncertain is searched
     codes[ig] = in.codes[ig];
-    std::copy_n(ref, gd, a_ref + ig * gd);
-    radius[ig] = in.radius[ig];
+    radius[ig] = left;
     return false;
   }
   return true;
@@ -439,8 +440,8 @@ void codeword_norms(const T* cg, int64_t K, int64_t gd, double* e2) {
 }
 
 template <typename T>
-void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& in, int64_t* codes, T* a_ref,
-                   T* radius, const double* norms = nullptr) {
+void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& in, int64_t* codes, T* radius,
+                   const double* norms = nullptr) {
   const int64_t G = in.G, K = in.K, gd = in.gd;
   const auto opts = torch::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
   for (int64_t g = 0; g < G; ++g) {
@@ -484,7 +485,6 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
             }
           }
           codes[ig] = best.code();
-          std::copy_n(a, gd, a_ref + ig * gd);
           radius[ig] = static_cast<T>(best.radius(a2, e2max, Eps<T>::value));
         });
   }
@@ -492,14 +492,14 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
 
 // Re-quantizes m rows of G group vectors (the requantize operator on raw arrays).
 template <typename T>
-void requantize_rows(const RequantizeInputs<T>& in, int64_t m, int64_t* cp, T* rp, T* radp, bool* sp,
+void requantize_rows(const RequantizeInputs<T>& in, int64_t m, int64_t* cp, T* radp, bool* sp,
                      const double* norms = nullptr) {
   std::vector<int64_t> todo;  // group vectors (i * G + g) outside their certified radius
   for (int64_t ig = 0; ig < m * in.G; ++ig) {
-    sp[ig] = must_search(ig, in, cp, rp, radp);
+    sp[ig] = must_search(ig, in, cp, radp);
     if (sp[ig]) todo.push_back(ig);
   }
-  search_groups(todo, in, cp, rp, radp, norms);
+  search_groups(todo, in, cp, radp, norms);
 }
 
 // out = sum_g table[g, codes[i, g]], summed in group order from the first term as the reference does
@@ -561,20 +561,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_delta(const Tensor& q, cons
   return {U2, Z2, M2, refresh};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> requantize(const Tensor& a, const Tensor& codebook, const Tensor& codes,
-                                                      const Tensor& a_ref, const Tensor& radius) {
+std::tuple<Tensor, Tensor, Tensor> requantize(const Tensor& a, const Tensor& codebook, const Tensor& codes,
+                                              const Tensor& a_old, const Tensor& radius) {
   VQT_CHECK_CPU(a);
-  check_requantize(a, codebook, codes, a_ref, radius);
+  check_requantize(a, codebook, codes, a_old, radius);
   const int64_t m = a.size(0), G = a.size(1);
-  Tensor codes2 = at::empty_like(codes), a_ref2 = at::empty_like(a_ref), radius2 = at::empty_like(radius);
+  Tensor codes2 = at::empty_like(codes), radius2 = at::empty_like(radius);
   Tensor searched = at::empty({m, G}, codes.options().dtype(torch::kBool));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vqt_requantize_cpu", [&] {
     using T = scalar_t;
-    const auto in = requantize_inputs<T>(a, codebook, codes, a_ref, radius);
-    requantize_rows(in, m, codes2.data_ptr<int64_t>(), a_ref2.data_ptr<T>(), radius2.data_ptr<T>(),
-                    searched.data_ptr<bool>());
+    const auto in = requantize_inputs<T>(a, codebook, codes, a_old, radius);
+    requantize_rows(in, m, codes2.data_ptr<int64_t>(), radius2.data_ptr<T>(), searched.data_ptr<bool>());
   });
-  return {codes2, a_ref2, radius2, searched};
+  return {codes2, radius2, searched};
 }
 
 Tensor lookup(const Tensor& table, const Tensor& codes) {
@@ -667,7 +666,7 @@ std::optional<double> optional_number(const py::handle& o, const char* name) {
 // attention sink: the per-slot sink scores (C, H), the dirty rows' new ones (m, H) and the value each
 // query head reads (H, hdv).
 std::tuple<Tensor, Tensor, Counts> attend_impl(
-    Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor a_ref, Tensor codes, Tensor radius,
+    Tensor q, Tensor k, Tensor v, Tensor U, Tensor Z, Tensor M, Tensor codes, Tensor radius,
     const Tensor& q_new, const Tensor& k_new, const Tensor& v_new, const Tensor& dirty_t, const Tensor& deleted_t,
     const Tensor& order_t, const Tensor& pos_t, const Tensor& old_pos_t, const Tensor& is_new_t,
     const std::optional<Tensor>& codebook, const std::optional<Tensor>& table, std::optional<double> window,
@@ -680,7 +679,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
   check_float(q, "q");
   const int64_t C = q.size(0);
   for (const auto& [t, name, dims] : {std::tuple{&q, "q", 3}, {&k, "k", 3}, {&v, "v", 3}, {&U, "U", 3}, {&Z, "Z", 2},
-                                      {&M, "M", 2}, {&a_ref, "a_ref", 3}, {&radius, "radius", 2}}) {
+                                      {&M, "M", 2}, {&radius, "radius", 2}}) {
     check_tensor(*t, name, dims, dt, dev);
     TORCH_CHECK(t->size(0) == C, name, " must have one row per slot (", C, "), got ", t->sizes());
   }
@@ -713,13 +712,13 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     TORCH_CHECK(drift->size(0) == C && drift->size(1) == L.H, "drift must be (", C, ", ", L.H, "), got ",
                 drift->sizes());
   }
-  const int64_t m = dirty.n, G = a_ref.size(1), gd = a_ref.size(2);
+  const int64_t m = dirty.n, G = radius.size(1), gd = G > 0 ? L.H * L.hdv / G : 0;
   TORCH_CHECK(k.size(2) == L.hd && v.size(1) == L.Hkv && U.size(1) == L.H && U.size(2) == L.hdv &&
                   Z.size(1) == L.H && M.size(1) == L.H,
               "the slot tables disagree on head shapes: q ", q.sizes(), ", k ", k.sizes(), ", v ", v.sizes(), ", U ",
               U.sizes(), ", Z ", Z.sizes(), ", M ", M.sizes());
   TORCH_CHECK(G * gd == L.H * L.hdv && codes.size(1) == G && radius.size(1) == G,
-              "a_ref, codes and radius must split the attention output into (G, gd) groups");
+              "codes and radius must split the attention output into (G, gd) groups");
   for (const auto& [t, table_t, name] :
        {std::tuple{&q_new, &q, "q_new"}, {&k_new, &k, "k_new"}, {&v_new, &v, "v_new"}}) {
     check_tensor(*t, name, 3, dt, dev);
@@ -728,8 +727,8 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
   }
   TORCH_CHECK(codebook.has_value() == table.has_value(), "codebook and table come together (or neither)");
   if (codebook) {
-    check_requantize(a_ref.narrow(0, 0, 0), *codebook, codes.narrow(0, 0, 0), a_ref.narrow(0, 0, 0),
-                     radius.narrow(0, 0, 0));
+    const Tensor no_rows = at::empty({0, G, gd}, q.options());
+    check_requantize(no_rows, *codebook, codes.narrow(0, 0, 0), no_rows, radius.narrow(0, 0, 0));
     check_tensor(*table, "table", 3, dt, dev);
     TORCH_CHECK(table->size(0) == G && table->size(1) == codebook->size(1), "table must be (G, K, d)");
     if (norms) {
@@ -816,6 +815,23 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     });
     const int64_t na = static_cast<int64_t>(aff.size());
 
+    // The rows whose attention output changes (dirty ones, then the affected ones) and their output
+    // a = U / Z, here before the change (the certified radii shrink by how far it moves) and at the end after.
+    std::vector<int64_t> rows(dirty.p, dirty.p + m);
+    rows.insert(rows.end(), aff.begin(), aff.end());
+    const int64_t nr = static_cast<int64_t>(rows.size());
+    const auto outputs = [&] {
+      std::vector<T> a(nr * uw);
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t s = rows[r];
+        for (int64_t h = 0; h < L.H; ++h) {
+          for (int64_t d = 0; d < L.hdv; ++d) a[(r * L.H + h) * L.hdv + d] = Up[(s * L.H + h) * L.hdv + d] / Zp[s * L.H + h];
+        }
+      }
+      return a;
+    };
+    const std::vector<T> a_old = codebook ? outputs() : std::vector<T>();
+
     // Exact delta updates of the affected rows.
     std::vector<int64_t> refresh;
     if (na) {
@@ -894,23 +910,14 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       scatter_rows(Mf.data(), full, L.H, Mp);
     }
 
-    // Re-quantize every row whose attention output changed: dirty ones, then the affected ones.
-    std::vector<int64_t> rows(dirty.p, dirty.p + m);
-    rows.insert(rows.end(), aff.begin(), aff.end());
-    const int64_t nr = static_cast<int64_t>(rows.size());
-    std::vector<T> a(nr * uw);
-    for (int64_t r = 0; r < nr; ++r) {
-      const int64_t s = rows[r];
-      for (int64_t h = 0; h < L.H; ++h) {
-        for (int64_t d = 0; d < L.hdv; ++d) a[(r * L.H + h) * L.hdv + d] = Up[(s * L.H + h) * L.hdv + d] / Zp[s * L.H + h];
-      }
-    }
-    T* arp = a_ref.data_ptr<T>();
+    // Re-quantize every row whose attention output changed.
+    std::vector<T> a = outputs();
     std::vector<int64_t> post(dirty.p, dirty.p + m);
-    if (!codebook) {
-      scatter_rows(a.data(), rows, uw, arp);
-      post.insert(post.end(), aff.begin(), aff.end());  // without codes, every updated output moved
+    if (!codebook) {  // a dense twin's layer: every updated output moved; they are returned for W_o
+      post.insert(post.end(), aff.begin(), aff.end());
       stats.flipped = stats.code_flips = na;
+      attn_out = at::empty({nr, uw}, q.options());
+      std::copy(a.begin(), a.end(), attn_out.data_ptr<T>());
     } else {
       T* radp = radius.data_ptr<T>();
       int64_t* cp = codes.data_ptr<int64_t>();
@@ -918,17 +925,14 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
         if (is_new[dirty[i]]) std::fill_n(radp + dirty[i] * G, G, -std::numeric_limits<T>::infinity());
       }
       std::vector<int64_t> codes_r(nr * G), codes2(nr * G);
-      std::vector<T> aref_r(nr * uw), rad_r(nr * G), aref2(nr * uw), rad2(nr * G);
+      std::vector<T> rad_r(nr * G), rad2(nr * G);
       std::unique_ptr<bool[]> searched(new bool[nr * G]);
       gather_rows(cp, rows, G, codes_r.data());
-      gather_rows(arp, rows, uw, aref_r.data());
       gather_rows(radp, rows, G, rad_r.data());
-      const RequantizeInputs<T> in{a.data(), codebook->data_ptr<T>(), aref_r.data(), rad_r.data(), codes_r.data(),
+      const RequantizeInputs<T> in{a.data(), codebook->data_ptr<T>(), a_old.data(), rad_r.data(), codes_r.data(),
                                    G, codebook->size(1), gd};
-      requantize_rows(in, nr, codes2.data(), aref2.data(), rad2.data(), searched.get(),
-                      norms ? norms->data_ptr<double>() : nullptr);
+      requantize_rows(in, nr, codes2.data(), rad2.data(), searched.get(), norms ? norms->data_ptr<double>() : nullptr);
       scatter_rows(codes2.data(), rows, G, cp);
-      scatter_rows(aref2.data(), rows, uw, arp);
       scatter_rows(rad2.data(), rows, G, radp);
       int64_t n_searched = 0, skips = 0, existing = 0, code_flips = 0;
       for (int64_t r = 0; r < nr; ++r) {
@@ -971,8 +975,7 @@ py::tuple layer_attend(const py::object& w, const py::object& t, const Tensor& q
                        const py::object& plan) {
   const auto sink_v = optional_field(w, "sink_v");  // (H, hdv), one row per query head
   auto [post, attn_out, counts] = attend_impl(
-      field(t, "q"), field(t, "k"), field(t, "v"), field(t, "U"), field(t, "Z"), field(t, "M"), field(t, "a_ref"),
-      field(t, "codes"), field(t, "radius"), q_new, k_new, v_new, dirty, field(plan, "deleted"), field(plan, "order"),
+      field(t, "q"), field(t, "k"), field(t, "v"), field(t, "U"), field(t, "Z"), field(t, "M"), field(t, "codes"), field(t, "radius"), q_new, k_new, v_new, dirty, field(plan, "deleted"), field(plan, "order"),
       field(plan, "pos"), field(plan, "old_pos"), field(plan, "is_new"), optional_field(w, "codebook"),
       optional_field(w, "table"), optional_number(plan, "window"), w.attr("scale").cast<double>(),
       plan.attr("tau").cast<double>(), optional_field(w, "codebook_norms"), optional_field(t, "sink"), s_new, sink_v,
@@ -1036,8 +1039,56 @@ Tensor commit_impl(Tensor target, const Tensor& post_t, const Tensor& x_next, co
   return out;
 }
 
-Tensor layer_commit(Tensor target, const Tensor& post, const Tensor& x_next, const py::object& plan) {
-  return commit_impl(target, post, x_next, field(plan, "is_new"), field(plan, "is_forced"), field(plan, "recomputed"));
+// The last layer's commit (semantics: vqt/ops/composite.py finish_outputs), with the same ATen operators
+// in the same order, so the hidden states and pooled sum are bitwise those of the composite: final
+// RMSNorm of the recomputed rows x_last of slots rows, stored where it changed bitwise (new rows always),
+// the pooled sum kept up to date. final: a FinalNorm, plan: an EditPlan. Returns the changed slots.
+Tensor finish_outputs(const py::object& final, const Tensor& rows, const Tensor& x_last, const py::object& plan) {
+  Tensor hidden = field(final, "hidden"), pooled_sum = field(final, "pooled_sum");
+  const Tensor weight = field(final, "weight"), is_new = field(plan, "is_new"), deleted = field(plan, "deleted");
+  Tensor recomputed = field(plan, "recomputed");
+  VQT_CHECK_CPU(hidden);
+  check_tensor(recomputed, "recomputed", 1, torch::kInt, hidden.device());
+  const Slots post = slots_of(rows, "rows", recomputed.size(0));
+  int32_t* count = recomputed.data_ptr<int32_t>();
+  for (int64_t i = 0; i < post.n; ++i) count[post[i]] += 1;
+  const Tensor new_at = is_new.index({rows}), before = hidden.index({rows});
+  const Tensor after = at::rms_norm(x_last, weight.sizes(), weight, final.attr("eps").cast<double>());
+  const Tensor changed = at::logical_or(after.ne(before).any(-1), new_at);
+  pooled_sum.sub_(hidden.index({deleted}).sum(0) + before.index({at::logical_and(changed, at::logical_not(new_at))}).sum(0));
+  pooled_sum.add_(after.index({changed}).sum(0));
+  const Tensor out = rows.index({changed});
+  hidden.index_put_({out}, after.index({changed}));
+  return out;
+}
+
+// layer_commit (semantics: vqt/ops/composite.py layer_commit): into the next layer's input table, or
+// after the last layer into a FinalNorm (finish_outputs).
+Tensor layer_commit(const py::object& target, const Tensor& post, const Tensor& x_next, const py::object& plan) {
+  if (py::hasattr(target, "pooled_sum")) return finish_outputs(target, post, x_next, plan);
+  return commit_impl(target.cast<Tensor>(), post, x_next, field(plan, "is_new"), field(plan, "is_forced"),
+                     field(plan, "recomputed"));
+}
+
+// RoPE of the dirty rows (vqt/ops/layer.py rope: x * cos + cat(-x2, x1) * sin, rotate-half) without
+// ATen's per-op overhead, bitwise: each product and the sum are rounded separately as the three ATen
+// ops round them (no fused multiply-add: this function is compiled without contraction). qk: (m, heads,
+// hd) rows of a wider tensor; cos, sin: per-slot tables (C, 1, hd) read at the dirty slots.
+template <typename T>
+__attribute__((optimize("fp-contract=off"))) void rope_rows(const T* qk, int64_t row_stride, int64_t m,
+                                                              int64_t heads, int64_t hd, const T* cos, const T* sin,
+                                                              const Slots& dirty, T* out) {
+  const int64_t half = hd / 2;
+  for (int64_t i = 0; i < m; ++i) {
+    const T* c = cos + dirty[i] * hd;
+    const T* s = sin + dirty[i] * hd;
+    for (int64_t h = 0; h < heads; ++h) {
+      const T* x = qk + i * row_stride + h * hd;
+      T* o = out + (i * heads + h) * hd;
+      for (int64_t d = 0; d < half; ++d) o[d] = x[d] * c[d] + (-x[d + half]) * s[d];
+      for (int64_t d = half; d < hd; ++d) o[d] = x[d] * c[d] + x[d - half] * s[d];
+    }
+  }
 }
 
 // layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block
@@ -1047,7 +1098,7 @@ Tensor layer_commit(Tensor target, const Tensor& post, const Tensor& x_next, con
 // The dense matmuls and elementwise ops are the same ATen operators, in the same order, as
 // vqt/ops/layer.py, so the rows are bitwise those of the composite path. w, t, plan: LayerWeights,
 // LayerTables, EditPlan (by field name). Returns (the next layer's dirty slots, counts by name).
-py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, const Tensor& dirty,
+py::tuple layer_step(const py::object& w, const py::object& t, const py::object& target, const Tensor& dirty,
                      const py::object& plan) {
   const Tensor x = field(t, "x");
   VQT_CHECK_CPU(x);
@@ -1067,8 +1118,18 @@ py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, co
   const py::object angles = plan.attr("angles");
   if (!angles.is_none()) {
     const auto cs = angles.cast<std::pair<Tensor, Tensor>>();
-    const Tensor c = cs.first.index_select(0, dirty), s = cs.second.index_select(0, dirty);
-    qk = qk * c + at::cat({-qk.slice(-1, hd / 2), qk.slice(-1, 0, hd / 2)}, -1) * s;
+    const Tensor &c = cs.first, &s = cs.second;
+    TORCH_CHECK(c.is_contiguous() && s.is_contiguous() && c.dim() == 3 && c.sizes() == s.sizes() &&
+                    c.size(1) == 1 && c.size(2) == hd && c.scalar_type() == x.scalar_type() &&
+                    s.scalar_type() == x.scalar_type(),
+                "the RoPE tables must be contiguous (C, 1, ", hd, ") of the model's dtype, got ", c.sizes());
+    const Slots rows = slots_of(dirty, "dirty", c.size(0));
+    Tensor rotated = at::empty({xd.size(0), H + Hkv, hd}, qkv.options());
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_rope_rows_cpu", [&] {
+      rope_rows(qkv.data_ptr<scalar_t>(), qkv.stride(0), rows.n, H + Hkv, hd, c.data_ptr<scalar_t>(),
+                s.data_ptr<scalar_t>(), rows, rotated.data_ptr<scalar_t>());
+    });
+    qk = rotated;
   }
   const py::tuple attended = layer_attend(w, t, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
                                           qkv.slice(1, H + Hkv).contiguous(), s_new, dirty, plan);
@@ -1083,26 +1144,11 @@ py::tuple layer_step(const py::object& w, const py::object& t, Tensor target, co
   counts["mlp_rows"] = post.numel();
   return py::make_tuple(next, counts);
 }
-
-// finish_outputs (semantics: vqt/ops/composite.py finish_outputs), with the same ATen operators in
-// the same order, so the hidden states and pooled sum are bitwise those of the composite. Returns the
-// slots among rows whose final hidden state changed bitwise (new ones always).
-Tensor finish_outputs(const Tensor& resid, Tensor hidden, Tensor pooled_sum, const Tensor& rows, const Tensor& deleted,
-                      const Tensor& is_new, const Tensor& norm_weight, double eps) {
-  VQT_CHECK_CPU(resid);
-  const Tensor new_at = is_new.index({rows}), before = hidden.index({rows});
-  pooled_sum.sub_(hidden.index({deleted}).sum(0) + before.index({at::logical_not(new_at)}).sum(0));
-  hidden.index_put_({rows}, at::rms_norm(resid.index({rows}), norm_weight.sizes(), norm_weight, eps));
-  const Tensor after = hidden.index({rows});
-  pooled_sum.add_(after.sum(0));
-  return rows.index({at::logical_or(after.ne(before).any(-1), new_at)});
-}
 }  // namespace
 }  // namespace vqt
 
 VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
                   m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");
-                  m.def("layer_commit", &vqt::layer_commit, "store recomputed rows, return the next dirty slots");
+                  m.def("layer_commit", &vqt::layer_commit, "store recomputed rows (or the final norm), return the next dirty slots");
                   m.def("layer_step", &vqt::layer_step, "a whole layer of an incremental update");
-                  m.def("codebook_norms", &vqt::codebook_norms, "|e_k|^2 of every codeword, float64");
-                  m.def("finish_outputs", &vqt::finish_outputs, "final norm and pooled sum of changed rows");)
+                  m.def("codebook_norms", &vqt::codebook_norms, "|e_k|^2 of every codeword, float64");)

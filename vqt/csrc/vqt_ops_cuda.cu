@@ -27,12 +27,12 @@ cudaError_t attention_delta(const DeltaInputs<T>& in, int64_t m, T* U, T* Z, T* 
 }
 
 template <typename T>
-cudaError_t requantize(const RequantizeInputs<T>& in, int64_t m, double* e2max, int64_t* codes, T* a_ref, T* radius,
+cudaError_t requantize(const RequantizeInputs<T>& in, int64_t m, double* e2max, int64_t* codes, T* radius,
                        bool* searched, cudaStream_t stream) {
   if (m == 0 || in.G == 0) return cudaSuccess;
   codebook_norm_kernel<T><<<static_cast<unsigned>(in.G), kThreads, 0, stream>>>(in.codebook, in.K, in.gd, e2max);
   const dim3 grid(static_cast<unsigned>(m), static_cast<unsigned>(in.G));
-  requantize_kernel<T><<<grid, kThreads, in.gd * sizeof(double), stream>>>(in, e2max, codes, a_ref, radius, searched);
+  requantize_kernel<T><<<grid, kThreads, in.gd * sizeof(double), stream>>>(in, e2max, codes, radius, searched);
   return cudaGetLastError();
 }
 
@@ -47,7 +47,7 @@ cudaError_t lookup(const T* table, const int64_t* codes, int64_t m, int64_t G, i
 #define VQT_INSTANTIATE(T)                                                                                          \
   template cudaError_t attention_rows<T>(const RowsInputs<T>&, int64_t, T*, T*, T*, cudaStream_t);                 \
   template cudaError_t attention_delta<T>(const DeltaInputs<T>&, int64_t, T*, T*, T*, bool*, cudaStream_t);        \
-  template cudaError_t requantize<T>(const RequantizeInputs<T>&, int64_t, double*, int64_t*, T*, T*, bool*,        \
+  template cudaError_t requantize<T>(const RequantizeInputs<T>&, int64_t, double*, int64_t*, T*, bool*,            \
                                      cudaStream_t);                                                                \
   template cudaError_t lookup<T>(const T*, const int64_t*, int64_t, int64_t, int64_t, int64_t, T*, cudaStream_t);
 

@@ -31,7 +31,7 @@ cudaError_t attention_delta(const DeltaInputs<T>& in, int64_t m, T* U, T* Z, T* 
 
 // One block per (row, group). e2max: scratch for G doubles (max_k |e_k|^2 of each group).
 template <typename T>
-cudaError_t requantize(const RequantizeInputs<T>& in, int64_t m, double* e2max, int64_t* codes, T* a_ref, T* radius,
+cudaError_t requantize(const RequantizeInputs<T>& in, int64_t m, double* e2max, int64_t* codes, T* radius,
                        bool* searched, cudaStream_t stream);
 
 // One block per row: out (m, d) = sum_g table[g, codes[i, g]].

@@ -76,22 +76,22 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> attention_delta(const Tensor& q, cons
   return {U2, Z2, M2, refresh_heads.any(-1)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> requantize(const Tensor& a, const Tensor& codebook, const Tensor& codes,
-                                                      const Tensor& a_ref, const Tensor& radius) {
+std::tuple<Tensor, Tensor, Tensor> requantize(const Tensor& a, const Tensor& codebook, const Tensor& codes,
+                                              const Tensor& a_old, const Tensor& radius) {
   VQT_CHECK_CUDA(a);
-  check_requantize(a, codebook, codes, a_ref, radius);
+  check_requantize(a, codebook, codes, a_old, radius);
   check_grid(a.size(0), a.size(1), a.size(2) * sizeof(double));
   const c10::cuda::CUDAGuard guard(a.device());
-  Tensor codes2 = at::empty_like(codes), a_ref2 = at::empty_like(a_ref), radius2 = at::empty_like(radius);
+  Tensor codes2 = at::empty_like(codes), radius2 = at::empty_like(radius);
   Tensor searched = at::empty(codes.sizes(), codes.options().dtype(torch::kBool));
   Tensor e2max = at::empty({a.size(1)}, a.options().dtype(torch::kDouble));
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "vqt_requantize_cuda", [&] {
     using T = scalar_t;
-    VQT_CHECK_LAUNCH(gpu::requantize(requantize_inputs<T>(a, codebook, codes, a_ref, radius), a.size(0),
-                                     e2max.data_ptr<double>(), codes2.data_ptr<int64_t>(), a_ref2.data_ptr<T>(),
-                                     radius2.data_ptr<T>(), searched.data_ptr<bool>(), stream()));
+    VQT_CHECK_LAUNCH(gpu::requantize(requantize_inputs<T>(a, codebook, codes, a_old, radius), a.size(0),
+                                     e2max.data_ptr<double>(), codes2.data_ptr<int64_t>(), radius2.data_ptr<T>(),
+                                     searched.data_ptr<bool>(), stream()));
   });
-  return {codes2, a_ref2, radius2, searched};
+  return {codes2, radius2, searched};
 }
 
 Tensor lookup(const Tensor& table, const Tensor& codes) {

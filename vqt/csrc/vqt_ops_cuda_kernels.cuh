@@ -207,32 +207,30 @@ __global__ void __launch_bounds__(kThreads) codebook_norm_kernel(const T* codebo
   if (threadIdx.x == 0) e2max[g] = mx;
 }
 
-// Group (i, g): keep the code when ||a - a_ref|| < radius (certified), else search all K codewords.
+// Group (i, g): keep the code while radius - ||a - a_old|| stays positive (certified), else search all K codewords.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) requantize_kernel(RequantizeInputs<T> in, const double* e2max,
-                                                              int64_t* codes, T* a_ref, T* radius, bool* searched) {
+                                                              int64_t* codes, T* radius, bool* searched) {
   extern __shared__ double a_sh[];  // the group vector (gd)
   __shared__ double red[kWarps];
   __shared__ Top2 red_top[kWarps];
   const int64_t g = blockIdx.y, ig = blockIdx.x * in.G + g, gd = in.gd;
   const T* a = in.a + ig * gd;
-  const T* ref = in.a_ref + ig * gd;
+  const T* old = in.a_old + ig * gd;
   double dist2 = 0, a2 = 0;
   for (int64_t d = threadIdx.x; d < gd; d += kThreads) {
-    const double x = static_cast<double>(a[d]), diff = x - static_cast<double>(ref[d]);
+    const double x = static_cast<double>(a[d]), diff = x - static_cast<double>(old[d]);
     a_sh[d] = x;
     dist2 += diff * diff;
     a2 += x * x;
   }
   dist2 = block_reduce(dist2, Sum(), red);  // also makes a_sh visible to the whole block
   a2 = block_reduce(a2, Sum(), red);
-  const bool search = !(sqrt(dist2) < static_cast<double>(in.radius[ig]));
-  T* out_ref = a_ref + ig * gd;
-  if (!search) {  // the same decision in every thread of the block
-    for (int64_t d = threadIdx.x; d < gd; d += kThreads) out_ref[d] = ref[d];
+  const T left = remaining_radius(in.radius[ig], dist2);
+  if (left > 0) {  // the same decision in every thread of the block; NaN-safe: anything uncertain is searched
     if (threadIdx.x == 0) {
       codes[ig] = in.codes[ig];
-      radius[ig] = in.radius[ig];
+      radius[ig] = left;
       searched[ig] = false;
     }
     return;
@@ -241,7 +239,6 @@ __global__ void __launch_bounds__(kThreads) requantize_kernel(RequantizeInputs<T
   const T* cb = in.codebook + g * in.K * gd;
   for (int64_t k = threadIdx.x; k < in.K; k += kThreads) best.push(squared_distance(a_sh, cb + k * gd, gd), k);
   best = block_reduce(best, Merge(), red_top);
-  for (int64_t d = threadIdx.x; d < gd; d += kThreads) out_ref[d] = a[d];
   if (threadIdx.x == 0) {
     codes[ig] = best.code();
     radius[ig] = static_cast<T>(best.radius(a2, e2max[g], Eps<T>::value));

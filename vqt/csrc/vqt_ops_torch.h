@@ -110,22 +110,22 @@ inline Heads check_attention_delta(const torch::Tensor& q, const torch::Tensor& 
   return L;
 }
 
-// Validates the requantize inputs: a, a_ref (m, G, gd), codebook (G, K, gd), codes (m, G) int64, radius (m, G).
+// Validates the requantize inputs: a, a_old (m, G, gd), codebook (G, K, gd), codes (m, G) int64, radius (m, G).
 inline void check_requantize(const torch::Tensor& a, const torch::Tensor& codebook, const torch::Tensor& codes,
-                             const torch::Tensor& a_ref, const torch::Tensor& radius) {
+                             const torch::Tensor& a_old, const torch::Tensor& radius) {
   check_float(a, "a");
   const auto dt = a.scalar_type();
   VQT_CHECK_TENSOR(a, 3, dt, a.device());
   VQT_CHECK_TENSOR(codebook, 3, dt, a.device());
   VQT_CHECK_TENSOR(codes, 2, torch::kLong, a.device());
-  VQT_CHECK_TENSOR(a_ref, 3, dt, a.device());
+  VQT_CHECK_TENSOR(a_old, 3, dt, a.device());
   VQT_CHECK_TENSOR(radius, 2, dt, a.device());
   VQT_CHECK_SIZE(codebook, 0, a.size(1));
   VQT_CHECK_SIZE(codebook, 2, a.size(2));
   TORCH_CHECK(codebook.size(1) > 0, "the codebook needs at least one codeword");
   TORCH_CHECK(codes.sizes() == a.sizes().slice(0, 2), "codes must have shape (m, G) = ", a.sizes().slice(0, 2),
               ", got ", codes.sizes());
-  TORCH_CHECK(a_ref.sizes() == a.sizes(), "a_ref must have the shape of a ", a.sizes(), ", got ", a_ref.sizes());
+  TORCH_CHECK(a_old.sizes() == a.sizes(), "a_old must have the shape of a ", a.sizes(), ", got ", a_old.sizes());
   TORCH_CHECK(radius.sizes() == codes.sizes(), "radius must have shape (m, G) = ", codes.sizes(), ", got ",
               radius.sizes());
 }
@@ -200,9 +200,9 @@ DeltaInputs<T> delta_inputs(const torch::Tensor& q, const torch::Tensor& pos_q_o
 
 template <typename T>
 RequantizeInputs<T> requantize_inputs(const torch::Tensor& a, const torch::Tensor& codebook,
-                                      const torch::Tensor& codes, const torch::Tensor& a_ref,
+                                      const torch::Tensor& codes, const torch::Tensor& a_old,
                                       const torch::Tensor& radius) {
-  return {a.data_ptr<T>(),          codebook.data_ptr<T>(), a_ref.data_ptr<T>(), radius.data_ptr<T>(),
+  return {a.data_ptr<T>(),          codebook.data_ptr<T>(), a_old.data_ptr<T>(), radius.data_ptr<T>(),
           codes.data_ptr<int64_t>(), a.size(1),              codebook.size(1),    a.size(2)};
 }
 

@@ -19,22 +19,24 @@ from __future__ import annotations
 import dataclasses
 import torch
 
+from vqt.ops.composite import output_groups
+from vqt.ops.reference import remaining_radius
 from vqt.ops.tables import LayerTables
 
-_DOC_TENSORS = ("tokens", "positions", "residual", "hidden")  # per-slot rows outside the layers
+_DOC_TENSORS = ("tokens", "positions", "hidden")  # per-slot rows outside the layers
 
 
 class SlotCache:
-    """Per-slot rows of one document: ``layers`` (one ``LayerTables`` each), token ids, positions,
-    the last block's output (``residual``) and the final hidden states, plus ``pooled_sum`` (the sum
-    of the live hidden rows), ``order`` (slots in document order) and the free list."""
+    """Per-slot rows of one document: ``layers`` (one ``LayerTables`` each), token ids, positions and
+    the final hidden states (the last block's output after the final norm; the output itself is not
+    kept), plus ``pooled_sum`` (the sum of the live hidden rows), ``order`` (slots in document order)
+    and the free list."""
 
     def __init__(self, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
-                 residual: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, order: torch.Tensor,
-                 free: list[int]) -> None:
+                 hidden: torch.Tensor, pooled_sum: torch.Tensor, order: torch.Tensor, free: list[int]) -> None:
         layers = [t.map(torch.Tensor.contiguous) for t in layers]  # (the kernels index rows of dense tables)
         self.layers, self.tokens, self.positions = layers, tokens.contiguous(), positions.contiguous()
-        self.residual, self.hidden, self.pooled_sum = residual.contiguous(), hidden.contiguous(), pooled_sum
+        self.hidden, self.pooled_sum = hidden.contiguous(), pooled_sum
         self.order, self.free = order, free  # free: pop() hands out the lowest free slot
         for t in self.layers:
             if t.drift is None:  # (a dense pass's rows are computed in full)
@@ -50,11 +52,10 @@ class SlotCache:
 
     @classmethod
     def from_dense(cls, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
-                   residual: torch.Tensor, hidden: torch.Tensor) -> "SlotCache":
+                   hidden: torch.Tensor) -> "SlotCache":
         """The cache of a dense pass over n tokens (slot i = token i), the tables exactly n rows long."""
         n = tokens.numel()
-        return cls(layers, tokens, positions, residual, hidden, hidden.sum(0), torch.arange(n, device=tokens.device),
-                   [])
+        return cls(layers, tokens, positions, hidden, hidden.sum(0), torch.arange(n, device=tokens.device), [])
 
     @property
     def capacity(self) -> int:
@@ -134,9 +135,15 @@ class SlotCache:
         Raises ValueError naming what does not fit, and then changes nothing."""
         cur = self.state_dict()
         state = dict(state)
-        for li, t in enumerate(self.layers):  # states saved before the drift bound existed: rows as computed
-            if f"layer{li}.drift" not in state and f"layer{li}.Z" in state:
-                state[f"layer{li}.drift"] = torch.zeros_like(state[f"layer{li}.Z"])
+        state.pop("residual", None)  # saved when the last block's output was kept: only its norm is
+        for li, t in enumerate(self.layers):
+            key = f"layer{li}."
+            if key + "drift" not in state and key + "Z" in state:  # saved before the drift bound: rows as computed
+                state[key + "drift"] = torch.zeros_like(state[key + "Z"])
+            a_ref = state.pop(key + "a_ref", None)  # saved with reference points: radii around them, made current
+            if a_ref is not None and {key + "U", key + "Z", key + "radius"} <= set(state) and a_ref.dim() == 3:
+                a = output_groups(state[key + "U"], state[key + "Z"], a_ref.shape[1])
+                state[key + "radius"] = remaining_radius(a, a_ref, state[key + "radius"])
         if set(state) != set(cur):
             missing, unexpected = sorted(set(cur) - set(state)), sorted(set(state) - set(cur))
             raise ValueError(f"the state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")
@@ -164,7 +171,7 @@ class SlotCache:
         dense forward, whatever the slot layout."""
         o = self.order
         out = {"tokens": self.tokens[o], "positions": self.positions[o], "hidden": self.hidden[o],
-               "residual": self.residual[o], "pooled_sum": self.pooled_sum.clone()}
+               "pooled_sum": self.pooled_sum.clone()}
         for li, t in enumerate(self.layers):
             out.update({f"layer{li}.{name}": v[o] for name, v in t.items()})
         return out

@@ -16,6 +16,7 @@ from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from vqt._checks import index_tensor, token_tensor
 from vqt.engine.cache import SlotCache
@@ -25,7 +26,7 @@ from vqt.engine.positions import plan_edit_positions
 from vqt.engine.spans import check_spans
 from vqt.modeling.model import VQTModel
 from vqt.ops import Backend, get_backend
-from vqt.ops.tables import EditPlan, LayerCounts
+from vqt.ops.tables import EditPlan, FinalNorm, LayerCounts
 
 TokenIds = Union[Sequence[int], torch.Tensor]
 
@@ -52,8 +53,9 @@ class EditStats:
     # How many layers recomputed each token: a (n,) tensor in document order, or (counts by slot, order)
     # from which ``recomputed`` derives it when first asked (an O(n) gather the edit path does not pay).
     recomputed_by_slot: Union[None, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
-    # Per layer, the slots whose output changed there (the next layer's dirty rows), and the document
-    # order they are mapped back with, lazily (see changed_rows_per_layer).
+    # Per layer, the slots whose output changed there (the next layer's dirty rows; for the last layer,
+    # whose final hidden state changed), and the document order they are mapped back with, lazily (see
+    # changed_rows_per_layer).
     changed_slots: list = field(default_factory=list, repr=False)
     order: Optional[torch.Tensor] = field(default=None, repr=False)
     # Indices (after the edit, ascending) of the tokens whose final hidden state changed bitwise, inserted
@@ -281,8 +283,9 @@ class Document:
 
     # ---------------------------------------------------------------- checks
     def _check_tokens(self, token_ids: TokenIds, what: str) -> torch.Tensor:
-        tok = token_tensor(token_ids, what, self.model.device)
-        self.model.check_inputs(tok)
+        tok = token_tensor(token_ids, what, self.model.device, self.cfg.vocab_size)
+        if isinstance(token_ids, torch.Tensor):  # (a sequence's range was checked in Python, without reductions)
+            self.model.check_inputs(tok)
         return tok
 
     def _check_length(self, n: int) -> None:
@@ -304,7 +307,7 @@ class Document:
             positions = [float(i) for i in range(n)]
         out = self.model.forward_dense(tok, positions)
         pos = torch.as_tensor(positions, dtype=torch.float64, device=self.model.device).reshape(-1)
-        self.cache = SlotCache.from_dense(out.layers, tok, pos, out.residual, out.hidden)
+        self.cache = SlotCache.from_dense(out.layers, tok, pos, out.hidden)
         self.bind_model()
 
     def bind_model(self) -> None:
@@ -413,7 +416,7 @@ class Document:
         cache.positions[slots] = new_values
         if new_t.numel():
             cache.tokens[new_t] = torch.cat([ids for _, _, ids in norm])
-            cache.layers[0].x[new_t] = self.model.embed(cache.tokens[new_t])
+            cache.layers[0].x[new_t] = F.embedding(cache.tokens[new_t], self.model.embed.weight)
         moved = torch.cat([new_t, renumbered])  # slots whose position is new
         self._set_angles(moved)
         forced = moved if self._pos_matters else new_t
@@ -430,13 +433,13 @@ class Document:
         plan, cache = planned.plan, self.cache
         try:
             dirty, counts, changed = planned.dirty, [], []
+            outputs = FinalNorm(cache.hidden, cache.pooled_sum, self.model.norm.weight.detach(), self.model.norm.eps)
             for li, (w, t) in enumerate(zip(self._weights, cache.layers)):  # DESIGN.md section 2, steps 2-5
-                target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else cache.residual
+                target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else outputs
                 dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
                 counts.append(c)
                 changed.append(dirty)
-            final = self.backend.finish_outputs(cache.residual, cache.hidden, cache.pooled_sum, dirty, plan.deleted,
-                                                plan.is_new, self.model.norm.weight, self.model.norm.eps)
+            final = dirty  # after the last layer: the slots whose final hidden state changed
             stats = self._stats(planned, counts, changed, final, t0)
             cache.order, cache.doc_pos = plan.order, plan.pos_order
         finally:  # the per-update state goes back to its resting values (O(edit)), whatever happened

@@ -24,6 +24,7 @@ from vqt._checks import position_tensor, token_tensor
 from vqt.modeling.config import VQTConfig
 from vqt.modeling.quantize import VectorQuantizer
 from vqt.ops import Backend, get_backend, layer
+from vqt.ops.composite import output_groups
 from vqt.ops import reference as ops
 from vqt.ops.search import nearest
 from vqt.ops.tables import LayerTables, LayerWeights
@@ -205,7 +206,7 @@ class DenseOutput:
     gaps: Optional[torch.Tensor]  # (L, n, G) distance gap d2 - d1 of each code
     hidden: torch.Tensor  # (n, d) final hidden states (after the final norm)
     residual: torch.Tensor  # (n, d) last block's output, before the final norm
-    layers: list[LayerTables]  # every layer's rows (a_ref = the attention output; zero codes for a dense twin)
+    layers: list[LayerTables]  # every layer's rows (zero codes and radii for a dense twin)
     start: int = 0  # the document row the tables begin at (prefix reuse with keep_prefix=False: the first new row)
 
     def codes_agree(self, codes: torch.Tensor) -> bool:
@@ -394,9 +395,9 @@ class VQTModel(nn.Module):
         rows [kbase, n) (kbase <= base; the tables' k and v are views of them); rows before ``start`` are
         copied from ``old``. Returns (tables, keys, values)."""
         cfg, dt, dev = self.config, self.dtype, self.device
-        H, Hkv, hd, G, gd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_groups, cfg.group_dim
+        H, Hkv, hd, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_groups
         keys, values = (torch.empty(n - kbase, Hkv, hd, dtype=dt, device=dev) for _ in range(2))
-        shapes = dict(x=(cfg.d_model,), q=(H, hd), U=(H, hd), Z=(H,), M=(H,), a_ref=(G, gd), codes=(G,), radius=(G,),
+        shapes = dict(x=(cfg.d_model,), q=(H, hd), U=(H, hd), Z=(H,), M=(H,), codes=(G,), radius=(G,),
                       sink=(H,) if cfg.sink != "none" else None)
 
         def table(name: str, shape: Optional[tuple]) -> Optional[torch.Tensor]:
@@ -457,9 +458,8 @@ class VQTModel(nn.Module):
                 kb = slice(band.start - kbase, band.stop - kbase)
                 U, Z, M = attend(q, pos[c], keys[kb], values[kb], pos[band], cfg.window, block.scale, s, sink_v)
                 t.U[r], t.Z[r], t.M[r] = U, Z, M
-                t.a_ref[r] = (U / Z.unsqueeze(-1)).reshape(-1, G, cfg.group_dim)
             if before_quantize is not None:
-                before_quantize(block, t.a_ref[start - base:])
+                before_quantize(block, output_groups(t.U[start - base:], t.Z[start - base:], G))
             if codes is not None:
                 t.codes = codes[li]  # a view: the layer's codes are rows of the stacked output
             nxt = None
@@ -467,7 +467,7 @@ class VQTModel(nn.Module):
                 nxt, keys_next, values_next = self._layer_tables(n, base, kbase, start, cached(li + 1))
             resid = torch.empty(n - base, cfg.d_model, dtype=self.dtype, device=self.device) if nxt is None else nxt.x
             for r in local:
-                a = t.a_ref[r]
+                a = output_groups(t.U[r], t.Z[r], G)
                 if block.quantizer is not None:
                     res = nearest(a, block.quantizer.codebook)
                     chosen = res.codes

@@ -13,13 +13,13 @@ from __future__ import annotations
 import functools
 import importlib
 import warnings
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from vqt._errors import UserError
 from vqt.ops import composite, reference
-from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
+from vqt.ops.tables import EditPlan, FinalNorm, LayerCounts, LayerTables, LayerWeights
 
 __all__ = ["Backend", "BACKENDS", "get_backend", "register_backend", "unavailable_reason", "EditPlan", "LayerCounts",
            "LayerTables", "LayerWeights"]
@@ -27,7 +27,7 @@ __all__ = ["Backend", "BACKENDS", "get_backend", "register_backend", "unavailabl
 
 class Backend:
     """The operator schema plus one layer step. Subclasses provide the four operators; a fused backend
-    may also override ``layer_attend``, ``layer_commit``, ``layer_step`` and ``finish_outputs``
+    may also override ``layer_attend``, ``layer_commit`` and ``layer_step``
     (their composite versions define the semantics). Tensors passed in are not modified except the
     tables, target and plan counters that the step documents as updated in place."""
 
@@ -44,24 +44,20 @@ class Backend:
 
     def layer_attend(self, w: LayerWeights, t: LayerTables, q_new: torch.Tensor, k_new: torch.Tensor,
                      v_new: torch.Tensor, s_new: Optional[torch.Tensor], dirty: torch.Tensor, plan: EditPlan
-                     ) -> tuple[torch.Tensor, Optional[torch.Tensor], LayerCounts]:
+                     ) -> tuple[torch.Tensor, torch.Tensor, LayerCounts]:
         return composite.layer_attend(self, w, t, q_new, k_new, v_new, s_new, dirty, plan)
 
-    def layer_commit(self, target: torch.Tensor, post: torch.Tensor, x_next: torch.Tensor, plan: EditPlan
-                     ) -> torch.Tensor:
+    def layer_commit(self, target: Union[torch.Tensor, FinalNorm], post: torch.Tensor, x_next: torch.Tensor,
+                     plan: EditPlan) -> torch.Tensor:
+        """Store a layer's recomputed rows (``vqt.ops.composite.layer_commit``; after the last layer, the
+        final norm and pooled sum); returns the next layer's dirty slots (after the last: the slots
+        whose final hidden state changed)."""
         return composite.layer_commit(target, post, x_next, plan)
 
-    def layer_step(self, w: LayerWeights, t: LayerTables, target: torch.Tensor, dirty: torch.Tensor, plan: EditPlan
-                   ) -> tuple[torch.Tensor, LayerCounts]:
+    def layer_step(self, w: LayerWeights, t: LayerTables, target: Union[torch.Tensor, FinalNorm], dirty: torch.Tensor,
+                   plan: EditPlan) -> tuple[torch.Tensor, LayerCounts]:
         """One whole layer of an incremental update (``vqt.ops.composite.layer_step``)."""
         return composite.layer_step(self, w, t, target, dirty, plan)
-
-    def finish_outputs(self, resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, rows: torch.Tensor,
-                       deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float
-                       ) -> torch.Tensor:
-        """The final norm and pooled sum (``vqt.ops.composite.finish_outputs``); returns the slots
-        whose final hidden state changed."""
-        return composite.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps)
 
     def __repr__(self) -> str:
         return f"<vqt backend {self.name!r}>"

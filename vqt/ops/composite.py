@@ -10,13 +10,13 @@ same semantics in one C++ call each.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Optional, Union
 
 import torch
 import torch.nn.functional as F
 
 from vqt.ops import layer
-from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
+from vqt.ops.tables import EditPlan, FinalNorm, LayerCounts, LayerTables, LayerWeights
 from vqt.ops.visibility import visible_counts, visible_to_any
 
 if TYPE_CHECKING:
@@ -25,13 +25,13 @@ if TYPE_CHECKING:
 
 def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.Tensor, k_new: torch.Tensor,
                  v_new: torch.Tensor, s_new: Optional[torch.Tensor], dirty: torch.Tensor, plan: EditPlan
-                 ) -> tuple[torch.Tensor, Optional[torch.Tensor], LayerCounts]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, LayerCounts]:
     """Update one layer's tables ``t`` in place after its ``dirty`` rows got new (q, k, v) (and sink scores).
 
     The old k, v of existing dirty slots and of deleted ones leave the key set; the new ones join it.
     Returns (post, attn_out, counts): the slots whose attention contribution must be recomputed
-    (dirty ones, then clean ones whose code flipped, in document order), their lookup-table output
-    (None without a quantizer: the caller projects ``t.a_ref[post]``), and what was done.
+    (dirty ones, then clean ones whose code flipped, in document order), their attention output after
+    the output projection (the lookup table; W_o for a dense twin's layer), and what was done.
     """
     is_new, order, pos, old_pos, window = plan.is_new, plan.order, plan.pos, plan.old_pos, plan.window
     old_dirty = dirty[~is_new[dirty]]
@@ -50,6 +50,8 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     hits = visible_counts(old_pos[clean], pos_rem_sorted, window) + visible_counts(pos[clean], pos_add_sorted, window)
     aff = clean[hits > 0]
     refresh = aff[:0]
+    rows = torch.cat([dirty, aff])  # every row whose attention output changes; its output before the change:
+    a_old = None if w.codebook is None else output_groups(t.U[rows], t.Z[rows], t.radius.shape[1])
     if aff.numel():
         z_old, m_old = t.Z[aff], t.M[aff]
         t.U[aff], t.Z[aff], t.M[aff], ref_mask = ops.attention_delta(
@@ -77,16 +79,13 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     counts = LayerCounts(dirty=dirty.numel(), affected=aff.numel(), refreshes=refresh.numel(),
                          delta_pairs=int(hits.sum()), full_pairs=full_pairs, full_rows=full.numel())
     # Re-quantize every row whose attention output changed.
-    rows = torch.cat([dirty, aff])
-    a = (t.U[rows] / t.Z[rows].unsqueeze(-1)).reshape(t.a_ref[rows].shape)
+    a = output_groups(t.U[rows], t.Z[rows], t.radius.shape[1])
     if w.codebook is None:
-        t.a_ref[rows] = a
         counts.flipped = counts.code_flips = aff.numel()  # without codes, every updated output moved
-        return rows, None, counts
+        return rows, F.linear(a.flatten(1), w.w_o), counts
     old_codes = t.codes[aff]
-    t.radius[dirty[is_new[dirty]]] = float("-inf")  # new rows have no reference point: always searched
-    new_codes, t.a_ref[rows], t.radius[rows], searched = ops.requantize(a, w.codebook, t.codes[rows], t.a_ref[rows],
-                                                                        t.radius[rows])
+    t.radius[dirty[is_new[dirty]]] = float("-inf")  # new rows have no certified radius: always searched
+    new_codes, t.radius[rows], searched = ops.requantize(a, w.codebook, t.codes[rows], a_old, t.radius[rows])
     t.codes[rows] = new_codes
     existing = ~is_new[rows]
     code_changed = new_codes[dirty.numel():] != old_codes
@@ -98,39 +97,47 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     return post, ops.lookup(w.table, t.codes[post]), counts
 
 
-def layer_commit(target: torch.Tensor, post: torch.Tensor, x_next: torch.Tensor, plan: EditPlan) -> torch.Tensor:
+def output_groups(U: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor:
+    """Attention outputs a = U / Z of some rows, (m, H, hdv) -> (m, groups, H hdv / groups)."""
+    return (U / Z.unsqueeze(-1)).reshape(U.shape[0], groups, U.shape[1] * U.shape[2] // groups)
+
+
+def layer_commit(target: Union[torch.Tensor, FinalNorm], post: torch.Tensor, x_next: torch.Tensor, plan: EditPlan
+                 ) -> torch.Tensor:
     """Store the recomputed rows ``x_next`` of slots ``post`` into the next layer's input table
     ``target`` and count them in ``plan.recomputed``; returns the next layer's dirty slots: those
-    whose row changed bitwise (new ones always) or that are forced, in ``post`` order."""
+    whose row changed bitwise (new ones always) or that are forced, in ``post`` order. After the last
+    layer ``target`` is a ``FinalNorm``: see ``finish_outputs``."""
     plan.recomputed[post] += 1
+    if isinstance(target, FinalNorm):
+        return finish_outputs(target, post, x_next, plan)
     moved = (x_next != target[post]).any(-1) | plan.is_new[post]
     target[post] = x_next
     return post[moved | plan.is_forced[post]]  # (no duplicates: post lists every slot once)
 
 
-def layer_step(ops: "Backend", w: LayerWeights, t: LayerTables, target: torch.Tensor, dirty: torch.Tensor,
-               plan: EditPlan) -> tuple[torch.Tensor, LayerCounts]:
+def layer_step(ops: "Backend", w: LayerWeights, t: LayerTables, target: Union[torch.Tensor, FinalNorm],
+               dirty: torch.Tensor, plan: EditPlan) -> tuple[torch.Tensor, LayerCounts]:
     """One whole layer of an incremental update: q/k/v of the dirty rows, ``ops.layer_attend``, the
     output and MLP of the rows it returns, ``ops.layer_commit``. Returns (next dirty slots, counts)."""
     angles = None if plan.angles is None else (plan.angles[0][dirty], plan.angles[1][dirty])
     sink = (w.sink_k, w.sink_logit, w.scale) if w.has_sink else None
     q, k, v, s = layer.qkv(t.x[dirty], w.attn_norm, w.attn_eps, w.w_qkv, w.n_heads, w.n_kv_heads, angles, sink)
     post, attn_out, counts = ops.layer_attend(w, t, q, k, v, s, dirty, plan)
-    if attn_out is None:
-        attn_out = F.linear(t.a_ref[post].flatten(1), w.w_o)
     x_next = layer.mlp_residual(t.x[post] + attn_out, w.mlp_norm, w.mlp_eps, w.w_gate_up, w.w_down)
     counts.mlp_rows = post.numel()
     return ops.layer_commit(target, post, x_next, plan), counts
 
 
-def finish_outputs(resid: torch.Tensor, hidden: torch.Tensor, pooled_sum: torch.Tensor, rows: torch.Tensor,
-                   deleted: torch.Tensor, is_new: torch.Tensor, norm_weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Final RMSNorm of the slots ``rows`` whose residual changed, and the pooled sum of the final
-    hidden states kept up to date (deleted slots and the old values of changed ones leave it).
-    Returns the slots among ``rows`` whose final hidden state changed bitwise (new ones always)."""
-    new_at, before = is_new[rows], hidden[rows]
-    pooled_sum -= hidden[deleted].sum(0) + before[~new_at].sum(0)
-    hidden[rows] = F.rms_norm(resid[rows], norm_weight.shape, norm_weight, eps)
-    after = hidden[rows]
-    pooled_sum += after.sum(0)
-    return rows[(after != before).any(-1) | new_at]
+def finish_outputs(final: FinalNorm, rows: torch.Tensor, x_last: torch.Tensor, plan: EditPlan) -> torch.Tensor:
+    """The last layer's commit: final RMSNorm of its recomputed rows ``x_last`` (of slots ``rows``), stored
+    where it changed bitwise (new rows always), and the pooled sum kept up to date (deleted slots and
+    the old values of changed ones leave it). Returns those changed slots, in ``rows`` order."""
+    hidden, new_at = final.hidden, plan.is_new[rows]
+    before, after = hidden[rows], F.rms_norm(x_last, final.weight.shape, final.weight, final.eps)
+    changed = (after != before).any(-1) | new_at
+    final.pooled_sum -= hidden[plan.deleted].sum(0) + before[changed & ~new_at].sum(0)
+    final.pooled_sum += after[changed].sum(0)
+    out = rows[changed]
+    hidden[out] = after[changed]
+    return out

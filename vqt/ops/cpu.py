@@ -2,8 +2,8 @@
 
 Besides the four operators of the schema, it fuses the per-layer work of ``vqt.ops.Backend``:
 ``layer_attend`` (one C++ call for a layer's delta updates, full rows, re-quantization and
-lookup, semantics in vqt/ops/composite.py), ``layer_commit``, ``finish_outputs`` and
-``layer_step``, a whole quantized layer (qkv, layer_attend, MLP, commit) in one call, bitwise
+lookup, semantics in vqt/ops/composite.py), ``layer_commit`` (with the final norm after the last
+layer) and ``layer_step``, a whole quantized layer (qkv, layer_attend, MLP, commit) in one call, bitwise
 equal to the composite path. The C++ side reads the records of vqt/ops/tables.py by field name.
 
 The extension is compiled just in time on first use and cached (``vqt.ops.build``). Inference
@@ -20,6 +20,7 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 
 from vqt.ops import Backend
 from vqt.ops.build import jit_load
@@ -86,8 +87,8 @@ class FusedBackend(Backend):
         return self.ext.attention_delta(*self._dense(q, pos_q_old, pos_q, U, Z, M, k_rem, v_rem, pos_rem, k_add, v_add,
                                                      pos_add), _width(window), float(scale), float(tau))
 
-    def requantize(self, a, codebook, codes, a_ref, radius):
-        return self.ext.requantize(*self._dense(a, codebook, codes, a_ref, radius))
+    def requantize(self, a, codebook, codes, a_old, radius):
+        return self.ext.requantize(*self._dense(a, codebook, codes, a_old, radius))
 
     def lookup(self, table, codes):
         return self.ext.lookup(*self._dense(table, codes))
@@ -107,6 +108,8 @@ class CpuBackend(FusedBackend):
 
     def layer_attend(self, w: LayerWeights, t: LayerTables, q_new, k_new, v_new, s_new, dirty, plan: EditPlan):
         post, attn_out, counts = self.ext.layer_attend(w, t, *self._dense(q_new, k_new, v_new, s_new), dirty, plan)
+        if w.codebook is None:  # a dense twin's layer: the extension returns the attention outputs a (post, H hdv)
+            attn_out = F.linear(attn_out, w.w_o)
         return post, attn_out, LayerCounts(**counts)
 
     def layer_commit(self, target, post, x_next, plan: EditPlan):
@@ -120,9 +123,6 @@ class CpuBackend(FusedBackend):
         next_dirty, counts = self.ext.layer_step(w, t, target, dirty, plan)
         return next_dirty, LayerCounts(**counts)
 
-    def finish_outputs(self, resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight, eps):
-        return self.ext.finish_outputs(resid, hidden, pooled_sum, rows, deleted, is_new, norm_weight.detach(),
-                                       float(eps))
 
 
 @functools.lru_cache(maxsize=None)

@@ -104,25 +104,36 @@ def attention_delta(q: torch.Tensor, pos_q_old: torch.Tensor, pos_q: torch.Tenso
     return U, Z, M, refresh
 
 
-def requantize(a: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, a_ref: torch.Tensor,
-               radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def remaining_radius(a: torch.Tensor, a_old: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """What is left of a certified radius after a group vector moved from ``a_old`` to ``a``: radius minus
+    |a - a_old| (Euclidean over the last dim), rounded down, so that the ball it certifies around ``a``
+    always lies inside the one certified around ``a_old`` (triangle inequality). NaN-safe: a NaN stays
+    NaN, which certifies nothing."""
+    moved = (a.double() - a_old.double()).pow(2).sum(-1).sqrt() * (1 + 2.0 ** -40)
+    rem = (radius.double() - moved).to(radius.dtype)
+    return torch.nextafter(rem, torch.full_like(rem, float("-inf")))
+
+
+def requantize(a: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, a_old: torch.Tensor,
+               radius: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Re-quantize a (m, G, gd) with the certified skip (DESIGN.md section 2, step 4).
 
-    A group whose vector stays within ``radius`` of the reference point where its code was
-    last searched keeps that code without a search (triangle inequality). Other groups are
-    searched and get a new reference point and radius. Returns (codes, a_ref, radius,
-    searched (m, G) bool).
+    ``radius`` certifies ``codes`` in a ball around ``a_old``, the vector each group had before it moved
+    to ``a``. A group whose remaining radius (``remaining_radius``: radius minus the distance moved) is
+    still positive keeps its code without a search and carries that remaining radius; the others are
+    searched and get the radius of the new search. So a row's radius always refers to its current
+    attention output, and no reference point is stored. Returns (codes, radius, searched (m, G) bool).
     """
-    codes, a_ref, radius = codes.clone(), a_ref.clone(), radius.clone()
-    searched = ~((a - a_ref).pow(2).sum(-1).sqrt() < radius)  # NaN-safe: anything uncertain is searched
+    codes = codes.clone()
+    radius = remaining_radius(a, a_old, radius)
+    searched = ~(radius > 0)  # NaN-safe: anything uncertain is searched
     for g in range(a.shape[1]):
         rows = searched[:, g].nonzero().squeeze(1)
         if rows.numel():
             res = nearest(a[rows, g:g + 1], codebook[g:g + 1])
             codes[rows, g] = res.codes[:, 0]
-            a_ref[rows, g] = a[rows, g]
             radius[rows, g] = res.radius[:, 0]
-    return codes, a_ref, radius, searched
+    return codes, radius, searched
 
 
 def lookup(table: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

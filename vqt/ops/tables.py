@@ -27,9 +27,11 @@ class LayerTables:
     U: torch.Tensor  # (R, H, hd) attention numerator (softmax weights times values, at stabilizer M)
     Z: torch.Tensor  # (R, H) denominator
     M: torch.Tensor  # (R, H) stabilizer (the row's largest score, the sink's included)
-    a_ref: torch.Tensor  # (R, G, gd) where each code was last searched (a dense pass: the output itself)
     codes: torch.Tensor  # (R, G) long (zeros for a dense twin)
-    radius: torch.Tensor  # (R, G) certified radius around a_ref
+    # (R, G) certified radius of each code around the row's current attention output U / Z: no other
+    # codeword is nearer anywhere in that ball (what is left of the radius of the last search after every
+    # move since, vqt.ops.reference.remaining_radius); zeros for a dense twin.
+    radius: torch.Tensor
     sink: Optional[torch.Tensor] = None  # (R, H) each query's attention-sink score (models with a sink)
     # (R, H) a bound on the relative rounding error U and Z have gathered from delta updates since the row was
     # last computed in full (0 after a full row); a row whose bound exceeds EditPlan.drift_budget is refreshed.
@@ -92,6 +94,18 @@ class LayerWeights:
     @property
     def has_sink(self) -> bool:
         return self.sink_k is not None
+
+
+@dataclass
+class FinalNorm:
+    """What the last layer's step commits into instead of a next layer's input table: the final RMSNorm
+    (``weight``, ``eps``), the per-slot final hidden states and their sum over the live slots, both
+    updated in place. The last block's output itself is not kept: only its norm is."""
+
+    hidden: torch.Tensor  # (C, d)
+    pooled_sum: torch.Tensor  # (d,)
+    weight: torch.Tensor  # (d,)
+    eps: float
 
 
 @dataclass
