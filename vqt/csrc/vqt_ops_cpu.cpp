@@ -1073,15 +1073,15 @@ Tensor layer_commit(const py::object& target, const Tensor& post, const Tensor& 
 // RoPE of the dirty rows (vqt/ops/layer.py rope: x * cos + cat(-x2, x1) * sin, rotate-half) without
 // ATen's per-op overhead, bitwise: each product and the sum are rounded separately as the three ATen
 // ops round them (no fused multiply-add: this function is compiled without contraction). qk: (m, heads,
-// hd) rows of a wider tensor; cos, sin: per-slot tables (C, 1, hd) read at the dirty slots.
+// hd) rows of a wider tensor; cos, sin: (m, 1, hd), one row per row of qk.
 template <typename T>
 __attribute__((optimize("fp-contract=off"))) void rope_rows(const T* qk, int64_t row_stride, int64_t m,
                                                               int64_t heads, int64_t hd, const T* cos, const T* sin,
-                                                              const Slots& dirty, T* out) {
+                                                              T* out) {
   const int64_t half = hd / 2;
   for (int64_t i = 0; i < m; ++i) {
-    const T* c = cos + dirty[i] * hd;
-    const T* s = sin + dirty[i] * hd;
+    const T* c = cos + i * hd;
+    const T* s = sin + i * hd;
     for (int64_t h = 0; h < heads; ++h) {
       const T* x = qk + i * row_stride + h * hd;
       T* o = out + (i * heads + h) * hd;
@@ -1093,7 +1093,7 @@ __attribute__((optimize("fp-contract=off"))) void rope_rows(const T* qk, int64_t
 
 // layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block
 // of vqt/modeling/model.py: RMSNorm -> fused q/k/v projection -> sink scores from the raw queries ->
-// RoPE (rotate-half, from the per-slot cos/sin tables) on the dirty rows, layer_attend, then y = x +
+// RoPE (rotate-half, of the dirty rows' positions) on the dirty rows, layer_attend, then y = x +
 // lookup, x' = y + W_down(silu(gate) * up) of RMSNorm(y) on the rows it returns, and layer_commit.
 // The dense matmuls and elementwise ops are the same ATen operators, in the same order, as
 // vqt/ops/layer.py, so the rows are bitwise those of the composite path. w, t, plan: LayerWeights,
@@ -1115,19 +1115,18 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
     s_new = ((qk.slice(1, 0, H) * *sink_k).sum(-1) * scale + field(w, "sink_logit"))
                 .contiguous();
   }
-  const py::object angles = plan.attr("angles");
-  if (!angles.is_none()) {
-    const auto cs = angles.cast<std::pair<Tensor, Tensor>>();
-    const Tensor &c = cs.first, &s = cs.second;
-    TORCH_CHECK(c.is_contiguous() && s.is_contiguous() && c.dim() == 3 && c.sizes() == s.sizes() &&
-                    c.size(1) == 1 && c.size(2) == hd && c.scalar_type() == x.scalar_type() &&
-                    s.scalar_type() == x.scalar_type(),
-                "the RoPE tables must be contiguous (C, 1, ", hd, ") of the model's dtype, got ", c.sizes());
-    const Slots rows = slots_of(dirty, "dirty", c.size(0));
+  const py::object rope = plan.attr("rope");
+  if (!rope.is_none()) {  // the dirty rows' angles as vqt.ops.layer.rope_angles forms them (same operators)
+    const Tensor freq = rope.cast<Tensor>();
+    TORCH_CHECK(freq.dim() == 1 && freq.size(0) * 2 == hd && freq.scalar_type() == torch::kDouble,
+                "the RoPE frequencies must be (", hd / 2, ",) float64, got ", freq.sizes(), " ", freq.scalar_type());
+    Tensor ang = field(plan, "pos").index_select(0, dirty).to(torch::kDouble).unsqueeze(-1) * freq;
+    ang = at::cat({ang, ang}, -1).unsqueeze(-2);
+    const Tensor c = ang.cos().to(x.scalar_type()).contiguous(), s = ang.sin().to(x.scalar_type()).contiguous();
     Tensor rotated = at::empty({xd.size(0), H + Hkv, hd}, qkv.options());
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_rope_rows_cpu", [&] {
-      rope_rows(qkv.data_ptr<scalar_t>(), qkv.stride(0), rows.n, H + Hkv, hd, c.data_ptr<scalar_t>(),
-                s.data_ptr<scalar_t>(), rows, rotated.data_ptr<scalar_t>());
+      rope_rows(qkv.data_ptr<scalar_t>(), qkv.stride(0), xd.size(0), H + Hkv, hd, c.data_ptr<scalar_t>(),
+                s.data_ptr<scalar_t>(), rotated.data_ptr<scalar_t>());
     });
     qk = rotated;
   }

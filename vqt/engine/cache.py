@@ -3,9 +3,11 @@
 Every token owns one slot (one row in every table) for as long as it lives; ``order`` says which
 slot comes where in the document and deleted slots go to a free list, so an insertion or a
 deletion moves no large arrays. The cache owns its tensors, hands out slots (``alloc``, growing
-the tables geometrically, from the exact size of the document it was built for, when it runs
-out), takes them back (``release``), compacts itself when a quarter of its slots are free
+the tables geometrically by a sixteenth, from the exact size of the document it was built for, when
+it runs out), takes them back (``release``), compacts itself when an eighth of its slots are free
 (``compact``), and reads and writes itself as a flat dict of tensors (``state_dict``/``load_state_dict``).
+So the allocated state per live token stays within 1/16 above a slot's bytes after growth and 1/7
+above them before a compaction.
 
 Besides the per-slot rows it keeps ``doc_pos``, the positions in document order (a CPU float64
 tensor, replaced, never modified, by each update), so that the edit path finds what an edit
@@ -68,11 +70,11 @@ class SlotCache:
         return [*_DOC_TENSORS, "prev_positions", "is_new", "is_forced"]
 
     def alloc(self, count: int) -> list[int]:
-        """``count`` free slots (lowest first), growing every table by an eighth of its size (at least
+        """``count`` free slots (lowest first), growing every table by a sixteenth of its size (at least
         what is needed, and 16) when there are not enough: appends cost amortized O(1) copies per slot."""
         if len(self.free) < count:
             old = self.capacity
-            extra = max(old // 8, count - len(self.free), 16)
+            extra = max(old // 16, count - len(self.free), 16)
             for t in self.layers:
                 t.grow(extra)
             for name in self._per_slot():
@@ -86,16 +88,16 @@ class SlotCache:
         self.free.extend(reversed(slots.tolist()))
 
     def wants_compaction(self) -> bool:
-        """More than a quarter of the slots (and over 64) are free: ``compact`` pays for itself (with
-        the eighth of headroom it leaves, a sixth of the document must go before the next one)."""
-        return len(self.free) > max(64, self.capacity // 4)
+        """More than an eighth of the slots (and over 64) are free: ``compact`` pays for itself (with
+        the sixteenth of headroom it leaves, about a fifteenth of the document must go before the next)."""
+        return len(self.free) > max(64, self.capacity // 8)
 
     def compact(self) -> torch.Tensor:
-        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus an
-        eighth; returns the old slot of each new one. O(n), and only when a quarter of the slots are free,
-        so amortized O(1) per deleted token."""
+        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus a
+        sixteenth; returns the old slot of each new one. O(n), and only when an eighth of the slots are
+        free, so amortized O(1) per deleted token."""
         n, rows = len(self), self.order
-        cap = max(n + n // 8, 16)
+        cap = max(n + n // 16, 16)
         for t in self.layers:
             t.compact(rows, cap)
         for name in _DOC_TENSORS:

@@ -265,8 +265,9 @@ class Document:
 
     def state_bytes(self) -> int:
         """Bytes of every tensor the document's state holds: the slot tables with their free slots,
-        the order, the document-order positions and the per-slot RoPE table."""
-        return self.cache.allocated_bytes() + sum(t.numel() * t.element_size() for t in self._angles or ())
+        the order and the document-order positions (RoPE angles are formed per update, for the rows
+        a layer recomputes, and not kept)."""
+        return self.cache.allocated_bytes()
 
     def state_bytes_per_token(self) -> float:
         """Allocated state bytes per live token (``state_bytes`` / length)."""
@@ -311,23 +312,12 @@ class Document:
         self.bind_model()
 
     def bind_model(self) -> None:
-        """Record the model's version, gather what the layer steps read from it, and derive the
-        per-slot RoPE table from the positions. Called after the cache is (re)built or loaded."""
+        """Record the model's version and gather what the layer steps read from it. Called after the
+        cache is (re)built or loaded."""
         self._model_key = model_key(self.model)
         self._weights = [self.backend.prepare(b.layer_weights()) for b in self.model.blocks]
         self._macs = MacCounter(self.cfg)  # (each update counts into a fresh copy of it)
-        self._set_angles()
-
-    def _set_angles(self, slots: Optional[torch.Tensor] = None) -> None:
-        """Recompute the per-slot RoPE table (cos, sin) for ``slots`` (default: every slot)."""
-        pos = self.cache.positions
-        if self.cfg.pos_encoding != "rope":
-            self._angles = None
-        elif slots is None or self._angles[0].shape[0] != pos.shape[0]:
-            self._angles = self.model.rope_angles(pos)
-        elif slots.numel():
-            for table, new in zip(self._angles, self.model.rope_angles(pos[slots])):
-                table[slots] = new
+        self._rope = self.model.rope_frequencies()
 
     # ---------------------------------------------------------------- edits
     def replace(self, start: int, end: int, new_token_ids: TokenIds) -> EditStats:
@@ -376,7 +366,7 @@ class Document:
 
     def _plan(self, norm: list[tuple[int, int, torch.Tensor]]) -> _Planned:
         """New order, slots for the new tokens, new positions (DESIGN.md section 3): the plan every
-        layer step shares. Writes the new tokens, positions and RoPE rows into the cache. Its work is
+        layer step shares. Writes the new tokens and positions into the cache. Its work is
         O(edit) apart from splicing ``order`` and ``doc_pos`` (two memcpys of the document length)."""
         cache, dev = self.cache, self.model.device
         old_order, old_doc_pos = cache.order, cache.doc_pos
@@ -415,16 +405,16 @@ class Document:
             first_changed = min(first_changed, int(touched[moved_kept.cpu()].min()))
         cache.positions[slots] = new_values
         if new_t.numel():
-            cache.tokens[new_t] = torch.cat([ids for _, _, ids in norm])
-            cache.layers[0].x[new_t] = F.embedding(cache.tokens[new_t], self.model.embed.weight)
+            new_ids = torch.cat([ids for _, _, ids in norm])
+            cache.tokens[new_t] = new_ids
+            cache.layers[0].x[new_t] = F.embedding(new_ids, self.model.embed.weight)
         moved = torch.cat([new_t, renumbered])  # slots whose position is new
-        self._set_angles(moved)
         forced = moved if self._pos_matters else new_t
         cache.is_forced[forced] = True
         plan = EditPlan(deleted=deleted, order=order, pos=cache.positions, old_pos=cache.prev_positions, is_new=is_new,
                         is_forced=cache.is_forced,
                         recomputed=torch.zeros(cache.capacity, dtype=torch.int32, device=dev),
-                        angles=self._angles, window=self.cfg.window, tau=self.tau, drift_budget=self.drift_budget,
+                        rope=self._rope, window=self.cfg.window, tau=self.tau, drift_budget=self.drift_budget,
                         pos_order=doc_pos)
         return _Planned(plan, forced, new_t, renumbered, moved, first_changed)
 
@@ -449,7 +439,6 @@ class Document:
         cache.release(plan.deleted)
         if cache.wants_compaction():
             cache.compact()
-            self._set_angles()
         return stats
 
     def _stats(self, planned: _Planned, counts: list[LayerCounts], changed_slots: list[torch.Tensor],

@@ -9,7 +9,6 @@ operators the engine uses.
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,19 +43,10 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
-@functools.lru_cache(maxsize=16)
-def _inv_freq(hd: int, theta: float, device: torch.device) -> torch.Tensor:
-    return theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd)  # (hd/2,)
-
-
 def rope_angles(pos: torch.Tensor, hd: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(cos, sin), each (..., n, 1, hd), of real-valued positions pos (..., n), rotate-half convention.
-
-    Angles are formed in float64 whatever the model's dtype, so a position always gets the same rotation.
-    """
-    ang = pos.to(torch.float64).unsqueeze(-1) * _inv_freq(hd, theta, pos.device)  # (..., n, hd/2)
-    ang = torch.cat([ang, ang], -1).unsqueeze(-2)
-    return ang.cos().to(dtype), ang.sin().to(dtype)
+    """(cos, sin), each (..., n, 1, hd), of real-valued positions pos (..., n), rotate-half convention
+    (``vqt.ops.layer.rope_angles``)."""
+    return layer.rope_angles(pos, layer.inv_freq(hd, theta, pos.device), dtype)
 
 
 class Block(nn.Module):
@@ -383,6 +373,11 @@ class VQTModel(nn.Module):
         if isinstance(backend, str):
             return get_backend(backend, self.device)
         raise TypeError(f"backend must be a backend name or a vqt.ops.Backend, not {type(backend).__name__}")
+
+    def rope_frequencies(self) -> Optional[torch.Tensor]:
+        """RoPE's inverse frequencies (head_dim/2,) float64 on the model's device; None without RoPE."""
+        cfg = self.config
+        return layer.inv_freq(cfg.head_dim, cfg.rope_theta, self.device) if cfg.pos_encoding == "rope" else None
 
     def rope_angles(self, pos: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """RoPE (cos, sin) of positions pos (..., n), each (..., n, 1, head_dim); None without RoPE."""

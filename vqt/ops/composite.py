@@ -120,7 +120,7 @@ def layer_step(ops: "Backend", w: LayerWeights, t: LayerTables, target: Union[to
                dirty: torch.Tensor, plan: EditPlan) -> tuple[torch.Tensor, LayerCounts]:
     """One whole layer of an incremental update: q/k/v of the dirty rows, ``ops.layer_attend``, the
     output and MLP of the rows it returns, ``ops.layer_commit``. Returns (next dirty slots, counts)."""
-    angles = None if plan.angles is None else (plan.angles[0][dirty], plan.angles[1][dirty])
+    angles = None if plan.rope is None else layer.rope_angles(plan.pos[dirty], plan.rope, t.x.dtype)
     sink = (w.sink_k, w.sink_logit, w.scale) if w.has_sink else None
     q, k, v, s = layer.qkv(t.x[dirty], w.attn_norm, w.attn_eps, w.w_qkv, w.n_heads, w.n_kv_heads, angles, sink)
     post, attn_out, counts = ops.layer_attend(w, t, q, k, v, s, dirty, plan)

@@ -8,12 +8,28 @@ can alter it (DESIGN.md section 7). After attention: y = x + attention output, x
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 Angles = Optional[tuple[torch.Tensor, torch.Tensor]]
+
+
+@functools.lru_cache(maxsize=16)
+def inv_freq(hd: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's inverse frequencies theta^(-2i/hd), (hd/2,) float64."""
+    return theta ** (-torch.arange(0, hd, 2, dtype=torch.float64, device=device) / hd)
+
+
+def rope_angles(pos: torch.Tensor, freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin), each (..., n, 1, hd), of real-valued positions pos (..., n) and inverse frequencies
+    ``freq`` (hd/2,), rotate-half convention. Angles are formed in float64 whatever ``dtype``, so a
+    position always gets the same rotation (the C++ layer step runs these operators, in this order)."""
+    ang = pos.to(torch.float64).unsqueeze(-1) * freq  # (..., n, hd/2)
+    ang = torch.cat([ang, ang], -1).unsqueeze(-2)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

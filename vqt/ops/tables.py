@@ -119,7 +119,7 @@ class EditPlan:
     is_new: torch.Tensor  # (C,) bool: inserted by this edit
     is_forced: torch.Tensor  # (C,) bool: recomputed at every layer (new, or moved to a new position)
     recomputed: torch.Tensor  # (C,) int32: layers that recomputed each slot (updated by the steps)
-    angles: Optional[tuple[torch.Tensor, torch.Tensor]]  # per-slot RoPE (cos, sin), None without RoPE
+    rope: Optional[torch.Tensor]  # RoPE's inverse frequencies (hd/2,) float64 (vqt.ops.layer.rope_angles); None without
     window: Optional[float]
     tau: float  # cancellation guard threshold
     drift_budget: float = float("inf")  # refresh a delta-updated row whose LayerTables.drift exceeds this
