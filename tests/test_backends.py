@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import shutil
 import subprocess
+import sysconfig
 import warnings
 from functools import lru_cache
 from pathlib import Path
@@ -445,6 +447,26 @@ def test_cuda_sources_compile_with_nvcc(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert obj.stat().st_size > 0
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None or shutil.which("c++") is None, reason="no CUDA toolkit or C++ compiler")
+def test_cuda_binding_parses_against_the_torch_headers(tmp_path):
+    """The torch side of the CUDA extension (argument checks, dispatch, the kernels' signatures) type-checks
+    without a GPU. A CPU build of torch lacks one generated CUDA header; an empty one stands in for it."""
+    from torch.utils.cpp_extension import CUDA_HOME, include_paths
+
+    homes = [os.environ.get("CUDA_HOME"), CUDA_HOME, "/usr/local/cuda"]
+    cuda_include = next((Path(h) / "include" for h in homes if h and (Path(h) / "include" / "cuda_runtime.h").exists()),
+                        None)
+    if cuda_include is None:
+        pytest.skip("no CUDA toolkit headers found (set CUDA_HOME)")
+    stub = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n")
+    flags = [f"-I{p}" for p in [tmp_path, *include_paths(), sysconfig.get_paths()["include"], cuda_include, CSRC]]
+    proc = subprocess.run(["c++", "-std=c++17", "-fsyntax-only", *flags, str(CSRC / "vqt_ops_cuda_binding.cpp")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
 
 def test_ties_go_to_the_lowest_index_whatever_the_batch(fused):

@@ -318,6 +318,7 @@ class Document:
         self._weights = [self.backend.prepare(b.layer_weights()) for b in self.model.blocks]
         self._macs = MacCounter(self.cfg)  # (each update counts into a fresh copy of it)
         self._rope = self.model.rope_frequencies()
+        self._final_norm = (self.model.norm.weight.detach(), self.model.norm.eps)
 
     # ---------------------------------------------------------------- edits
     def replace(self, start: int, end: int, new_token_ids: TokenIds) -> EditStats:
@@ -423,7 +424,7 @@ class Document:
         plan, cache = planned.plan, self.cache
         try:
             dirty, counts, changed = planned.dirty, [], []
-            outputs = FinalNorm(cache.hidden, cache.pooled_sum, self.model.norm.weight.detach(), self.model.norm.eps)
+            outputs = FinalNorm(cache.hidden, cache.pooled_sum, *self._final_norm)
             for li, (w, t) in enumerate(zip(self._weights, cache.layers)):  # DESIGN.md section 2, steps 2-5
                 target = cache.layers[li + 1].x if li + 1 < len(cache.layers) else outputs
                 dirty, c = self.backend.layer_step(w, t, target, dirty, plan)
