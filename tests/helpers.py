@@ -43,7 +43,9 @@ def assert_matches_dense(doc: Document, atol: float = 1e-9) -> None:
 
 
 def assert_codes_certified(doc: Document) -> None:
-    """Every stored code equals a brute-force search on the engine's own current attention outputs."""
+    """Every stored code equals a brute-force search on the engine's own current attention outputs, and
+    every stored radius still certifies its code around that output: no point within the radius can be
+    nearer another codeword (radius <= (d2 - d1) / 2, computed here in float64)."""
     st = doc.state_dict()
     cfg = doc.model.config
     for li, block in enumerate(doc.model.blocks):
@@ -51,5 +53,11 @@ def assert_codes_certified(doc: Document) -> None:
             continue
         U, Z = st[f"layer{li}.U"], st[f"layer{li}.Z"]
         a = (U / Z.unsqueeze(-1)).reshape(len(doc), cfg.n_groups, cfg.group_dim)
+        codes = st[f"layer{li}.codes"]
         brute = nearest(a, block.quantizer.codebook).codes
-        assert torch.equal(brute, st[f"layer{li}.codes"]), f"layer {li}: a skipped code is stale"
+        assert torch.equal(brute, codes), f"layer {li}: a skipped code is stale"
+        dist = (a.double().unsqueeze(2) - block.quantizer.codebook.double()).pow(2).sum(-1).sqrt()  # (n, G, K)
+        d1 = dist.gather(2, codes.unsqueeze(2)).squeeze(2)
+        d2 = dist.scatter(2, codes.unsqueeze(2), float("inf")).amin(2)
+        radius = st[f"layer{li}.radius"].double()
+        assert bool((radius <= (d2 - d1) / 2).all()), f"layer {li}: a radius certifies more than its code's cell"
