@@ -1052,6 +1052,7 @@ Tensor finish_outputs(const py::object& final, const Tensor& rows, const Tensor&
   const Slots post = slots_of(rows, "rows", recomputed.size(0));
   int32_t* count = recomputed.data_ptr<int32_t>();
   for (int64_t i = 0; i < post.n; ++i) count[post[i]] += 1;
+  if (post.n == 0 && deleted.numel() == 0) return rows;  // nothing changed (the composite adds and subtracts zeros)
   const Tensor new_at = is_new.index({rows}), before = hidden.index({rows});
   const Tensor after = at::rms_norm(x_last, weight.sizes(), weight, final.attr("eps").cast<double>());
   const Tensor changed = at::logical_or(after.ne(before).any(-1), new_at);
@@ -1073,21 +1074,36 @@ Tensor layer_commit(const py::object& target, const Tensor& post, const Tensor& 
 // RoPE of the dirty rows (vqt/ops/layer.py rope: x * cos + cat(-x2, x1) * sin, rotate-half) without
 // ATen's per-op overhead, bitwise: each product and the sum are rounded separately as the three ATen
 // ops round them (no fused multiply-add: this function is compiled without contraction). qk: (m, heads,
-// hd) rows of a wider tensor; cos, sin: (m, 1, hd), one row per row of qk.
+// hd) rows of a wider tensor (qkv: the first H heads are q, the next Hkv k); cos, sin: (m, 1, hd), one row
+// per row of qkv, or null (no RoPE: q and k are copied). Writes q (m, H, hd) and k (m, Hkv, hd).
 template <typename T>
-__attribute__((optimize("fp-contract=off"))) void rope_rows(const T* qk, int64_t row_stride, int64_t m,
-                                                              int64_t heads, int64_t hd, const T* cos, const T* sin,
-                                                              T* out) {
+__attribute__((optimize("fp-contract=off"))) void rope_rows(const T* qkv, int64_t row_stride, int64_t m, int64_t H,
+                                                              int64_t Hkv, int64_t hd, const T* cos, const T* sin,
+                                                              T* q, T* k) {
   const int64_t half = hd / 2;
   for (int64_t i = 0; i < m; ++i) {
-    const T* c = cos + i * hd;
-    const T* s = sin + i * hd;
-    for (int64_t h = 0; h < heads; ++h) {
-      const T* x = qk + i * row_stride + h * hd;
-      T* o = out + (i * heads + h) * hd;
+    const T* c = cos ? cos + i * hd : nullptr;
+    const T* s = sin ? sin + i * hd : nullptr;
+    for (int64_t h = 0; h < H + Hkv; ++h) {
+      const T* x = qkv + i * row_stride + h * hd;
+      T* o = h < H ? q + (i * H + h) * hd : k + (i * Hkv + h - H) * hd;
+      if (!c) {
+        std::copy_n(x, hd, o);
+        continue;
+      }
       for (int64_t d = 0; d < half; ++d) o[d] = x[d] * c[d] + (-x[d + half]) * s[d];
       for (int64_t d = half; d < hd; ++d) o[d] = x[d] * c[d] + x[d - half] * s[d];
     }
+  }
+}
+
+// out[i] = a[rows[i]] + b[i] for rows of width d (as ATen's index_select then add: one rounding each).
+template <typename T>
+void gather_add(const T* a, const int64_t* rows, const T* b, int64_t n, int64_t d, T* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T* ar = a + rows[i] * d;
+#pragma omp simd
+    for (int64_t c = 0; c < d; ++c) out[i * d + c] = ar[c] + b[i * d + c];
   }
 }
 
@@ -1105,41 +1121,66 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
   const int64_t H = w.attr("n_heads").cast<int64_t>(), Hkv = w.attr("n_kv_heads").cast<int64_t>();
   const int64_t d = x.size(1), hd = w.attr("head_dim").cast<int64_t>();
   const double scale = w.attr("scale").cast<double>();
-  const Tensor xd = x.index_select(0, dirty);
-  const Tensor attn_norm = field(w, "attn_norm");
-  const Tensor qkv = at::linear(at::rms_norm(xd, {d}, attn_norm, w.attr("attn_eps").cast<double>()), field(w, "w_qkv"))
-                         .view({xd.size(0), H + 2 * Hkv, hd});
-  Tensor qk = qkv.slice(1, 0, H + Hkv);
+  const int64_t m = dirty.numel();
+  const auto opts = x.options();
+  // q/k/v (and sink scores) of the dirty rows; with none, empty ones without running a single operator.
+  Tensor q_new = at::empty({m, H, hd}, opts), k_new = at::empty({m, Hkv, hd}, opts), v_new = at::empty({m, Hkv, hd}, opts);
   std::optional<Tensor> s_new;
-  if (const auto sink_k = optional_field(w, "sink_k")) {  // as vqt.ops.layer.sink_scores (one row per query head)
-    s_new = ((qk.slice(1, 0, H) * *sink_k).sum(-1) * scale + field(w, "sink_logit"))
-                .contiguous();
-  }
-  const py::object rope = plan.attr("rope");
-  if (!rope.is_none()) {  // the dirty rows' angles as vqt.ops.layer.rope_angles forms them (same operators)
-    const Tensor freq = rope.cast<Tensor>();
-    TORCH_CHECK(freq.dim() == 1 && freq.size(0) * 2 == hd && freq.scalar_type() == torch::kDouble,
-                "the RoPE frequencies must be (", hd / 2, ",) float64, got ", freq.sizes(), " ", freq.scalar_type());
-    Tensor ang = field(plan, "pos").index_select(0, dirty).to(torch::kDouble).unsqueeze(-1) * freq;
-    ang = at::cat({ang, ang}, -1).unsqueeze(-2);
-    const Tensor c = ang.cos().to(x.scalar_type()).contiguous(), s = ang.sin().to(x.scalar_type()).contiguous();
-    Tensor rotated = at::empty({xd.size(0), H + Hkv, hd}, qkv.options());
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_rope_rows_cpu", [&] {
-      rope_rows(qkv.data_ptr<scalar_t>(), qkv.stride(0), xd.size(0), H + Hkv, hd, c.data_ptr<scalar_t>(),
-                s.data_ptr<scalar_t>(), rotated.data_ptr<scalar_t>());
+  const auto sink_k = optional_field(w, "sink_k");
+  if (m == 0) {
+    if (sink_k) s_new = at::empty({0, H}, opts);
+  } else {
+    const Tensor xd = x.index_select(0, dirty);
+    const Tensor attn_norm = field(w, "attn_norm");
+    const Tensor qkv =
+        at::linear(at::rms_norm(xd, {d}, attn_norm, w.attr("attn_eps").cast<double>()), field(w, "w_qkv"))
+            .view({m, H + 2 * Hkv, hd});
+    if (sink_k) {  // as vqt.ops.layer.sink_scores (one row per query head), from the raw queries
+      s_new = ((qkv.slice(1, 0, H) * *sink_k).sum(-1) * scale + field(w, "sink_logit")).contiguous();
+    }
+    Tensor c, s;
+    const py::object rope = plan.attr("rope");
+    if (!rope.is_none()) {  // the dirty rows' angles as vqt.ops.layer.rope_angles forms them (same operators)
+      const Tensor freq = rope.cast<Tensor>();
+      TORCH_CHECK(freq.dim() == 1 && freq.size(0) * 2 == hd && freq.scalar_type() == torch::kDouble,
+                  "the RoPE frequencies must be (", hd / 2, ",) float64, got ", freq.sizes(), " ", freq.scalar_type());
+      Tensor ang = field(plan, "pos").index_select(0, dirty).to(torch::kDouble).unsqueeze(-1) * freq;
+      ang = at::cat({ang, ang}, -1).unsqueeze(-2);
+      c = ang.cos().to(x.scalar_type()).contiguous(), s = ang.sin().to(x.scalar_type()).contiguous();
+    }
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_qkv_rows_cpu", [&] {
+      using T = scalar_t;
+      const T* src = qkv.data_ptr<T>();
+      rope_rows(src, qkv.stride(0), m, H, Hkv, hd, c.defined() ? c.data_ptr<T>() : nullptr,
+                s.defined() ? s.data_ptr<T>() : nullptr, q_new.data_ptr<T>(), k_new.data_ptr<T>());
+      T* vp = v_new.data_ptr<T>();
+      for (int64_t i = 0; i < m; ++i) std::copy_n(src + i * qkv.stride(0) + (H + Hkv) * hd, Hkv * hd, vp + i * Hkv * hd);
     });
-    qk = rotated;
   }
-  const py::tuple attended = layer_attend(w, t, qk.slice(1, 0, H).contiguous(), qk.slice(1, H).contiguous(),
-                                          qkv.slice(1, H + Hkv).contiguous(), s_new, dirty, plan);
+  const py::tuple attended = layer_attend(w, t, q_new, k_new, v_new, s_new, dirty, plan);
   const Tensor post = attended[0].cast<Tensor>(), attn_out = attended[1].cast<Tensor>();
   py::dict counts = attended[2];
-  const Tensor y = x.index_select(0, post) + attn_out;
-  const Tensor mlp_norm = field(w, "mlp_norm");
-  const auto gate_up =
-      at::linear(at::rms_norm(y, {d}, mlp_norm, w.attr("mlp_eps").cast<double>()), field(w, "w_gate_up")).chunk(2, -1);
-  const Tensor out = y + at::linear(at::silu(gate_up[0]) * gate_up[1], field(w, "w_down"));
-  Tensor next = layer_commit(target, post, out.contiguous(), plan);
+  // y = x + attention output, x' = y + SwiGLU(RMSNorm(y)) of the rows it returned (none: no operator runs).
+  const int64_t np = post.numel();
+  Tensor out = at::empty({np, d}, opts);
+  if (np > 0) {
+    TORCH_CHECK(attn_out.is_contiguous() && attn_out.size(0) == np && attn_out.size(1) == d,
+                "layer_attend returned an attention output of shape ", attn_out.sizes());
+    Tensor y = at::empty({np, d}, opts);
+    const Tensor mlp_norm = field(w, "mlp_norm");
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_residual_cpu", [&] {
+      gather_add(x.data_ptr<scalar_t>(), post.data_ptr<int64_t>(), attn_out.data_ptr<scalar_t>(), np, d,
+                 y.data_ptr<scalar_t>());
+    });
+    const auto gate_up =
+        at::linear(at::rms_norm(y, {d}, mlp_norm, w.attr("mlp_eps").cast<double>()), field(w, "w_gate_up")).chunk(2, -1);
+    const Tensor mlp = at::linear(at::silu(gate_up[0]) * gate_up[1], field(w, "w_down")).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_residual_cpu", [&] {
+      const int64_t rows[] = {0};  // one "row" of np * d elements, read in place
+      gather_add(y.data_ptr<scalar_t>(), rows, mlp.data_ptr<scalar_t>(), 1, np * d, out.data_ptr<scalar_t>());
+    });
+  }
+  Tensor next = layer_commit(target, post, out, plan);
   counts["mlp_rows"] = post.numel();
   return py::make_tuple(next, counts);
 }
