@@ -370,14 +370,14 @@ class Document:
         layer step shares. Writes the new tokens and positions into the cache. Its work is
         O(edit) apart from splicing ``order`` and ``doc_pos`` (two memcpys of the document length)."""
         cache, dev = self.cache, self.model.device
-        old_order, old_doc_pos = cache.order, cache.doc_pos
+        old_order, old_doc_pos = cache.order, cache.doc_pos.numpy()  # (doc_pos lives on the CPU: numpy is cheaper)
         new_t = torch.tensor(cache.alloc(sum(ids.numel() for _, _, ids in norm)), dtype=torch.long, device=dev)
         orders, doc_pos, deleted_pieces, runs, joins = [], [], [], [], []
         cur = used = at = 0  # (at: index in the new document)
         for s, e, ids in norm:
             k = ids.numel()
             orders += [old_order[cur:s], new_t[used:used + k]]
-            doc_pos += [old_doc_pos[cur:s], torch.full((k,), float("nan"), dtype=torch.float64)]
+            doc_pos += [old_doc_pos[cur:s], np.full(k, np.nan)]
             deleted_pieces.append(old_order[s:e])
             at += s - cur
             if k and runs and runs[-1][1] == at - 1:
@@ -389,16 +389,18 @@ class Document:
             cur, used, at = e, used + k, at + k
         orders.append(old_order[cur:])
         doc_pos.append(old_doc_pos[cur:])
-        order, doc_pos = torch.cat(orders), torch.cat(doc_pos)
+        order, doc_pos_np = torch.cat(orders), np.concatenate(doc_pos)
         deleted = torch.cat(deleted_pieces) if deleted_pieces else old_order[:0]
-        windows = plan_edit_positions(doc_pos.numpy(), runs, joins, self.position_policy)
+        windows = plan_edit_positions(doc_pos_np, runs, joins, self.position_policy)
+        doc_pos = torch.from_numpy(doc_pos_np)
 
         is_new = cache.is_new
         is_new[new_t] = True
-        touched = torch.from_numpy(np.unique(np.concatenate([np.arange(a, b + 1) for a, b in windows]))
-                                   if windows else np.zeros(0, dtype=np.int64))
+        touched_np = (np.unique(np.concatenate([np.arange(a, b + 1) for a, b in windows])) if windows
+                      else np.zeros(0, dtype=np.int64))
+        touched = torch.from_numpy(touched_np)
         slots = order[touched.to(dev)]
-        new_values = doc_pos[touched].to(dev)
+        new_values = torch.from_numpy(doc_pos_np[touched_np]).to(dev)
         moved_kept = ~is_new[slots] & (cache.positions[slots] != new_values)
         renumbered = slots[moved_kept]
         first_changed = norm[0][0] if norm else len(old_order)
@@ -450,7 +452,7 @@ class Document:
             macs.layer(c, w.quantized)
         # For the cone: positions of the rows whose layer-0 input changed, and those keys left from.
         changed = plan.pos[planned.dirty]
-        removed = torch.cat([plan.old_pos[plan.deleted], plan.old_pos[planned.renumbered]])
+        removed = plan.old_pos[torch.cat([plan.deleted, planned.renumbered])]
         total = lambda name: sum(getattr(c, name) for c in counts)  # noqa: E731
         # The tokens whose final hidden state changed: their positions now, found in the document-order
         # positions by binary search when asked for (O(edit log n)).

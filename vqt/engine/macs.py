@@ -16,7 +16,6 @@ recomputed in full, layer by layer, with no quantization).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections import Counter
 from dataclasses import dataclass
@@ -48,7 +47,8 @@ class MacCounter:
 
     def fresh(self) -> "MacCounter":
         """An empty counter with the same rates (cheaper than building one: a document keeps one to copy)."""
-        out = copy.copy(self)
+        out = MacCounter.__new__(MacCounter)
+        out.__dict__.update(self.__dict__)
         out.by_kind = Counter()
         return out
 
@@ -89,17 +89,17 @@ class MacCounter:
         self.mlp(rows)
 
     def layer(self, counts: LayerCounts, quantized: bool) -> None:
-        """What one incremental layer step did (``LayerCounts``), in MACs."""
-        self.qkv(counts.dirty)
-        if counts.affected:
-            self.attention(counts.delta_pairs, "attention_delta")
-        sink_pairs = counts.full_rows if self._sink else 0
-        self.attention(counts.full_pairs + sink_pairs)
+        """What one incremental layer step did (``LayerCounts``), in MACs (the kinds of ``rows``, added
+        in place: this runs for every layer of every edit)."""
+        k, c = self.by_kind, counts
+        k["qkv"] += c.dirty * self._qkv_row
+        if c.affected:
+            k["attention_delta"] += c.delta_pairs * self._pair
+        k["attention"] += (c.full_pairs + (c.full_rows if self._sink else 0)) * self._pair
         if quantized:
-            self.quantize_skip(counts.skip_checks)
-            self.quantize_search(counts.searches)
-        self.output(counts.mlp_rows, quantized)
-        self.mlp(counts.mlp_rows)
+            k["quantize"] += c.skip_checks * self._skip + c.searches * self._search
+        k["output"] += c.mlp_rows * self._output_row[quantized]
+        k["mlp"] += c.mlp_rows * self._mlp_row
 
 
 @dataclass(frozen=True)
