@@ -218,3 +218,37 @@ def test_a_failure_mid_update_leaves_the_document_as_it_was(backend):
     torch.testing.assert_close(doc.hidden, hidden, atol=1e-9, rtol=0)
     doc.apply_edits([(3, 5, [7, 8, 9]), (40, 40, [1] * 6)])  # and it goes on exactly
     assert_matches_dense(doc)
+
+
+def test_a_state_saved_with_reference_points_and_the_last_output_loads_and_stays_exact():
+    """States saved before the slot tables lost the certified skip's reference points (``a_ref``) and the
+    last block's output (``residual``) still load: the reference points become radii around the current
+    outputs (each radius less how far its row's output is from its reference point), and edits stay exact."""
+    model = tiny_model(window=6.0)
+    rng = random.Random(5)
+    doc = Document(model, [rng.randrange(61) for _ in range(60)])
+    for _ in range(10):
+        s = rng.randrange(len(doc))
+        doc.replace(s, s + 1, [rng.randrange(61)])
+    state = {k: v.clone() for k, v in doc.cache.state_dict().items()}
+    gen = torch.Generator().manual_seed(0)
+    moved = {}
+    for li, t in enumerate(doc.cache.layers):
+        a = (t.U / t.Z.unsqueeze(-1)).reshape(t.codes.shape[0], t.codes.shape[1], -1)
+        offset = torch.randn(a.shape, generator=gen, dtype=a.dtype) * 1e-3
+        state[f"layer{li}.a_ref"] = a + offset  # where each code was "last searched"
+        moved[li] = offset.pow(2).sum(-1).sqrt()
+    state["residual"] = torch.zeros_like(state["hidden"])
+    radii = [t.radius.clone() for t in doc.cache.layers]
+    doc.cache.load_state_dict(state)
+    live = doc.cache.order
+    for li, t in enumerate(doc.cache.layers):
+        want = (radii[li] - moved[li])[live]
+        assert bool((t.radius[live] <= want).all()), "a converted radius certifies more than the old one did"
+        torch.testing.assert_close(t.radius[live], want, rtol=0, atol=1e-12)
+    assert "residual" not in doc.cache.state_dict()
+    assert_matches_dense(doc)
+    for _ in range(10):
+        s = rng.randrange(len(doc))
+        doc.replace(s, s + 1, [rng.randrange(61)])
+        assert_matches_dense(doc)
