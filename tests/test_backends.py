@@ -243,16 +243,26 @@ def test_requantize_float32_no_worse_than_reference(fused, m):
 
 
 def assert_radius_kept_soundly(args, got):
-    """A skipped group kept its code and carries its old radius less (at least) the distance it moved,
-    and that is positive; a group whose old radius does not cover the move was searched."""
-    a, _, codes, a_old, radius = (t.double().cpu() for t in args)
+    """A skipped group kept its code and carries the radius its old one implies around its new vector
+    ((|a_old - e| + 2 r - |a - a_old| - |a - e|) / 2, recomputed here in float64), which is positive and never
+    less than r - |a - a_old|; a group where that is not positive was searched."""
+    a, cb, codes, a_old, radius = (t.double().cpu() for t in args)
     new_codes, new_radius, searched = on_cpu(got)
-    left = radius - (a - a_old).pow(2).sum(-1).sqrt()
+    codes = codes.long()
+    e = cb[torch.arange(cb.shape[0]), codes]  # (m, G, gd): each group's codeword
+    dist = lambda x, y: (x - y).pow(2).sum(-1).sqrt()  # noqa: E731
+    left = (dist(a_old, e) + 2 * radius - dist(a, a_old) - dist(a, e)) / 2
     kept = ~searched
-    assert torch.equal(new_codes[kept], codes.long()[kept])
+    assert torch.equal(new_codes[kept], codes[kept])
     assert bool((new_radius[kept].double() <= left[kept]).all() and (new_radius[kept] > 0).all())
+    assert bool((left[kept] >= (radius - dist(a, a_old))[kept]).all())
     assert bool(searched[~(left > 0)].all()), "a group that left its certified ball was not searched"
     torch.testing.assert_close(new_radius[kept].double(), left[kept], rtol=1e-5, atol=1e-6)
+    # What a kept radius certifies holds: no other codeword is nearer anywhere in the ball.
+    d_all = (a.unsqueeze(2) - cb).pow(2).sum(-1).sqrt()  # (m, G, K)
+    d1 = d_all.gather(2, codes.unsqueeze(2)).squeeze(2)
+    d2 = d_all.scatter(2, codes.unsqueeze(2), float("inf")).amin(2)
+    assert bool((new_radius[kept].double() <= ((d2 - d1) / 2)[kept]).all())
 
 
 @pytest.mark.parametrize("dtype", [F64, F32])

@@ -54,8 +54,8 @@ def test_mac_accounting_hand_computed():
     # Dense twin: no search, W_o is 8x8 = 64 per row instead of the 16-MAC lookup.
     assert dense_macs(twin, pos) == 1776 - 96 - 48 + 3 * 64
     m = MacCounter(cfg)
-    m.quantize_skip(5)
-    assert m.total == 5 * 4 and m.by_kind["quantize"] == 20
+    m.quantize_skip(5)  # each check: three distances of gd = 4 (moved, old and new distance to the codeword)
+    assert m.total == 5 * 3 * 4 and m.by_kind["quantize"] == 60
     sink = VQTConfig(**{**cfg.to_dict(), "sink": "token"})
     # A sink is one more pair per row (score and value): 3 rows * 16.
     assert dense_macs(sink, pos) == 1776 + 3 * 16

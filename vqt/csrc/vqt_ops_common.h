@@ -91,12 +91,15 @@ struct Eps<double> {
 VQT_HD float step_down(float x) { return nextafterf(x, -INFINITY); }
 VQT_HD double step_down(double x) { return nextafter(x, -INFINITY); }
 
-// What is left of a certified radius after its group vector moved by sqrt(moved2) (vqt.ops.reference.
-// remaining_radius): radius - distance, the distance enlarged by 2^-40 and the result rounded down, so the
-// ball it certifies always lies inside the old one. NaN-safe: NaN in, NaN out (which certifies nothing).
+// The certified radius around a that a certified radius around a_old implies for the code whose codeword
+// is e (vqt.ops.reference.remaining_radius), from the squared distances |a - a_old|^2, |a_old - e|^2 and
+// |a - e|^2: (|a_old - e| + 2 radius - |a - a_old| - |a - e|) / 2, distances shrunk or enlarged by 2^-40
+// and the result rounded down. NaN-safe: NaN in, NaN out (which certifies nothing).
 template <typename T>
-VQT_HD T remaining_radius(T radius, double moved2) {
-  return step_down(static_cast<T>(static_cast<double>(radius) - sqrt(moved2) * (1 + 0x1p-40)));
+VQT_HD T remaining_radius(T radius, double moved2, double old2, double new2) {
+  const double up = 1 + 0x1p-40, down = 1 - 0x1p-40;
+  return step_down(
+      static_cast<T>((sqrt(old2) * down + 2 * static_cast<double>(radius) - sqrt(moved2) * up - sqrt(new2) * up) / 2));
 }
 
 // Nearest and second-nearest codeword by squared distance under the total order (distance, index):

@@ -390,20 +390,22 @@ inline Top2 nearest_two(const double* dist2, int64_t K) {
   return best;
 }
 
-// Keeps the code of group vector ig when what is left of its certified radius after the move from a_old
-// to a is positive (the code cannot have changed), storing that remaining radius, and returns false;
-// returns true, writing nothing, when it must be searched.
+// Keeps the code of group vector ig when the certified radius its old one implies around a (remaining_radius)
+// is positive (the code cannot have changed), storing that radius, and returns false; returns true, writing
+// nothing, when it must be searched (a code outside [0, K) always is).
 template <typename T>
 bool must_search(int64_t ig, const RequantizeInputs<T>& in, int64_t* codes, T* radius) {
-  const int64_t gd = in.gd;
+  const int64_t gd = in.gd, code = in.codes[ig];
+  if (code < 0 || code >= in.K) return true;
   const T* a = in.a + ig * gd;
   const T* old = in.a_old + ig * gd;
-  double moved = 0;
+  const T* e = in.codebook + ((ig % in.G) * in.K + code) * gd;
+  double moved = 0, old2 = 0, new2 = 0;
   for (int64_t d = 0; d < gd; ++d) {
-    const double diff = static_cast<double>(a[d]) - static_cast<double>(old[d]);
-    moved += diff * diff;
+    const double x = static_cast<double>(a[d]), o = static_cast<double>(old[d]), c = static_cast<double>(e[d]);
+    moved += (x - o) * (x - o), old2 += (o - c) * (o - c), new2 += (x - c) * (x - c);
   }
-  const T left = remaining_radius(in.radius[ig], moved);
+  const T left = remaining_radius(in.radius[ig], moved, old2, new2);
   if (left > 0) {  // NaN-safe: anything uncertain is searched
     codes[ig] = in.codes[ig];
     radius[ig] = left;

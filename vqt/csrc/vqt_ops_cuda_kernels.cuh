@@ -207,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) codebook_norm_kernel(const T* codebo
   if (threadIdx.x == 0) e2max[g] = mx;
 }
 
-// Group (i, g): keep the code while radius - ||a - a_old|| stays positive (certified), else search all K codewords.
+// Group (i, g): keep the code while the radius it implies around a stays positive (certified), else search all K.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) requantize_kernel(RequantizeInputs<T> in, const double* e2max,
                                                               int64_t* codes, T* radius, bool* searched) {
@@ -217,16 +217,23 @@ __global__ void __launch_bounds__(kThreads) requantize_kernel(RequantizeInputs<T
   const int64_t g = blockIdx.y, ig = blockIdx.x * in.G + g, gd = in.gd;
   const T* a = in.a + ig * gd;
   const T* old = in.a_old + ig * gd;
-  double dist2 = 0, a2 = 0;
+  const int64_t code = in.codes[ig];
+  const bool valid = code >= 0 && code < in.K;  // (a code outside [0, K) is searched)
+  const T* e = in.codebook + (g * in.K + (valid ? code : 0)) * gd;
+  double dist2 = 0, a2 = 0, old2 = 0, new2 = 0;
   for (int64_t d = threadIdx.x; d < gd; d += kThreads) {
-    const double x = static_cast<double>(a[d]), diff = x - static_cast<double>(old[d]);
+    const double x = static_cast<double>(a[d]), o = static_cast<double>(old[d]), c = static_cast<double>(e[d]);
     a_sh[d] = x;
-    dist2 += diff * diff;
+    dist2 += (x - o) * (x - o);
+    old2 += (o - c) * (o - c);
+    new2 += (x - c) * (x - c);
     a2 += x * x;
   }
   dist2 = block_reduce(dist2, Sum(), red);  // also makes a_sh visible to the whole block
+  old2 = block_reduce(old2, Sum(), red);
+  new2 = block_reduce(new2, Sum(), red);
   a2 = block_reduce(a2, Sum(), red);
-  const T left = remaining_radius(in.radius[ig], dist2);
+  const T left = valid ? remaining_radius(in.radius[ig], dist2, old2, new2) : T(NAN);
   if (left > 0) {  // the same decision in every thread of the block; NaN-safe: anything uncertain is searched
     if (threadIdx.x == 0) {
       codes[ig] = in.codes[ig];

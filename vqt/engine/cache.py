@@ -22,10 +22,17 @@ import dataclasses
 import torch
 
 from vqt.ops.composite import output_groups
-from vqt.ops.reference import remaining_radius
 from vqt.ops.tables import LayerTables
 
 _DOC_TENSORS = ("tokens", "positions", "hidden")  # per-slot rows outside the layers
+
+
+def _radius_after_move(a: torch.Tensor, a_ref: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """A certified radius around ``a`` from one around ``a_ref``: radius - |a - a_ref|, rounded down (the
+    triangle inequality; what states saved with reference points convert to)."""
+    moved = (a.double() - a_ref.double()).pow(2).sum(-1).sqrt() * (1 + 2.0 ** -40)
+    rem = (radius.double() - moved).to(radius.dtype)
+    return torch.nextafter(rem, torch.full_like(rem, float("-inf")))
 
 
 class SlotCache:
@@ -145,7 +152,7 @@ class SlotCache:
             a_ref = state.pop(key + "a_ref", None)  # saved with reference points: radii around them, made current
             if a_ref is not None and {key + "U", key + "Z", key + "radius"} <= set(state) and a_ref.dim() == 3:
                 a = output_groups(state[key + "U"], state[key + "Z"], a_ref.shape[1])
-                state[key + "radius"] = remaining_radius(a, a_ref, state[key + "radius"])
+                state[key + "radius"] = _radius_after_move(a, a_ref, state[key + "radius"])
         if set(state) != set(cur):
             missing, unexpected = sorted(set(cur) - set(state)), sorted(set(state) - set(cur))
             raise ValueError(f"the state does not fit this model: missing {missing[:5]}, unexpected {unexpected[:5]}")

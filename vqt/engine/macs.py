@@ -40,7 +40,7 @@ class MacCounter:
         self._qkv_row = cfg.d_model * (cfg.n_heads + 2 * cfg.n_kv_heads) * hd
         self._pair = 2 * cfg.n_heads * hd
         self._search = cfg.codebook_size * cfg.group_dim
-        self._skip = cfg.group_dim
+        self._skip = 3 * cfg.group_dim
         self._output_row = {True: cfg.n_groups * cfg.d_model, False: cfg.d_model * cfg.n_heads * hd}
         self._mlp_row = 3 * cfg.d_model * cfg.d_ff
         self._sink = cfg.sink != "none"
@@ -68,7 +68,8 @@ class MacCounter:
         self.by_kind["quantize"] += vectors * self._search
 
     def quantize_skip(self, vectors: int) -> None:
-        """Distance of ``vectors`` group vectors to their reference point."""
+        """The certified-skip check of ``vectors`` group vectors: three distances (how far each moved, and
+        its old and new distance to its codeword)."""
         self.by_kind["quantize"] += vectors * self._skip
 
     def output(self, rows: int, quantized: bool) -> None:

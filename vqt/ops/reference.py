@@ -104,13 +104,22 @@ def attention_delta(q: torch.Tensor, pos_q_old: torch.Tensor, pos_q: torch.Tenso
     return U, Z, M, refresh
 
 
-def remaining_radius(a: torch.Tensor, a_old: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-    """What is left of a certified radius after a group vector moved from ``a_old`` to ``a``: radius minus
-    |a - a_old| (Euclidean over the last dim), rounded down, so that the ball it certifies around ``a``
-    always lies inside the one certified around ``a_old`` (triangle inequality). NaN-safe: a NaN stays
-    NaN, which certifies nothing."""
-    moved = (a.double() - a_old.double()).pow(2).sum(-1).sqrt() * (1 + 2.0 ** -40)
-    rem = (radius.double() - moved).to(radius.dtype)
+def remaining_radius(a: torch.Tensor, a_old: torch.Tensor, e_code: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+    """The certified radius around ``a`` that a certified ``radius`` around ``a_old`` implies, for the code
+    whose codeword is ``e_code`` (Euclidean distances over the last dim, in float64).
+
+    A radius r around a_old means every other codeword is at least |a_old - e| + 2r from a_old, so at
+    least |a_old - e| + 2r - |a - a_old| from a; a ball around a of half the room left,
+    (|a_old - e| + 2r - |a - a_old| - |a - e|) / 2, is then nearer e than any other codeword. That is
+    never less than r - |a - a_old| (the triangle inequality bounds |a - e|), and more when a moved
+    towards e or sideways. Distances are shrunk or enlarged by 2^-40 against float64 rounding and the
+    result is rounded down. NaN-safe: a NaN stays NaN, which certifies nothing."""
+    A, O, E = a.double(), a_old.double(), e_code.double()
+    up, down = 1 + 2.0 ** -40, 1 - 2.0 ** -40
+    d_old = (O - E).pow(2).sum(-1).sqrt() * down
+    d_new = (A - E).pow(2).sum(-1).sqrt() * up
+    moved = (A - O).pow(2).sum(-1).sqrt() * up
+    rem = ((d_old + 2 * radius.double() - moved - d_new) / 2).to(radius.dtype)
     return torch.nextafter(rem, torch.full_like(rem, float("-inf")))
 
 
@@ -119,13 +128,16 @@ def requantize(a: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor, a_o
     """Re-quantize a (m, G, gd) with the certified skip (DESIGN.md section 2, step 4).
 
     ``radius`` certifies ``codes`` in a ball around ``a_old``, the vector each group had before it moved
-    to ``a``. A group whose remaining radius (``remaining_radius``: radius minus the distance moved) is
-    still positive keeps its code without a search and carries that remaining radius; the others are
-    searched and get the radius of the new search. So a row's radius always refers to its current
-    attention output, and no reference point is stored. Returns (codes, radius, searched (m, G) bool).
+    to ``a``. A group whose remaining radius around ``a`` (``remaining_radius``) is positive keeps its
+    code without a search and carries that radius; the others are searched and get the radius of the
+    new search. So a row's radius always refers to its current attention output, and no reference
+    point is stored. Codes outside [0, K) are searched. Returns (codes, radius, searched (m, G) bool).
     """
     codes = codes.clone()
-    radius = remaining_radius(a, a_old, radius)
+    K = codebook.shape[1]
+    valid = (codes >= 0) & (codes < K)
+    e_code = codebook[torch.arange(codebook.shape[0], device=codes.device), codes.clamp(0, K - 1)]  # (m, G, gd)
+    radius = torch.where(valid, remaining_radius(a, a_old, e_code, radius), float("nan"))
     searched = ~(radius > 0)  # NaN-safe: anything uncertain is searched
     for g in range(a.shape[1]):
         rows = searched[:, g].nonzero().squeeze(1)

@@ -29,8 +29,8 @@ class LayerTables:
     M: torch.Tensor  # (R, H) stabilizer (the row's largest score, the sink's included)
     codes: torch.Tensor  # (R, G) long (zeros for a dense twin)
     # (R, G) certified radius of each code around the row's current attention output U / Z: no other
-    # codeword is nearer anywhere in that ball (what is left of the radius of the last search after every
-    # move since, vqt.ops.reference.remaining_radius); zeros for a dense twin.
+    # codeword is nearer anywhere in that ball (set by each search, carried through every move since by
+    # vqt.ops.reference.remaining_radius); zeros for a dense twin.
     radius: torch.Tensor
     sink: Optional[torch.Tensor] = None  # (R, H) each query's attention-sink score (models with a sink)
     # (R, H) a bound on the relative rounding error U and Z have gathered from delta updates since the row was
