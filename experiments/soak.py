@@ -45,7 +45,7 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from vqt._errors import UserError  # noqa: E402
-from vqt._memory import proc_status_kb  # noqa: E402
+from vqt._memory import proc_status_kb, release_free_memory  # noqa: E402
 from vqt._extras import require  # noqa: E402
 from vqt.apps.loading import load_model  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
@@ -263,15 +263,17 @@ def run(args: argparse.Namespace) -> int:
 
     def checkpoint(index: int) -> dict[str, Any]:
         nonlocal t_window
-        rss = rss_mb()  # before the dense forward, whose temporaries the allocator may keep
+        rss = rss_mb()  # before the dense forward
         result = verify(model, doc)
+        rss_verify = rss_mb()  # with the dense forward's temporaries, which the allocator keeps for reuse
+        release_free_memory()  # ... handed back, so the next checkpoint's RSS counts the document, not them
         record = {"kind": "checkpoint", "revision": index, "rev_id": feed.current["rev_id"],
                   "timestamp": feed.current.get("timestamp"), "tokens": len(doc.doc), "chars": len(doc.text),
                   "revisions_since": window["revisions"], "edits_since": window["edits"],
                   "apply_s": round(window["apply"], 4),
                   "edits_per_s": window["edits"] / window["apply"] if window["apply"] > 0 else None,
                   "blankings_since": window["blankings"], "restores_since": window["restores"],
-                  "reverts_since": window["reverts"], "rss_mb": rss, "rss_after_verify_mb": rss_mb(),
+                  "reverts_since": window["reverts"], "rss_mb": rss, "rss_after_verify_mb": rss_verify,
                   "wall_s": round(time.perf_counter() - t_window, 3), **result}
         write(record)
         session.append(record)
@@ -300,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
                     result = verify(model, doc)
                     write({"kind": "build", "revision": index - 1, "tokens": len(doc.doc), "rss_mb": rss,
                            "rss_after_verify_mb": rss_mb(), **result})
+                    release_free_memory()
                     if not result["exact"]:
                         status = 1
                         tqdm.write(f"revision {index - 1}: the dense build does NOT match the dense forward: {result}")
