@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import torch
 
+from vqt._memory import release_free_memory
 from vqt.ops.composite import output_groups
 from vqt.ops.tables import LayerTables
 
@@ -88,6 +89,7 @@ class SlotCache:
                 t = getattr(self, name)
                 setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
             self.free = list(range(old + extra - 1, old - 1, -1)) + self.free
+            release_free_memory()  # the old tables' pages: the allocator would keep them, fragmented, for reuse
         return [self.free.pop() for _ in range(count)]
 
     def release(self, slots: torch.Tensor) -> None:
@@ -115,6 +117,7 @@ class SlotCache:
         self.order = torch.arange(n, device=rows.device)
         self.free = list(range(cap - 1, n - 1, -1))
         self._derive()
+        release_free_memory()
         return rows
 
     def bytes_per_slot(self) -> int:
