@@ -41,6 +41,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -132,7 +133,25 @@ def summarize(checkpoints: Sequence[dict[str, Any]], session: Sequence[dict[str,
             out.update(rss_same_size_mb=same[0]["rss_mb"], tokens_same_size=same[0]["tokens"],
                        revision_same_size=same[0]["revision"],
                        rss_same_size_change=(end["rss_mb"] - same[0]["rss_mb"]) / same[0]["rss_mb"])
+        out.update(rss_trend(session[1:]))
     return out
+
+
+def rss_trend(checkpoints: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """RSS against document size over the checkpoints after warm-up: a least-squares line RSS = a + b *
+    tokens, and how far the last third of the run sits above the first third at equal size (the mean of
+    their relative residuals; a leak shows as a positive drift), with the checkpoints' own scatter around
+    the line (5th and 95th percentile of the residuals). Empty with fewer than six checkpoints."""
+    pts = [(c["tokens"], c["rss_mb"]) for c in checkpoints if c["rss_mb"] is not None]
+    if len(pts) < 6:
+        return {}
+    tokens, rss = (np.array(v, dtype=np.float64) for v in zip(*pts))
+    (a, b), *_ = np.linalg.lstsq(np.stack([np.ones_like(tokens), tokens], 1), rss, rcond=None)
+    rel = rss / (a + b * tokens) - 1
+    third = len(rel) // 3
+    return {"rss_fit_mb": float(a), "rss_fit_kb_per_token": float(b * 1024), "rss_fit_points": len(rel),
+            "rss_drift": float(rel[-third:].mean() - rel[:third].mean()),
+            "rss_scatter": (float(np.percentile(rel, 5)), float(np.percentile(rel, 95)))}
 
 
 def format_summary(s: dict[str, Any]) -> str:
@@ -149,6 +168,12 @@ def format_summary(s: dict[str, Any]) -> str:
         lines.append(f"RSS at the same document size: {s['rss_same_size_mb']:.0f} MB at revision "
                      f"{s['revision_same_size']} ({s['tokens_same_size']} tokens) vs {s['rss_end_mb']:.0f} MB at the "
                      f"end: {100 * s['rss_same_size_change']:+.1f}%")
+    if "rss_drift" in s:
+        lo, hi = s["rss_scatter"]
+        lines.append(f"RSS against document size ({s['rss_fit_points']} checkpoints after warm-up: "
+                     f"{s['rss_fit_mb']:.0f} MB + {s['rss_fit_kb_per_token']:.1f} KB/token): the last third of the run "
+                     f"sits {100 * s['rss_drift']:+.1f}% from the first third at equal size (checkpoint scatter "
+                     f"{100 * lo:+.0f}% to {100 * hi:+.0f}%)")
     lines.append(f"verification failures: {s['failures']} of {s['verified']} checkpoints")
     return "\n".join(lines)
 

@@ -103,3 +103,15 @@ def test_release_free_memory_hands_freed_heap_pages_back():
     after = proc_status_kb("VmRSS")
     assert after < before - 64 * 1024, f"RSS {before} kB -> {after} kB"
     assert len(keep) == 2000
+
+
+def test_rss_trend_separates_a_leak_from_document_size():
+    """The soak's size-adjusted drift: RSS that only follows the document's length shows no drift, RSS that
+    also grows with time does."""
+    sizes = [1000 + 500 * (i % 7) for i in range(30)]
+    follows = [{"tokens": t, "rss_mb": 300 + 0.012 * t} for t in sizes]
+    leaks = [{"tokens": t, "rss_mb": 300 + 0.012 * t + 4 * i} for i, t in enumerate(sizes)]
+    flat = soak.rss_trend(follows)
+    assert abs(flat["rss_drift"]) < 1e-9 and flat["rss_fit_kb_per_token"] == pytest.approx(0.012 * 1024)
+    assert soak.rss_trend(leaks)["rss_drift"] > 0.2
+    assert soak.rss_trend(follows[:5]) == {}
