@@ -26,6 +26,7 @@ from vqt.ops.composite import output_groups
 from vqt.ops.tables import LayerTables
 
 _DOC_TENSORS = ("tokens", "positions", "hidden")  # per-slot rows outside the layers
+RELEASE_BYTES = 64 << 20  # replaced tables at least this large are handed back to the kernel (SlotCache._release)
 
 
 def _radius_after_move(a: torch.Tensor, a_ref: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -89,8 +90,16 @@ class SlotCache:
                 t = getattr(self, name)
                 setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
             self.free = list(range(old + extra - 1, old - 1, -1)) + self.free
-            release_free_memory()  # the old tables' pages: the allocator would keep them, fragmented, for reuse
+            self._release(old)
         return [self.free.pop() for _ in range(count)]
+
+    def _release(self, slots: int) -> None:
+        """After tables of ``slots`` rows were replaced: hand their pages back to the kernel when they were
+        large (the allocator would keep them, fragmented, for reuse, and a long-lived document's RSS would
+        drift). Small ones are left to the allocator: trimming makes the next allocations fault their
+        pages in again, which costs more than it saves."""
+        if slots * self.bytes_per_slot() >= RELEASE_BYTES:
+            release_free_memory()
 
     def release(self, slots: torch.Tensor) -> None:
         """Return deleted slots to the free list."""
@@ -105,7 +114,7 @@ class SlotCache:
         """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus a
         sixteenth; returns the old slot of each new one. O(n), and only when an eighth of the slots are
         free, so amortized O(1) per deleted token."""
-        n, rows = len(self), self.order
+        n, rows, old_cap = len(self), self.order, self.capacity
         cap = max(n + n // 16, 16)
         for t in self.layers:
             t.compact(rows, cap)
@@ -117,7 +126,7 @@ class SlotCache:
         self.order = torch.arange(n, device=rows.device)
         self.free = list(range(cap - 1, n - 1, -1))
         self._derive()
-        release_free_memory()
+        self._release(old_cap)
         return rows
 
     def bytes_per_slot(self) -> int:
