@@ -1099,11 +1099,12 @@ __attribute__((optimize("fp-contract=off"))) void rope_rows(const T* qkv, int64_
   }
 }
 
-// out[i] = a[rows[i]] + b[i] for rows of width d (as ATen's index_select then add: one rounding each).
+// out[i] = a[rows[i]] + b[i] for rows of width d (as ATen's index_select then add: one rounding each);
+// rows null: out[i] = a[i] + b[i].
 template <typename T>
 void gather_add(const T* a, const int64_t* rows, const T* b, int64_t n, int64_t d, T* out) {
   for (int64_t i = 0; i < n; ++i) {
-    const T* ar = a + rows[i] * d;
+    const T* ar = a + (rows ? rows[i] : i) * d;
 #pragma omp simd
     for (int64_t c = 0; c < d; ++c) out[i * d + c] = ar[c] + b[i * d + c];
   }
@@ -1178,8 +1179,7 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
         at::linear(at::rms_norm(y, {d}, mlp_norm, w.attr("mlp_eps").cast<double>()), field(w, "w_gate_up")).chunk(2, -1);
     const Tensor mlp = at::linear(at::silu(gate_up[0]) * gate_up[1], field(w, "w_down")).contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_residual_cpu", [&] {
-      const int64_t rows[] = {0};  // one "row" of np * d elements, read in place
-      gather_add(y.data_ptr<scalar_t>(), rows, mlp.data_ptr<scalar_t>(), 1, np * d, out.data_ptr<scalar_t>());
+      gather_add(y.data_ptr<scalar_t>(), nullptr, mlp.data_ptr<scalar_t>(), np, d, out.data_ptr<scalar_t>());
     });
   }
   Tensor next = layer_commit(target, post, out, plan);
