@@ -2,9 +2,12 @@
 
     python experiments/frontier.py --points w128-sink-layer-k256 w64-sink-layer-k256 --model runs/x/model
     python experiments/frontier.py --points w128-nosink-layer-k256 --edits 20 --eval-tokens 8192
+    python experiments/frontier.py --points w256-sink-layer-k64-qtc w256-sink-layer-k64-qtc-top2 --save runs/frontier
 
-A point is ``w<W>-<sink|nosink>-<granularity>-k<K>`` (converted training-free: k-means codebooks on
-Anarchism text) or ``--model DIR`` (an adapted checkpoint). For each: held-out perplexity next to the
+A point is ``w<W>-<sink|nosink>-<granularity>-k<K>[-qtc][-top<N>]`` (converted training-free on Anarchism
+text: k-means codebooks; ``-qtc`` quantize-then-correct, fitted in closed form; ``-top<N>``: the top N
+layers carry no codes) or ``--model DIR`` (an adapted checkpoint); ``--save DIR`` writes each converted
+point as a delta folder (DIR/<point>), e.g. for experiments/classify.py. For each: held-out perplexity next to the
 original full-attention model's on the same windows; on real edits of the held-out API articles
 (the first 1024 tokens of each document, stable positions, the ``cpu`` backend): the median and p10 MAC ratio vs the
 original's dense forward (full attention), vs the windowed model's own dense forward, VQ's saving
@@ -35,9 +38,9 @@ from vqt.histories.formats import iter_history  # noqa: E402
 from vqt.histories.replay import quantiles, replay  # noqa: E402
 from vqt.modeling.model import VQTModel  # noqa: E402
 from vqt.pretrained.adapt import heldout_perplexity  # noqa: E402
-from vqt.pretrained.convert import convert, tokenizer_from_gguf  # noqa: E402
+from vqt.pretrained.convert import convert, save_delta, tokenizer_from_gguf  # noqa: E402
 
-POINT = re.compile(r"w(\d+)-(sink|nosink)-(layer|head|product)-k(\d+)$")
+POINT = re.compile(r"w(\d+)-(sink|nosink)-(layer|head|product)-k(\d+)(-qtc)?(?:-top(\d+))?$")
 
 
 def full_attention_macs(original: VQTModel, n: int) -> int:
@@ -87,6 +90,7 @@ def main() -> None:
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
+    p.add_argument("--save", default=None, help="folder: write each converted point there as a delta checkpoint")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -102,19 +106,24 @@ def main() -> None:
     for spec in a.points:
         m = POINT.match(spec)
         if not m:
-            raise SystemExit(f"point {spec!r} is not like w128-sink-layer-k256")
+            raise SystemExit(f"point {spec!r} is not like w128-sink-layer-k256 or w256-sink-layer-k64-qtc-top2")
         W, sink, gran, K = float(m[1]), "token" if m[2] == "sink" else "none", m[3], int(m[4])
-        model, _ = convert(None, calib, window=W, sink=sink, granularity=gran, codebook_size=K)
+        n_layers = original.config.n_layers
+        layers = None if not m[6] else list(range(n_layers - int(m[6])))
+        model, _ = convert(None, calib, window=W, sink=sink, granularity=gran, codebook_size=K,
+                           quantizer="qtc" if m[5] else "vq", quantize_layers=layers, progress=True)
+        if a.save:
+            save_delta(model, Path(a.save) / spec)
         rows.append(measure(spec, model, original, tok, held, a, original_ms))
     for path in a.model:
         rows.append(measure(path, VQTModel.from_pretrained(path), original, tok, held, a, original_ms))
     print(f"\nheld-out perplexity of the original on the same windows: {original_ppl:.2f}")
-    print("| point | ppl | MAC vs full dense (med / p10) | vs windowed dense | VQ over cone | vs prefix | "
+    print("| point | ppl | vs original ppl | MAC vs full dense (med / p10) | vs windowed dense | VQ over cone | vs prefix | "
           "flips L1 | ms/edit | wall vs original dense |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         f, w, c, pr = r["vs_full_dense"], r["vs_window_dense"], r["vq_over_cone"], r["vs_prefix"]
-        print(f"| {r['point']} | {r['ppl']:.1f} | {f['median']:.1f}x / {f['p10']:.1f}x | {w['median']:.1f}x | "
+        print(f"| {r['point']} | {r['ppl']:.1f} | {r['ppl'] / original_ppl:.2f}x | {f['median']:.1f}x / {f['p10']:.1f}x | {w['median']:.1f}x | "
               f"{c['median']:.2f}x | {pr['median']:.2f}x | {r['flip_l1']:.3f} | {r['ms_per_edit']:.0f} | "
               f"{r['wall_vs_original_dense']:.2f}x |")
     if a.json:

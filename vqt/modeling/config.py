@@ -11,6 +11,7 @@ from typing import Any, Literal, Optional
 Granularity = Literal["layer", "head", "product"]
 PosEncoding = Literal["rope", "none"]
 SinkKind = Literal["none", "token", "logit"]
+QuantizerKind = Literal["vq", "qtc"]
 
 
 @dataclass
@@ -51,6 +52,11 @@ class VQTConfig:
     # the dense twin; a quantized one stops the cascade wherever codes stay put.
     quantize_layers: Optional[list[int]] = None
     granularity: Granularity = "head"  # one codebook per layer, per head, or product (sub-codebooks per head)
+    # What a code's output is (vqt.modeling.quantize): "vq", the codeword searched, W_o E[c]; "qtc"
+    # (quantize-then-correct), a separate output codeword plus a linear correction from the layer's own
+    # normed input, W_o (E_out[c] + C RMSNorm(x)). The correction depends only on the position's own input,
+    # so the cascade still stops wherever codes stay put; it costs one d x d product per recomputed row.
+    quantizer: QuantizerKind = "vq"
     n_subvectors: int = 2  # sub-codebooks per head when granularity == "product"
     codebook_size: int = 64
     commitment_weight: float = 0.25
@@ -74,6 +80,7 @@ class VQTConfig:
             (self.codebook_size >= 2, f"codebook_size must be >= 2, got {self.codebook_size}"),
             (self.window is None or self.window > 0, f"window must be positive or None, got {self.window}"),
             (self.sink in ("none", "token", "logit"), f"unknown sink {self.sink!r} (use 'none', 'token' or 'logit')"),
+            (self.quantizer in ("vq", "qtc"), f"unknown quantizer {self.quantizer!r} (use 'vq' or 'qtc')"),
             (self.max_len > 0, "max_len must be positive"),
             (self.quantize_layers is None or all(isinstance(i, int) and 0 <= i < self.n_layers
                                                  for i in self.quantize_layers),
@@ -92,6 +99,10 @@ class VQTConfig:
     def layer_quantized(self, i: int) -> bool:
         """Whether layer i has a quantizer."""
         return self.quantize and (self.quantize_layers is None or i in self.quantize_layers)
+
+    def layer_corrected(self, i: int) -> bool:
+        """Whether layer i's output carries a quantize-then-correct correction (M RMSNorm(x))."""
+        return self.layer_quantized(i) and self.quantizer == "qtc"
 
     @property
     def head_dim(self) -> int:

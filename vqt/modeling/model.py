@@ -10,6 +10,7 @@ operators the engine uses.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -21,7 +22,7 @@ from torch import nn
 
 from vqt._checks import position_tensor, token_tensor
 from vqt.modeling.config import VQTConfig
-from vqt.modeling.quantize import VectorQuantizer
+from vqt.modeling.quantize import make_quantizer
 from vqt.ops import Backend, get_backend, layer
 from vqt.ops.composite import output_groups
 from vqt.ops import reference as ops
@@ -61,7 +62,7 @@ class Block(nn.Module):
         self.wk = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.wv = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
         self.wo = nn.Linear(cfg.n_heads * hd, d, bias=False)
-        self.quantizer = VectorQuantizer(cfg) if cfg.layer_quantized(layer_idx) else None
+        self.quantizer = make_quantizer(cfg) if cfg.layer_quantized(layer_idx) else None
         self.mlp_norm = RMSNorm(d, cfg.norm_eps)
         self.w_gate = nn.Linear(d, cfg.d_ff, bias=False)
         self.w_up = nn.Linear(d, cfg.d_ff, bias=False)
@@ -72,8 +73,7 @@ class Block(nn.Module):
             self.sink_logit = nn.Parameter(torch.zeros(cfg.n_heads))
         self._projections = {"qkv": ("wq", "wk", "wv"), "gate_up": ("w_gate", "w_up")}
         self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # concatenated projection weights (see fused_weight)
-        self._table: Optional[torch.Tensor] = None
-        self._table_key: tuple = ()
+        self._folded: dict[str, tuple[tuple, Optional[torch.Tensor]]] = {}  # W_o folded in (see lookup_table)
 
     @property
     def scale(self) -> float:
@@ -137,26 +137,39 @@ class Block(nn.Module):
             scale=self.scale, mlp_norm=self.mlp_norm.weight.detach(), mlp_eps=float(self.mlp_norm.eps),
             w_gate_up=self.fused_weight("gate_up"), w_down=self.w_down.weight.detach(),
             codebook=None if q is None else q.codebook.detach().contiguous(),
-            table=None if q is None else self.lookup_table(),
+            table=None if q is None else self.lookup_table(), w_corr=None if q is None else self.correction_weight(),
             w_o=self.wo.weight.detach() if q is None else None, **sink)
 
-    def lookup_table(self) -> torch.Tensor:
-        """T (G, K, d) with T[g, c] = W_o[:, group g] @ E[g, c], cached until either weight changes."""
-        assert self.quantizer is not None
-        E, W = self.quantizer.codebook, self.wo.weight
-        key = (E._version, W._version, E.data_ptr(), W.data_ptr(), E.dtype, E.device)
-        if self._table is None or self._table_key != key:
-            G, gd = self.cfg.n_groups, self.cfg.group_dim
-            w = rearrange(W.detach(), "d (g e) -> g e d", g=G, e=gd)
-            self._table = torch.einsum("gke,ged->gkd", E.detach(), w)
-            self._table_key = key
-        return self._table
+    def _fold(self, name: str, part: Optional[torch.Tensor], fold: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+              ) -> Optional[torch.Tensor]:
+        """``fold(part, W_o)`` detached, cached until either weight changes (None when ``part`` is)."""
+        W = self.wo.weight
+        key = None if part is None else (part._version, W._version, part.data_ptr(), W.data_ptr(), part.dtype,
+                                         part.device)
+        cached = self._folded.get(name)
+        if cached is None or cached[0] != key:
+            cached = (key, None if part is None else fold(part.detach(), W.detach()))
+            self._folded[name] = cached
+        return cached[1]
 
-    def attn_output(self, a_or_codes: torch.Tensor) -> torch.Tensor:
-        """Attention contribution to the residual: table lookup of codes (m, G), or W_o a (dense twin)."""
-        if self.quantizer is not None:
-            return ops.lookup(self.lookup_table(), a_or_codes)
-        return self.wo(a_or_codes.flatten(1))
+    def lookup_table(self) -> torch.Tensor:
+        """T (G, K, d) with T[g, c] = W_o[:, group g] @ E_out[g, c] (the quantizer's output codebook)."""
+        assert self.quantizer is not None
+        G, gd = self.cfg.n_groups, self.cfg.group_dim
+        return self._fold("table", self.quantizer.output_codebook(), lambda E, W: torch.einsum(
+            "gke,ged->gkd", E, rearrange(W, "d (g e) -> g e d", g=G, e=gd)))
+
+    def correction_weight(self) -> Optional[torch.Tensor]:
+        """(d, d) W_o C, the quantizer's correction folded with the output projection; None without one."""
+        assert self.quantizer is not None
+        return self._fold("correction", self.quantizer.correction(), lambda C, W: W @ C)
+
+    def correct(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A lookup output ``out`` (m, d) plus the quantizer's correction of the rows' inputs x (m, d), if any."""
+        w_corr = None if self.quantizer is None else self.correction_weight()
+        if w_corr is None:
+            return out
+        return layer.corrected(out, x, self.attn_norm.weight, self.attn_norm.eps, w_corr)
 
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """y = x + attn_out; x' = y + SwiGLU(RMSNorm(y)). Per token."""
@@ -182,7 +195,8 @@ class Block(nn.Module):
         loss = x.new_zeros(())
         extras: dict = {"attn": a}
         if self.quantizer is not None and self.quantizer.enabled:
-            aq, codes, loss = self.quantizer(self.quantizer.split(a).flatten(0, 1))
+            h = None if self.quantizer.correction() is None else self.attn_norm(x).flatten(0, 1)
+            aq, codes, loss = self.quantizer(self.quantizer.split(a).flatten(0, 1), h)
             extras["codes"] = codes.view(*a.shape[:2], -1)
             a = aq.view_as(a)
         return self.finish(x, self.wo(a)), loss, extras
@@ -410,10 +424,11 @@ class VQTModel(nn.Module):
         return t, keys, values
 
     def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
-               before_quantize: Optional[Callable[[Block, torch.Tensor], None]] = None,
+               before_quantize: Optional[Callable[[Block, torch.Tensor, torch.Tensor], None]] = None,
                backend: Optional[Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS,
                keep_prefix: bool = True, follow: Optional[torch.Tensor] = None) -> DenseOutput:
-        """The dense pass itself; ``before_quantize(block, a)`` sees each layer's attention outputs first.
+        """The dense pass itself; ``before_quantize(block, a, x)`` sees each layer's attention outputs and inputs
+        first (rows [start, n)).
 
         Each layer runs in two sweeps over chunks of ``chunk_rows`` rows, writing into the output tables:
         q/k/v and attention (a chunk's queries see only keys of rows up to its own last, already
@@ -454,7 +469,7 @@ class VQTModel(nn.Module):
                 U, Z, M = attend(q, pos[c], keys[kb], values[kb], pos[band], cfg.window, block.scale, s, sink_v)
                 t.U[r], t.Z[r], t.M[r] = U, Z, M
             if before_quantize is not None:
-                before_quantize(block, output_groups(t.U[start - base:], t.Z[start - base:], G))
+                before_quantize(block, output_groups(t.U[start - base:], t.Z[start - base:], G), t.x[start - base:])
             if codes is not None:
                 t.codes = codes[li]  # a view: the layer's codes are rows of the stacked output
             nxt = None
@@ -471,7 +486,7 @@ class VQTModel(nn.Module):
                         chosen = torch.where((chosen != want) & (res.gap <= 4 * (res.gap / 2 - res.radius)), want,
                                              chosen)
                     t.codes[r], t.radius[r], gaps[li, r] = chosen, res.radius, res.gap
-                    out = lookup(block.lookup_table(), chosen)
+                    out = block.correct(lookup(block.lookup_table(), chosen), t.x[r])
                 else:  # an unquantized layer: zero codes, and a gap no float noise can close
                     t.codes[r], t.radius[r] = 0, 0
                     out = block.wo(a.flatten(1))
@@ -494,19 +509,39 @@ class VQTModel(nn.Module):
 
     # ----------------------------------------------------------- calibration
     @torch.no_grad()
-    def calibrate_codebooks(self, token_ids: Sequence[int] | torch.Tensor, iters: int = 20, seed: int = 0) -> None:
-        """Initialise every codebook by k-means on this model's own attention outputs over token_ids.
+    def calibrate_codebooks(self, token_ids: Sequence[int] | torch.Tensor, iters: int = 20, seed: int = 0,
+                            progress: bool = False) -> list[float]:
+        """Fit every quantizer in closed form on this model's own activations over token_ids (k-means
+        codebooks; for quantize-then-correct also the output codebook and the correction).
 
-        Layer by layer: layer l's codebooks are fitted on activations computed with layers < l
-        already quantized, so each codebook sees the inputs it will quantize.
+        Layer by layer: layer l is fitted on activations computed with layers < l already quantized,
+        so each quantizer sees the inputs it will quantize. Returns the seconds each layer took (its
+        share of the dense pass included); ``progress`` shows a bar.
         """
         if not self.config.quantize:
             raise ValueError("calibrate_codebooks needs a quantized model (config.quantize=True)")
+        from tqdm import tqdm
+
         g = torch.Generator(device="cpu").manual_seed(seed)
         tok = torch.as_tensor(token_ids, dtype=torch.long, device=self.device).reshape(-1)
         pos = torch.arange(tok.numel(), dtype=torch.float64, device=self.device)
-        self._dense(tok, pos, None, 0, before_quantize=lambda block, a: block.quantizer is not None and
-                    block.quantizer.init_kmeans(a, iters=iters, generator=g))
+        seconds: list[float] = []
+        bar = tqdm(total=len(self.blocks), desc="calibrating", unit="layer", disable=not progress, dynamic_ncols=True)
+        last = time.perf_counter()
+
+        def fit(block: Block, a: torch.Tensor, x: torch.Tensor) -> None:
+            nonlocal last
+            if block.quantizer is not None:
+                block.quantizer.calibrate(a, block.attn_norm(x), iters=iters, generator=g)
+            now = time.perf_counter()
+            seconds.append(now - last)
+            last = now
+            bar.set_postfix_str(f"layer {block.layer_idx}: {seconds[-1]:.1f} s")
+            bar.update()
+
+        with bar:
+            self._dense(tok, pos, None, 0, before_quantize=fit)
+        return seconds
 
     # ------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path, state: Optional[dict[str, torch.Tensor]] = None) -> None:
@@ -571,7 +606,8 @@ class VQTModel(nn.Module):
     def describe(self) -> str:
         c = self.config
         n = sum(p.numel() for p in self.parameters())
-        q = (f"VQ {c.granularity} x{c.n_groups} K={c.codebook_size}" if c.quantize else "dense twin (no VQ)")
+        q = (f"{c.quantizer.upper()} {c.granularity} x{c.n_groups} K={c.codebook_size}" if c.quantize
+             else "dense twin (no VQ)")
         if c.quantize and c.quantize_layers is not None:
             q += f" on layers {c.quantize_layers}"
         if c.sink != "none":

@@ -1,4 +1,18 @@
-"""Vector quantization of attention outputs: codebooks, nearest-code search with margins, training losses."""
+"""Vector quantization of attention outputs: what is quantized and how (DESIGN.md section 1).
+
+A quantizer owns three things, and the model and every backend read only these:
+
+- the *search codebook* E (G, K, gd): a code is c = argmin_k |a - E[k]| per group of the attention
+  output a (the certified skip and the flips are about this search);
+- the *output codebook* (G, K, gd): what a code stands for after the search, folded with W_o into the
+  lookup table (``VectorQuantizer``: E itself);
+- an optional *correction* C (H hd, d): a linear map of the layer's own normed input h = RMSNorm(x) added
+  to the output (``CorrectedQuantizer``, quantize-then-correct). It depends only on the position's own
+  input, so a position whose input and codes did not change still keeps its output bitwise.
+
+So the attention contribution to the residual is W_o (E_out[c] + C h), computed as a table lookup
+plus (W_o C) h. A new way of quantizing is a new class here, not a branch in every backend.
+"""
 
 from __future__ import annotations
 
@@ -59,8 +73,22 @@ class VectorQuantizer(nn.Module):
         """codes (n, G) -> quantized vectors (n, G, gd)."""
         return self.codebook[torch.arange(self.n_groups, device=codes.device), codes]
 
-    def forward(self, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Quantize a (N, G, gd). Returns (straight-through output, codes (N, G), VQ loss)."""
+    def output_codebook(self) -> torch.Tensor:
+        """(G, K, gd) what each code stands for in the layer's output (here: the searched codeword)."""
+        return self.codebook
+
+    def correction(self) -> Optional[torch.Tensor]:
+        """(H hd, d) the linear correction from the normed layer input added to the output, or None."""
+        return None
+
+    def output(self, codes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """The quantized attention output (n, G, gd) of codes (n, G) at normed inputs h (n, d)."""
+        return self.decode(codes)
+
+    def forward(self, a: torch.Tensor, h: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Quantize a (N, G, gd) (h (N, d): the normed layer inputs, for a correction). Returns
+        (straight-through output, codes (N, G), VQ loss)."""
         res = nearest(a.detach(), self.codebook.detach())
         q = self.decode(res.codes)
         loss = self.commitment_weight * (a - q.detach()).pow(2).mean()
@@ -68,7 +96,19 @@ class VectorQuantizer(nn.Module):
             loss = loss + (a.detach() - q).pow(2).mean()
         if self.training and not self.frozen and self.ema_decay > 0:
             self._ema_update(a.detach(), res.codes)
-        return a + (q - a).detach(), res.codes, loss
+        return self._straight_through(a, q, res.codes, h), res.codes, loss
+
+    def _straight_through(self, a: torch.Tensor, q: torch.Tensor, codes: torch.Tensor,
+                          h: Optional[torch.Tensor]) -> torch.Tensor:
+        """The output's value with the identity as a's gradient."""
+        return a + (q - a).detach()
+
+    @torch.no_grad()
+    def calibrate(self, a: torch.Tensor, h: torch.Tensor, iters: int = 20,
+                  generator: Optional[torch.Generator] = None) -> None:
+        """Fit this quantizer in closed form to sample attention outputs a (N, G, gd) and normed layer
+        inputs h (N, d): k-means codebooks (``init_kmeans``)."""
+        self.init_kmeans(a, iters=iters, generator=generator)
 
     @torch.no_grad()
     def _ema_update(self, a: torch.Tensor, codes: torch.Tensor) -> None:
@@ -123,3 +163,79 @@ class VectorQuantizer(nn.Module):
             if self.ema_decay > 0:
                 self.ema_sum[g] = cent
                 self.ema_count[g] = 1.0
+
+
+class CorrectedQuantizer(VectorQuantizer):
+    """Quantize-then-correct (QTC): the search is plain VQ (c = argmin_k |a - E[k]|), but the output is
+    E_out[c] + C h, with a separate output codebook E_out and a linear correction C of the normed layer
+    input h. Both are fitted in closed form (``calibrate``); the search codebook stays the k-means one,
+    so codes flip exactly as often as plain VQ's."""
+
+    def __init__(self, cfg: VQTConfig) -> None:
+        super().__init__(cfg)
+        self.out_codebook = nn.Parameter(self.codebook.detach().clone())  # (G, K, gd)
+        self.correction_weight = nn.Parameter(torch.zeros(self.n_groups * self.group_dim, cfg.d_model))  # (H hd, d)
+
+    def output_codebook(self) -> torch.Tensor:
+        return self.out_codebook
+
+    def correction(self) -> torch.Tensor:
+        return self.correction_weight
+
+    def output(self, codes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        out = self.out_codebook[torch.arange(self.n_groups, device=codes.device), codes]
+        return out + self.split(h @ self.correction_weight.T)
+
+    def _straight_through(self, a: torch.Tensor, q: torch.Tensor, codes: torch.Tensor,
+                          h: Optional[torch.Tensor]) -> torch.Tensor:
+        if h is None:
+            raise ValueError("a quantize-then-correct quantizer needs the normed layer inputs h")
+        return self.output(codes, h) + (a - a.detach())
+
+    @torch.no_grad()
+    def calibrate(self, a: torch.Tensor, h: torch.Tensor, iters: int = 20,
+                  generator: Optional[torch.Generator] = None, rounds: int = 3, ridge: float = 1e-2) -> None:
+        """k-means search codebooks, then ``rounds`` alternations of a ridge regression of the codes'
+        residual on [h, 1] (lambda = ``ridge`` x the mean diagonal of the Gram matrix, bias not penalized)
+        and per-cluster means of what the regression leaves. The bias is folded into the output codebook."""
+        self.init_kmeans(a, iters=iters, generator=generator)
+        codes = nearest(a.to(self.codebook.dtype), self.codebook).codes  # (N, G)
+        fit = fit_qtc(a.double(), h.double(), codes, self.codebook.detach().double(), rounds, ridge)
+        self.out_codebook.data.copy_(fit[0])
+        self.correction_weight.data.copy_(fit[1])
+
+
+def fit_qtc(a: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, rounds: int = 3,
+            ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form quantize-then-correct fit: a (N, G, gd) attention outputs, h (N, d) normed inputs, codes
+    (N, G) their codes in ``codebook`` (G, K, gd). Returns (output codebook (G, K, gd) with the bias folded
+    in, correction (G gd, d)) minimizing |a - E_out[c] - C h - b|^2 + lambda |C|^2 by alternation."""
+    N, G, gd = a.shape
+    K = codebook.shape[1]
+    flat = a.reshape(N, G * gd)
+    hb = torch.cat([h, h.new_ones(N, 1)], 1)  # (N, d + 1)
+    gram = hb.T @ hb
+    reg = ridge * gram.diagonal()[:-1].mean()
+    gram.diagonal()[:-1].add_(reg)
+    groups = torch.arange(G, device=a.device)
+    index = codes + groups * K  # (N, G) a row of the (G K)-row codebook
+    counts = torch.bincount(index.flatten(), minlength=G * K).unsqueeze(1)  # (G K, 1)
+    used = (counts > 0).reshape(G, K, 1)
+    out = codebook.clone()
+    for _ in range(rounds):
+        coef = torch.linalg.solve(gram, hb.T @ (flat - out[groups, codes].reshape(N, G * gd)))  # (d + 1, G gd)
+        rest = (flat - hb @ coef).reshape(N * G, gd)
+        means = torch.zeros(G * K, gd, dtype=a.dtype, device=a.device).index_add_(0, index.flatten(), rest)
+        means = (means / counts.clamp(min=1)).reshape(G, K, gd)
+        # a code no sample chose: its searched codeword, less the average correction (bias included)
+        unused = codebook - (h.mean(0) @ coef[:-1] + coef[-1]).reshape(G, 1, gd)
+        out = torch.where(used, means, unused)
+    return out + coef[-1].reshape(G, 1, gd), coef[:-1].T.contiguous()
+
+
+QUANTIZERS = {"vq": VectorQuantizer, "qtc": CorrectedQuantizer}
+
+
+def make_quantizer(cfg: VQTConfig) -> VectorQuantizer:
+    """The quantizer ``cfg.quantizer`` names."""
+    return QUANTIZERS[cfg.quantizer](cfg)

@@ -119,11 +119,13 @@ def layer_commit(target: Union[torch.Tensor, FinalNorm], post: torch.Tensor, x_n
 def layer_step(ops: "Backend", w: LayerWeights, t: LayerTables, target: Union[torch.Tensor, FinalNorm],
                dirty: torch.Tensor, plan: EditPlan) -> tuple[torch.Tensor, LayerCounts]:
     """One whole layer of an incremental update: q/k/v of the dirty rows, ``ops.layer_attend``, the
-    output and MLP of the rows it returns, ``ops.layer_commit``. Returns (next dirty slots, counts)."""
+    output (with the correction of a quantize-then-correct layer) and MLP of the rows it returns, ``ops.layer_commit``. Returns (next dirty slots, counts)."""
     angles = None if plan.rope is None else layer.rope_angles(plan.pos[dirty], plan.rope, t.x.dtype)
     sink = (w.sink_k, w.sink_logit, w.scale) if w.has_sink else None
     q, k, v, s = layer.qkv(t.x[dirty], w.attn_norm, w.attn_eps, w.w_qkv, w.n_heads, w.n_kv_heads, angles, sink)
     post, attn_out, counts = ops.layer_attend(w, t, q, k, v, s, dirty, plan)
+    if w.w_corr is not None:
+        attn_out = layer.corrected(attn_out, t.x[post], w.attn_norm, w.attn_eps, w.w_corr)
     x_next = layer.mlp_residual(t.x[post] + attn_out, w.mlp_norm, w.mlp_eps, w.w_gate_up, w.w_down)
     counts.mlp_rows = post.numel()
     return ops.layer_commit(target, post, x_next, plan), counts

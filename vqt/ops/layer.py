@@ -66,6 +66,13 @@ def qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Ten
     return qk[..., :H, :], qk[..., H:, :], v, s
 
 
+def corrected(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_corr: torch.Tensor
+              ) -> torch.Tensor:
+    """Quantize-then-correct: a lookup output ``out`` (m, d) plus W_corr RMSNorm(x) of the rows' inputs x
+    (vqt.modeling.quantize.CorrectedQuantizer, folded with W_o). The layer's own attention norm."""
+    return out + F.linear(F.rms_norm(x, norm_weight.shape, norm_weight, eps), w_corr)
+
+
 def mlp_residual(y: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
                  w_down: torch.Tensor) -> torch.Tensor:
     """x' = y + W_down(silu(gate) * up) of RMSNorm(y). Per row."""

@@ -82,6 +82,9 @@ class LayerWeights:
     codebook: Optional[torch.Tensor] = None  # (G, K, gd); None for a dense twin
     table: Optional[torch.Tensor] = None  # (G, K, d) lookup table E @ W_o per group
     w_o: Optional[torch.Tensor] = None  # (d, H hd) for a dense twin (its output is W_o a)
+    # (d, d) quantize-then-correct: the output of a quantized row is table[codes] + w_corr RMSNorm(x) (its own
+    # attention norm; vqt.ops.layer.corrected); None for plain VQ
+    w_corr: Optional[torch.Tensor] = None
     sink_k: Optional[torch.Tensor] = None  # (H, hd) per query head: sink key in the query's frame (scale q_raw . k)
     sink_v: Optional[torch.Tensor] = None  # (H, hd) per query head: the sink value it reads
     sink_logit: Optional[torch.Tensor] = None  # (H,) added to every sink score
