@@ -144,28 +144,41 @@ def attention_error(doc: Document) -> float:
     return float(max(errors))
 
 
+@pytest.mark.slow
 def test_typing_and_backspacing_a_dominant_token_100k_times_stays_within_the_float32_contract():
-    """Each insert/delete of token 0 cancels ~85-99% of the denominators that see it: the rows' error
-    bounds grow with every cycle, and the drift budget refreshes them before they are spent."""
+    """The soak (opt-in: ``python -m pytest -m slow``): each insert/delete of token 0 cancels ~85-99% of the
+    denominators that see it, 100,000 times; the rows' error bounds grow with every cycle, and the drift
+    budget refreshes them before they are spent. The suite's short version is the next test."""
     model, tokens = dominant_token_model()
     doc = Document(model, tokens, backend="cpu")
     refreshes, worst = 0, 0.0
     for i in range(100_000):
         refreshes += doc.insert(0, [0]).refreshes + doc.delete(0, 1).refreshes
         if (i + 1) % 20_000 == 0:
-            out = model.forward_dense(doc.token_ids, doc.positions)
-            worst = max(worst, float((doc.hidden - out.hidden).abs().max()))
-            assert out.codes_agree(doc.codes), f"after {2 * (i + 1)} edits a code left the contract"
-            assert worst < 1e-5, f"after {2 * (i + 1)} edits the hidden states drifted {worst:.2e} from the dense forward"
-            assert attention_error(doc) < 1e-6
-            drift = doc.cache.layers[0].drift[doc.cache.order]
-            assert float(drift.max()) <= doc.drift_budget
+            assert_within_float32_contract(doc, f"after {2 * (i + 1)} edits")
     assert refreshes > 0, "the budget never refreshed a row: the test did not exercise it"
 
 
+def assert_within_float32_contract(doc: Document, when: str) -> None:
+    """Codes within the contract, hidden states within 1e-5 and attention outputs within 1e-6 of a dense
+    forward, and no row's rounding-error bound past the budget."""
+    out = doc.model.forward_dense(doc.token_ids, doc.positions)
+    assert out.codes_agree(doc.codes), f"{when} a code left the contract"
+    worst = float((doc.hidden - out.hidden).abs().max())
+    assert worst < 1e-5, f"{when} the hidden states drifted {worst:.2e} from the dense forward"
+    assert attention_error(doc) < ATTENTION_BOUND
+    drift = doc.cache.layers[0].drift[doc.cache.order]
+    assert float(drift.max()) <= doc.drift_budget
+
+
+ATTENTION_BOUND = 1e-6  # the float32 contract's bound on attention outputs, in these tests
+
+
 def test_without_the_budget_patched_rows_drift_and_nothing_refreshes_them():
-    """The control: the same cycles with other keys of the rows changing too (so rounding does not
-    simply repeat), once with the default budget and once without one."""
+    """The suite's short drift test, and its control: 10,000 cycles of typing and deleting the dominant
+    token while other keys of the rows change too (so rounding does not simply repeat), once with the
+    default budget and once without one. Without it the attention outputs leave the contract's bound
+    within these cycles; with it they stay inside, and so does everything else the soak checks."""
     model, tokens = dominant_token_model()
     errors, refreshes = {}, {}
     for budget in (None, float("inf")):
@@ -177,9 +190,11 @@ def test_without_the_budget_patched_rows_drift_and_nothing_refreshes_them():
             refreshes[budget] += sum(st.refreshes for st in (
                 doc.insert(0, [0]), doc.replace(j, j + 1, [rng.randrange(1, 61)]), doc.delete(0, 1)))
         errors[budget] = attention_error(doc)
+        if budget is None:
+            assert_within_float32_contract(doc, "after 30,000 edits")
     assert refreshes[float("inf")] == 0, "the cancellation guard refreshed rows: the control tests nothing"
     assert refreshes[None] > 0
-    assert errors[None] < 1e-6 and errors[float("inf")] > 2 * errors[None], errors
+    assert errors[float("inf")] > ATTENTION_BOUND > errors[None], errors
 
 
 class _FailsInLayer:
