@@ -8,6 +8,8 @@ import warnings
 import pytest
 import torch
 
+import vqt.ops
+
 from helpers import assert_matches_dense, tiny_model
 from vqt import Document, VQTConfig, VQTModel
 from vqt.engine.macs import MacCounter, baseline_macs, dense_macs, prefix_reuse_macs
@@ -278,3 +280,25 @@ def test_changed_rows_per_layer_are_the_rows_whose_next_input_changed():
     for layer, (old, new) in enumerate(zip(before, outputs())):
         want = [i for i, s in enumerate(order) if i in (10, 11) or not torch.equal(old[s], new[s])]
         assert rows[layer] == want, layer
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_recomputed_counts_the_layers_that_recomputed_each_token(backend):
+    """EditStats.recomputed, built from the layers' own rows: a token counts at a layer when its input or one
+    of its codes changed there (or it is new), and the counts add up to the rows the layers recomputed."""
+    why = vqt.ops.unavailable_reason(backend)
+    if why:
+        pytest.skip(why)
+    model = tiny_model(window=6.0)
+    doc = Document(model, list(range(40)), backend=backend)
+    state = lambda: [(t.x.clone(), t.codes.clone()) for t in doc.cache.layers]  # noqa: E731
+    before = state()
+    st = doc.replace(20, 20, [7, 8])
+    after, order = state(), doc.cache.order.tolist()
+    want = []
+    for i, s in enumerate(order):
+        new = i in (20, 21)
+        want.append(sum(new or not (torch.equal(x0[s], x1[s]) and torch.equal(c0[s], c1[s]))
+                        for (x0, c0), (x1, c1) in zip(before, after)))
+    assert st.recomputed.tolist() == want and sum(want) > 2
+    assert int(st.recomputed.sum()) == sum(st.dirty_per_layer) + sum(st.flips_per_layer)

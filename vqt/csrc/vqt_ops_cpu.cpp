@@ -1000,10 +1000,10 @@ Tensor codebook_norms(const Tensor& codebook) {
   return out;
 }
 
-// layer_commit (semantics: vqt/ops/composite.py layer_commit): stores the recomputed rows, counts
-// them, and returns the slots whose row changed bitwise, or that are new or forced.
+// layer_commit (semantics: vqt/ops/composite.py layer_commit): stores the recomputed rows and returns
+// the slots whose row changed bitwise, or that are new or forced.
 Tensor commit_impl(Tensor target, const Tensor& post_t, const Tensor& x_next, const Tensor& is_new_t,
-                   const Tensor& is_forced_t, Tensor recomputed) {
+                   const Tensor& is_forced_t) {
   VQT_CHECK_CPU(target);
   check_float(target, "target");
   const int64_t C = target.size(0);
@@ -1015,11 +1015,9 @@ Tensor commit_impl(Tensor target, const Tensor& post_t, const Tensor& x_next, co
               x_next.sizes());
   check_tensor(is_new_t, "is_new", 1, torch::kBool, target.device());
   check_tensor(is_forced_t, "is_forced", 1, torch::kBool, target.device());
-  check_tensor(recomputed, "recomputed", 1, torch::kInt, target.device());
-  TORCH_CHECK(is_new_t.size(0) == C && is_forced_t.size(0) == C && recomputed.size(0) == C,
-              "is_new, is_forced and recomputed must have one entry per slot (", C, ")");
+  TORCH_CHECK(is_new_t.size(0) == C && is_forced_t.size(0) == C, "is_new and is_forced must have one entry per slot (",
+              C, ")");
   const bool *is_new = is_new_t.data_ptr<bool>(), *is_forced = is_forced_t.data_ptr<bool>();
-  int32_t* count = recomputed.data_ptr<int32_t>();
   std::vector<int64_t> next;
   AT_DISPATCH_FLOATING_TYPES(target.scalar_type(), "vqt_layer_commit_cpu", [&] {
     using T = scalar_t;
@@ -1032,7 +1030,6 @@ Tensor commit_impl(Tensor target, const Tensor& post_t, const Tensor& x_next, co
       bool moved = is_new[s];
       for (int64_t c = 0; c < d; ++c) moved |= !(row[c] == x[c]);  // (as x != row: NaN always differs)
       std::copy_n(x, d, row);
-      count[s] += 1;
       if (moved || is_forced[s]) next.push_back(s);
     }
   });
@@ -1048,12 +1045,8 @@ Tensor commit_impl(Tensor target, const Tensor& post_t, const Tensor& x_next, co
 Tensor finish_outputs(const py::object& final, const Tensor& rows, const Tensor& x_last, const py::object& plan) {
   Tensor hidden = field(final, "hidden"), pooled_sum = field(final, "pooled_sum");
   const Tensor weight = field(final, "weight"), is_new = field(plan, "is_new"), deleted = field(plan, "deleted");
-  Tensor recomputed = field(plan, "recomputed");
   VQT_CHECK_CPU(hidden);
-  check_tensor(recomputed, "recomputed", 1, torch::kInt, hidden.device());
-  const Slots post = slots_of(rows, "rows", recomputed.size(0));
-  int32_t* count = recomputed.data_ptr<int32_t>();
-  for (int64_t i = 0; i < post.n; ++i) count[post[i]] += 1;
+  const Slots post = slots_of(rows, "rows", hidden.size(0));
   if (post.n == 0 && deleted.numel() == 0) return rows;  // nothing changed (the composite adds and subtracts zeros)
   const Tensor new_at = is_new.index({rows}), before = hidden.index({rows});
   const Tensor after = at::rms_norm(x_last, weight.sizes(), weight, final.attr("eps").cast<double>());
@@ -1065,12 +1058,13 @@ Tensor finish_outputs(const py::object& final, const Tensor& rows, const Tensor&
   return out;
 }
 
-// layer_commit (semantics: vqt/ops/composite.py layer_commit): into the next layer's input table, or
-// after the last layer into a FinalNorm (finish_outputs).
+// layer_commit (semantics: vqt/ops/composite.py layer_commit): records the recomputed slots in the plan
+// (plan.posts), then stores the rows into the next layer's input table, or after the last layer into a
+// FinalNorm (finish_outputs).
 Tensor layer_commit(const py::object& target, const Tensor& post, const Tensor& x_next, const py::object& plan) {
+  plan.attr("posts").attr("append")(post);
   if (py::hasattr(target, "pooled_sum")) return finish_outputs(target, post, x_next, plan);
-  return commit_impl(target.cast<Tensor>(), post, x_next, field(plan, "is_new"), field(plan, "is_forced"),
-                     field(plan, "recomputed"));
+  return commit_impl(target.cast<Tensor>(), post, x_next, field(plan, "is_new"), field(plan, "is_forced"));
 }
 
 // RoPE of the dirty rows (vqt/ops/layer.py rope: x * cos + cat(-x2, x1) * sin, rotate-half) without

@@ -50,9 +50,9 @@ class EditStats:
     inserted: int = 0  # new tokens
     deleted: int = 0  # removed tokens
     macs_by_kind: dict[str, int] = field(default_factory=dict)
-    # How many layers recomputed each token: a (n,) tensor in document order, or (counts by slot, order)
-    # from which ``recomputed`` derives it when first asked (an O(n) gather the edit path does not pay).
-    recomputed_by_slot: Union[None, torch.Tensor, tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
+    # How many layers recomputed each token: a (n,) tensor in document order, or what builds it from the
+    # edit's own rows when ``recomputed`` is first asked (an O(n) array the edit path does not pay for).
+    recomputed_by_slot: Union[None, torch.Tensor, Callable[[], torch.Tensor]] = field(default=None, repr=False)
     # Per layer, the slots whose output changed there (the next layer's dirty rows; for the last layer,
     # whose final hidden state changed), and the document order they are mapped back with, lazily (see
     # changed_rows_per_layer).
@@ -77,9 +77,8 @@ class EditStats:
     @property
     def recomputed(self) -> Optional[torch.Tensor]:
         """(n,) int32: how many layers recomputed each token, in document order (None if unknown)."""
-        if isinstance(self.recomputed_by_slot, tuple):
-            counts, order = self.recomputed_by_slot
-            self.recomputed_by_slot = counts[order].cpu()
+        if callable(self.recomputed_by_slot):
+            self.recomputed_by_slot = self.recomputed_by_slot()
         return self.recomputed_by_slot
 
     def _baselines(self) -> Baselines:
@@ -415,9 +414,7 @@ class Document:
         forced = moved if self._pos_matters else new_t
         cache.is_forced[forced] = True
         plan = EditPlan(deleted=deleted, order=order, pos=cache.positions, old_pos=cache.prev_positions, is_new=is_new,
-                        is_forced=cache.is_forced,
-                        recomputed=torch.zeros(cache.capacity, dtype=torch.int32, device=dev),
-                        rope=self._rope, window=self.cfg.window, tau=self.tau, drift_budget=self.drift_budget,
+                        is_forced=cache.is_forced, rope=self._rope, window=self.cfg.window, tau=self.tau, drift_budget=self.drift_budget,
                         pos_order=doc_pos)
         return _Planned(plan, forced, new_t, renumbered, moved, first_changed)
 
@@ -458,6 +455,16 @@ class Document:
         # positions by binary search when asked for (O(edit log n)).
         final_pos, pos_order = plan.pos[final].cpu(), plan.pos_order
         hidden_changed = lambda: torch.searchsorted(pos_order, final_pos).sort().values.tolist()  # noqa: E731
+        # How many layers recomputed each token: counted over the layers' own rows (O(edit)), placed in
+        # document order by the same binary search when asked.
+        slots, layers = (torch.cat(plan.posts) if plan.posts else plan.deleted[:0]).unique(return_counts=True)
+        slot_pos = plan.pos[slots].cpu()
+
+        def recomputed() -> torch.Tensor:
+            out = torch.zeros(len(pos_order), dtype=torch.int32)
+            out[torch.searchsorted(pos_order, slot_pos)] = layers.cpu().to(torch.int32)
+            return out
+
         return EditStats(
             macs=macs.total, baselines=functools.partial(baseline_macs, cfg, plan.pos_order, planned.first_changed,
                                                          changed, removed),
@@ -467,5 +474,5 @@ class Document:
             searches=total("searches"), refreshes=total("refreshes"), renumbered=planned.renumbered.numel(),
             seconds=time.perf_counter() - t0, first_changed=planned.first_changed, inserted=planned.new_slots.numel(),
             deleted=plan.deleted.numel(), macs_by_kind=dict(macs.by_kind),
-            recomputed_by_slot=(plan.recomputed, plan.order), changed_slots=changed_slots, order=plan.order,
+            recomputed_by_slot=recomputed, changed_slots=changed_slots, order=plan.order,
             hidden_changed_of=hidden_changed)

@@ -105,10 +105,10 @@ def output_groups(U: torch.Tensor, Z: torch.Tensor, groups: int) -> torch.Tensor
 def layer_commit(target: Union[torch.Tensor, FinalNorm], post: torch.Tensor, x_next: torch.Tensor, plan: EditPlan
                  ) -> torch.Tensor:
     """Store the recomputed rows ``x_next`` of slots ``post`` into the next layer's input table
-    ``target`` and count them in ``plan.recomputed``; returns the next layer's dirty slots: those
+    ``target`` and record them in ``plan.posts``; returns the next layer's dirty slots: those
     whose row changed bitwise (new ones always) or that are forced, in ``post`` order. After the last
     layer ``target`` is a ``FinalNorm``: see ``finish_outputs``."""
-    plan.recomputed[post] += 1
+    plan.posts.append(post)
     if isinstance(target, FinalNorm):
         return finish_outputs(target, post, x_next, plan)
     moved = (x_next != target[post]).any(-1) | plan.is_new[post]

@@ -121,12 +121,14 @@ class EditPlan:
     old_pos: torch.Tensor  # (C,) float64 positions before it
     is_new: torch.Tensor  # (C,) bool: inserted by this edit
     is_forced: torch.Tensor  # (C,) bool: recomputed at every layer (new, or moved to a new position)
-    recomputed: torch.Tensor  # (C,) int32: layers that recomputed each slot (updated by the steps)
     rope: Optional[torch.Tensor]  # RoPE's inverse frequencies (hd/2,) float64 (vqt.ops.layer.rope_angles); None without
     window: Optional[float]
     tau: float  # cancellation guard threshold
     drift_budget: float = float("inf")  # refresh a delta-updated row whose LayerTables.drift exceeds this
     pos_order: Optional[torch.Tensor] = None  # (n,) float64 CPU: ``pos[order]`` (sorted), for O(edit) range searches
+    # the slots each layer recomputed (its ``post``), appended by every layer_commit: what the edit reached,
+    # kept per edit in O(edit) (a per-slot counter would cost an O(n) array per update)
+    posts: list[torch.Tensor] = dataclasses.field(default_factory=list)
 
 
 @dataclass
