@@ -4,15 +4,18 @@
     python experiments/frontier.py --points w128-nosink-layer-k256 --edits 20 --eval-tokens 8192
     python experiments/frontier.py --points w256-sink-layer-k64-qtc w256-sink-layer-k64-qtc-top2 --save runs/frontier
 
-A point is ``w<W>-<sink|nosink>-<granularity>-k<K>[-qtc][-top<N>]`` (converted training-free on Anarchism
-text: k-means codebooks; ``-qtc`` quantize-then-correct, fitted in closed form; ``-top<N>``: the top N
-layers carry no codes) or ``--model DIR`` (an adapted checkpoint); ``--save DIR`` writes each converted
+A point is ``w<W>-<sink|nosink>-<granularity>-k<K>[-qtc[-r<R>][-t<T>|-tfull]][-top<N>]`` (converted
+training-free on Anarchism text: k-means codebooks; ``-qtc`` quantize-then-correct, fitted in closed form to
+the layer's own attention output, at rank R with ``-r<R>``, or with ``-t<T>`` to the original attention with
+window T (``-tfull``: full attention) on the same inputs; ``-top<N>``: the top N layers carry no codes) or ``--model DIR`` (an adapted checkpoint); ``--save DIR`` writes each converted
 point as a delta folder (DIR/<point>), e.g. for experiments/classify.py. For each: held-out perplexity next to the
 original full-attention model's on the same windows; on real edits of the held-out API articles
 (the first 1024 tokens of each document, stable positions, the ``cpu`` backend): the median and p10 MAC ratio vs the
 original's dense forward (full attention), vs the windowed model's own dense forward, VQ's saving
 over the cone of influence, VQT vs prefix reuse, the layer-1 code flip rate, the engine's time per
-edit and the original's dense forward time over it (same process, torch threads as given).
+edit and the original's dense forward time over it (same process, torch threads as given); with
+``--classify``, document classification accuracy next to the original's on the same splits
+(``experiments/classify.py``'s recipe: pooled features of each document's first 128 tokens).
 Prints a Markdown table; ``--json`` appends the rows to a file.
 """
 
@@ -25,6 +28,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,8 +43,10 @@ from vqt.histories.replay import quantiles, replay  # noqa: E402
 from vqt.modeling.model import VQTModel  # noqa: E402
 from vqt.pretrained.adapt import heldout_perplexity  # noqa: E402
 from vqt.pretrained.convert import convert, save_delta, tokenizer_from_gguf  # noqa: E402
+from vqt.training.classify import LONG_SETS, fold_accuracies, load_documents, pooled_features  # noqa: E402
 
-POINT = re.compile(r"w(\d+)-(sink|nosink)-(layer|head|product)-k(\d+)(-qtc)?(?:-top(\d+))?$")
+POINT = re.compile(r"w(\d+)-(sink|nosink)-(layer|head|product)-k(\d+)(-qtc)?(?:-r(\d+))?(?:-t(\d+|full))?"
+                   r"(?:-top(\d+))?$")
 
 
 def full_attention_macs(original: VQTModel, n: int) -> int:
@@ -58,7 +64,20 @@ def dense_ms(model: VQTModel, ids: np.ndarray, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def measure(name: str, model: VQTModel, original: VQTModel, tok, held: np.ndarray, a, original_ms: float) -> dict:
+class Classification:
+    """Accuracy of pooled features on the vadersentiment documents, on splits shared by every model."""
+
+    def __init__(self, tok, max_tokens: int, repeats: int = 10) -> None:
+        self.texts, self.labels = load_documents(LONG_SETS)
+        self.tok, self.max_tokens, self.repeats = tok, max_tokens, repeats
+
+    def __call__(self, model: VQTModel) -> np.ndarray:
+        feats = pooled_features(model, self.tok, self.texts, self.max_tokens)
+        return np.asarray(fold_accuracies(feats, self.labels, 5, self.repeats))
+
+
+def measure(name: str, model: VQTModel, original: VQTModel, tok, held: np.ndarray, a, original_ms: float,
+            judge: Optional[Classification] = None, original_acc: Optional[np.ndarray] = None) -> dict:
     t0 = time.time()
     ppl = heldout_perplexity(model, held, a.seq_len, a.eval_tokens)
     revs = (r for path in HELDOUT for r in iter_history(path))
@@ -75,6 +94,11 @@ def measure(name: str, model: VQTModel, original: VQTModel, tok, held: np.ndarra
         "original_dense_ms": original_ms,
     }
     row["wall_vs_original_dense"] = original_ms / row["ms_per_edit"]
+    if judge is not None:
+        acc = judge(model)
+        per_repeat = (acc - original_acc).reshape(judge.repeats, -1).mean(1)
+        row["classify_acc"], row["classify_vs_original"] = float(acc.mean()), float(per_repeat.mean())
+        row["classify_sem"] = float(per_repeat.std(ddof=1) / np.sqrt(judge.repeats))
     print(json.dumps(row), flush=True)
     return row
 
@@ -91,6 +115,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", default=None)
     p.add_argument("--save", default=None, help="folder: write each converted point there as a delta checkpoint")
+    p.add_argument("--classify", action="store_true", help="also classification accuracy vs the original")
+    p.add_argument("--classify-tokens", type=int, default=128)
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -103,27 +129,37 @@ def main() -> None:
     original_ms = dense_ms(original, held[:1024])
     print(f"original SmolLM2-135M (full attention): held-out perplexity {original_ppl:.2f}, dense forward of 1024 "
           f"tokens {original_ms:.0f} ms", flush=True)
+    judge = Classification(tok, a.classify_tokens) if a.classify else None
+    original_acc = judge(original) if judge else None
+    if judge:
+        print(f"original classification accuracy {original_acc.mean():.4f}", flush=True)
+    scored = dict(judge=judge, original_acc=original_acc)
     for spec in a.points:
         m = POINT.match(spec)
         if not m:
             raise SystemExit(f"point {spec!r} is not like w128-sink-layer-k256 or w256-sink-layer-k64-qtc-top2")
         W, sink, gran, K = float(m[1]), "token" if m[2] == "sink" else "none", m[3], int(m[4])
         n_layers = original.config.n_layers
-        layers = None if not m[6] else list(range(n_layers - int(m[6])))
+        rank = int(m[6]) if m[6] else None
+        target = "own" if not m[7] else None if m[7] == "full" else float(m[7])
+        layers = None if not m[8] else list(range(n_layers - int(m[8])))
         model, _ = convert(None, calib, window=W, sink=sink, granularity=gran, codebook_size=K,
-                           quantizer="qtc" if m[5] else "vq", quantize_layers=layers, progress=True)
+                           quantizer="qtc" if m[5] else "vq", correction_rank=rank, target_window=target,
+                           quantize_layers=layers, progress=True)
         if a.save:
             save_delta(model, Path(a.save) / spec)
-        rows.append(measure(spec, model, original, tok, held, a, original_ms))
+        rows.append(measure(spec, model, original, tok, held, a, original_ms, **scored))
     for path in a.model:
-        rows.append(measure(path, VQTModel.from_pretrained(path), original, tok, held, a, original_ms))
+        rows.append(measure(path, VQTModel.from_pretrained(path), original, tok, held, a, original_ms, **scored))
     print(f"\nheld-out perplexity of the original on the same windows: {original_ppl:.2f}")
-    print("| point | ppl | vs original ppl | MAC vs full dense (med / p10) | vs windowed dense | VQ over cone | vs prefix | "
+    print("| point | ppl | vs original ppl | classification vs original | MAC vs full dense (med / p10) | vs windowed dense | VQ over cone | vs prefix | "
           "flips L1 | ms/edit | wall vs original dense |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         f, w, c, pr = r["vs_full_dense"], r["vs_window_dense"], r["vq_over_cone"], r["vs_prefix"]
-        print(f"| {r['point']} | {r['ppl']:.1f} | {r['ppl'] / original_ppl:.2f}x | {f['median']:.1f}x / {f['p10']:.1f}x | {w['median']:.1f}x | "
+        cls = (f"{100 * r['classify_vs_original']:+.1f} +- {100 * r['classify_sem']:.1f}" if "classify_acc" in r
+               else "-")
+        print(f"| {r['point']} | {r['ppl']:.1f} | {r['ppl'] / original_ppl:.2f}x | {cls} | {f['median']:.1f}x / {f['p10']:.1f}x | {w['median']:.1f}x | "
               f"{c['median']:.2f}x | {pr['median']:.2f}x | {r['flip_l1']:.3f} | {r['ms_per_edit']:.0f} | "
               f"{r['wall_vs_original_dense']:.2f}x |")
     if a.json:

@@ -78,7 +78,8 @@ def test_delta_checkpoint_round_trip_sink_and_incremental_exactness(smollm, tmp_
 
 
 def test_vqt_convert_command_writes_a_loadable_delta(tmp_path):
-    """The CLI end to end at toy settings: window, token sink, a subset of quantized layers, k-means."""
+    """The CLI end to end at toy settings: window, token sink, a subset of quantized layers, quantize-then-
+    correct at a low rank, fitted in closed form layer by layer (seconds per layer reported)."""
     import subprocess
     import sys
 
@@ -90,11 +91,16 @@ def test_vqt_convert_command_writes_a_loadable_delta(tmp_path):
     out = tmp_path / "conv"
     proc = subprocess.run([sys.executable, "-m", "vqt", "convert", "--out", str(out), "--window", "32",
                            "--quantize-layers", "0,2-3", "--codebook-size", "8", "--calib-tokens", "128",
-                           "--kmeans-iters", "1", "--eval-tokens", "300", "--seq-len", "128"],
+                           "--kmeans-iters", "1", "--eval-tokens", "300", "--seq-len", "128", "--quantizer", "qtc",
+                           "--correction-rank", "4"],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "held-out perplexity" in proc.stdout
     model = VQTModel.from_pretrained(out)
     cfg = model.config
     assert (cfg.window, cfg.sink, cfg.quantize_layers, cfg.codebook_size) == (32.0, "token", [0, 2, 3], 8)
+    assert (cfg.quantizer, cfg.correction_rank) == ("qtc", 4)
+    assert model.blocks[2].quantizer.correction_left.shape == (576, 4)
+    assert float(model.blocks[2].quantizer.correction_right.abs().sum()) > 0, "the correction was not fitted"
+    assert len(cfg.extra["calibration"]["seconds_per_layer"]) == cfg.n_layers and "s per layer" in proc.stdout
     assert cfg.extra["heldout_ppl"]["original"] < cfg.extra["heldout_ppl"]["vqt"]

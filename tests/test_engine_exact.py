@@ -29,7 +29,8 @@ CONFIGS = {
     # quantize-then-correct: a separate output codebook and a correction of each layer's own input
     "qtc-rope-sink-window-layer-k32": dict(quantizer="qtc", sink="token", window=6.0, granularity="layer",
                                            codebook_size=32),
-    "qtc-none-gqa-head-subset": dict(quantizer="qtc", pos_encoding="none", quantize_layers=[0, 2]),
+    "qtc-none-gqa-head-subset-rank5": dict(quantizer="qtc", pos_encoding="none", quantize_layers=[0, 2],
+                                           correction_rank=5),
 }
 MODELS = {name: tiny_model(**kw) for name, kw in CONFIGS.items()}
 VOCAB = 61

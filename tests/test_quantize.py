@@ -62,6 +62,24 @@ def test_fit_qtc_recovers_a_planted_correction():
     torch.testing.assert_close(fitted, a, atol=1e-8, rtol=0)
 
 
+def test_fit_qtc_at_a_rank_recovers_a_planted_low_rank_correction():
+    g = torch.Generator().manual_seed(1)
+    N, d, G, gd, K, r = 3000, 8, 1, 8, 4, 2
+    h = torch.randn(N, d, generator=g, dtype=torch.float64)
+    C = torch.randn(G * gd, r, generator=g, dtype=torch.float64) @ torch.randn(r, d, generator=g, dtype=torch.float64)
+    E_out = torch.randn(G, K, gd, generator=g, dtype=torch.float64)
+    codes = torch.randint(0, K, (N, G), generator=g)
+    a = E_out[torch.arange(G), codes] + (h @ C.T).view(N, G, gd)
+    out, left, right = fit_qtc(a, h, codes, torch.randn(G, K, gd, generator=g, dtype=torch.float64), rounds=30,
+                               ridge=0.0, rank=r)
+    assert left.shape == (G * gd, r) and right.shape == (r, d)
+    fitted = out[torch.arange(G), codes] + (h @ (left @ right).T).view(N, G, gd)
+    torch.testing.assert_close(fitted, a, atol=1e-8, rtol=0)
+    # one rank too few cannot reproduce it
+    out1, l1, r1 = fit_qtc(a, h, codes, out, rounds=30, ridge=0.0, rank=r - 1)
+    assert float((out1[torch.arange(G), codes] + (h @ (l1 @ r1).T).view(N, G, gd) - a).abs().max()) > 1e-2
+
+
 def test_batched_training_forward_equals_the_dense_oracle():
     model = tiny_model(quantizer="qtc", sink="token", window=6.0)
     rng = random.Random(2)
@@ -106,3 +124,23 @@ def test_qtc_checkpoint_round_trip_keeps_codes_and_outputs(tmp_path):
     want = model.forward_dense(doc.token_ids, doc.positions)
     assert torch.equal(doc.codes, want.codes)
     torch.testing.assert_close(doc.hidden, want.hidden, atol=1e-9, rtol=0)
+
+
+@torch.no_grad()
+def test_calibrating_toward_full_attention_makes_up_for_part_of_the_window():
+    """Fitted to the full-attention outputs of the same inputs (target_window=None), the corrected outputs
+    of a windowed model's first layer are nearer those outputs than when fitted to its own windowed ones."""
+    rng = random.Random(3)
+    tokens = [rng.randrange(61) for _ in range(400)]
+    errors = {}
+    for target in ("own", None):
+        model = tiny_model(quantizer="qtc", window=4.0, granularity="layer", codebook_size=8, calibrate=False)
+        model.calibrate_codebooks(tokens, iters=5, target_window=target)
+        block = model.blocks[0]
+        a, h = activations(model, tokens)[0]
+        pos = torch.arange(len(tokens), dtype=torch.float64)
+        x = model.embed(torch.tensor(tokens))
+        full = model._unwindowed_outputs(block, x, pos, None)
+        codes = nearest(a, block.quantizer.codebook).codes
+        errors[target] = float((full - block.quantizer.output(codes, h)).pow(2).sum())
+    assert errors[None] < 0.9 * errors["own"], errors

@@ -197,7 +197,9 @@ def _convert(args: argparse.Namespace) -> int:
     student, teacher = convert(args.gguf, calib, window=args.window, sink=args.sink, sink_token=args.sink_token,
                                sink_offset=args.sink_offset, quantize_layers=args.quantize_layers,
                                granularity=args.granularity, codebook_size=args.codebook_size,
-                               kmeans_iters=args.kmeans_iters, quantizer=args.quantizer, device=args.device,
+                               kmeans_iters=args.kmeans_iters, quantizer=args.quantizer,
+                               correction_rank=args.correction_rank, target_window=args.target_window,
+                               device=args.device,
                                progress=not args.quiet)
     per_layer = student.config.extra["calibration"]["seconds_per_layer"]
     print(f"converted: {student.describe()}; calibrated on {len(calib)} tokens in {time.time() - t0:.0f}s "
@@ -339,6 +341,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quantizer", choices=["vq", "qtc"], default="vq",
                    help="vq: a code stands for its codeword; qtc (quantize-then-correct): a separate output "
                         "codeword plus a linear correction of the layer's own input, fitted in closed form")
+    c.add_argument("--correction-rank", type=positive_int, default=None,
+                   help="qtc: the correction's rank (default: full, d x d per layer; 128 keeps a delta near 10 MB)")
+    c.add_argument("--target-window", type=target_window, default="own",
+                   help="qtc: what the corrected output reproduces: own (the layer's own windowed attention), "
+                        "full (the original full attention on the same inputs) or a window in positions")
     c.add_argument("--calib-tokens", type=positive_int, default=16384)
     c.add_argument("--kmeans-iters", type=positive_int, default=10)
     c.add_argument("--seq-len", type=positive_int, default=512, help="held-out evaluation windows (tokens)")
@@ -347,6 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
     return p
+
+
+def target_window(text: str):
+    """--target-window: "own", "full" (None: full attention) or a positive number of positions."""
+    if text in ("own", "full"):
+        return None if text == "full" else text
+    try:
+        return positive_float(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not own, full or a positive window") from None
 
 
 def layer_list(text: str) -> Optional[list[int]]:

@@ -57,6 +57,7 @@ class VQTConfig:
     # normed input, W_o (E_out[c] + C RMSNorm(x)). The correction depends only on the position's own input,
     # so the cascade still stops wherever codes stay put; it costs one d x d product per recomputed row.
     quantizer: QuantizerKind = "vq"
+    correction_rank: Optional[int] = None  # "qtc": the correction's rank (None: full; a shipped delta holds 2 r d)
     n_subvectors: int = 2  # sub-codebooks per head when granularity == "product"
     codebook_size: int = 64
     commitment_weight: float = 0.25
@@ -81,6 +82,8 @@ class VQTConfig:
             (self.window is None or self.window > 0, f"window must be positive or None, got {self.window}"),
             (self.sink in ("none", "token", "logit"), f"unknown sink {self.sink!r} (use 'none', 'token' or 'logit')"),
             (self.quantizer in ("vq", "qtc"), f"unknown quantizer {self.quantizer!r} (use 'vq' or 'qtc')"),
+            (self.correction_rank is None or 1 <= self.correction_rank <= self.d_model,
+             f"correction_rank must be in [1, {self.d_model}] or None, got {self.correction_rank}"),
             (self.max_len > 0, "max_len must be positive"),
             (self.quantize_layers is None or all(isinstance(i, int) and 0 <= i < self.n_layers
                                                  for i in self.quantize_layers),

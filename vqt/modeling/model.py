@@ -9,6 +9,7 @@ operators the engine uses.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -137,18 +138,17 @@ class Block(nn.Module):
             scale=self.scale, mlp_norm=self.mlp_norm.weight.detach(), mlp_eps=float(self.mlp_norm.eps),
             w_gate_up=self.fused_weight("gate_up"), w_down=self.w_down.weight.detach(),
             codebook=None if q is None else q.codebook.detach().contiguous(),
-            table=None if q is None else self.lookup_table(), w_corr=None if q is None else self.correction_weight(),
+            table=None if q is None else self.lookup_table(), w_corr=None if q is None else self.folded_correction(),
             w_o=self.wo.weight.detach() if q is None else None, **sink)
 
-    def _fold(self, name: str, part: Optional[torch.Tensor], fold: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    def _fold(self, name: str, parts: Optional[tuple[torch.Tensor, ...]], fold: Callable[..., torch.Tensor]
               ) -> Optional[torch.Tensor]:
-        """``fold(part, W_o)`` detached, cached until either weight changes (None when ``part`` is)."""
+        """``fold(W_o, *parts)`` detached, cached until W_o or a part changes (None when ``parts`` is)."""
         W = self.wo.weight
-        key = None if part is None else (part._version, W._version, part.data_ptr(), W.data_ptr(), part.dtype,
-                                         part.device)
+        key = None if parts is None else tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (W, *parts))
         cached = self._folded.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, None if part is None else fold(part.detach(), W.detach()))
+            cached = (key, None if parts is None else fold(W.detach(), *(t.detach() for t in parts)))
             self._folded[name] = cached
         return cached[1]
 
@@ -156,17 +156,18 @@ class Block(nn.Module):
         """T (G, K, d) with T[g, c] = W_o[:, group g] @ E_out[g, c] (the quantizer's output codebook)."""
         assert self.quantizer is not None
         G, gd = self.cfg.n_groups, self.cfg.group_dim
-        return self._fold("table", self.quantizer.output_codebook(), lambda E, W: torch.einsum(
+        return self._fold("table", (self.quantizer.output_codebook(),), lambda W, E: torch.einsum(
             "gke,ged->gkd", E, rearrange(W, "d (g e) -> g e d", g=G, e=gd)))
 
-    def correction_weight(self) -> Optional[torch.Tensor]:
+    def folded_correction(self) -> Optional[torch.Tensor]:
         """(d, d) W_o C, the quantizer's correction folded with the output projection; None without one."""
         assert self.quantizer is not None
-        return self._fold("correction", self.quantizer.correction(), lambda C, W: W @ C)
+        return self._fold("correction", self.quantizer.correction_factors(),
+                          lambda W, *factors: functools.reduce(torch.matmul, factors, W))
 
     def correct(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A lookup output ``out`` (m, d) plus the quantizer's correction of the rows' inputs x (m, d), if any."""
-        w_corr = None if self.quantizer is None else self.correction_weight()
+        w_corr = None if self.quantizer is None else self.folded_correction()
         if w_corr is None:
             return out
         return layer.corrected(out, x, self.attn_norm.weight, self.attn_norm.eps, w_corr)
@@ -195,7 +196,7 @@ class Block(nn.Module):
         loss = x.new_zeros(())
         extras: dict = {"attn": a}
         if self.quantizer is not None and self.quantizer.enabled:
-            h = None if self.quantizer.correction() is None else self.attn_norm(x).flatten(0, 1)
+            h = None if self.quantizer.correction_factors() is None else self.attn_norm(x).flatten(0, 1)
             aq, codes, loss = self.quantizer(self.quantizer.split(a).flatten(0, 1), h)
             extras["codes"] = codes.view(*a.shape[:2], -1)
             a = aq.view_as(a)
@@ -510,13 +511,17 @@ class VQTModel(nn.Module):
     # ----------------------------------------------------------- calibration
     @torch.no_grad()
     def calibrate_codebooks(self, token_ids: Sequence[int] | torch.Tensor, iters: int = 20, seed: int = 0,
-                            progress: bool = False) -> list[float]:
+                            progress: bool = False, target_window: Optional[float] | str = "own") -> list[float]:
         """Fit every quantizer in closed form on this model's own activations over token_ids (k-means
         codebooks; for quantize-then-correct also the output codebook and the correction).
 
         Layer by layer: layer l is fitted on activations computed with layers < l already quantized,
-        so each quantizer sees the inputs it will quantize. Returns the seconds each layer took (its
-        share of the dense pass included); ``progress`` shows a bar.
+        so each quantizer sees the inputs it will quantize. ``target_window``: what a corrected output
+        reproduces: "own" (default), the layer's own attention output; a number or None, the output the
+        same layer computes on the same inputs with that window (None: full attention) and no sink, i.e.
+        the original model's attention, so the output codebook and correction also make up for the
+        window. Returns the seconds each layer took (its share of the dense pass included);
+        ``progress`` shows a bar.
         """
         if not self.config.quantize:
             raise ValueError("calibrate_codebooks needs a quantized model (config.quantize=True)")
@@ -532,7 +537,8 @@ class VQTModel(nn.Module):
         def fit(block: Block, a: torch.Tensor, x: torch.Tensor) -> None:
             nonlocal last
             if block.quantizer is not None:
-                block.quantizer.calibrate(a, block.attn_norm(x), iters=iters, generator=g)
+                target = None if target_window == "own" else self._unwindowed_outputs(block, x, pos, target_window)
+                block.quantizer.calibrate(a, block.attn_norm(x), iters=iters, generator=g, target=target)
             now = time.perf_counter()
             seconds.append(now - last)
             last = now
@@ -542,6 +548,13 @@ class VQTModel(nn.Module):
         with bar:
             self._dense(tok, pos, None, 0, before_quantize=fit)
         return seconds
+
+    def _unwindowed_outputs(self, block: Block, x: torch.Tensor, pos: torch.Tensor, window: Optional[float]
+                            ) -> torch.Tensor:
+        """Attention outputs (n, G, gd) of ``block`` on inputs x at positions pos with ``window`` and no sink."""
+        q, k, v, _ = block.qkv(x, pos, self.rope_angles(pos))
+        U, Z, _ = ops.attention_rows(q, pos, k, v, pos, window, block.scale)
+        return output_groups(U, Z, self.config.n_groups)
 
     # ------------------------------------------------------------ checkpoints
     def save_pretrained(self, directory: str | Path, state: Optional[dict[str, torch.Tensor]] = None) -> None:

@@ -77,8 +77,9 @@ class VectorQuantizer(nn.Module):
         """(G, K, gd) what each code stands for in the layer's output (here: the searched codeword)."""
         return self.codebook
 
-    def correction(self) -> Optional[torch.Tensor]:
-        """(H hd, d) the linear correction from the normed layer input added to the output, or None."""
+    def correction_factors(self) -> Optional[tuple[torch.Tensor, ...]]:
+        """The factors whose product is the linear correction C (H hd, d) of the normed layer input added to
+        the output (one full matrix, or two low-rank ones), or None."""
         return None
 
     def output(self, codes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -105,9 +106,10 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def calibrate(self, a: torch.Tensor, h: torch.Tensor, iters: int = 20,
-                  generator: Optional[torch.Generator] = None) -> None:
+                  generator: Optional[torch.Generator] = None, target: Optional[torch.Tensor] = None) -> None:
         """Fit this quantizer in closed form to sample attention outputs a (N, G, gd) and normed layer
-        inputs h (N, d): k-means codebooks (``init_kmeans``)."""
+        inputs h (N, d): k-means codebooks (``init_kmeans``). ``target`` (N, G, gd): what the output should
+        reproduce, if not a (plain VQ's output is its codeword: it ignores it)."""
         self.init_kmeans(a, iters=iters, generator=generator)
 
     @torch.no_grad()
@@ -168,23 +170,32 @@ class VectorQuantizer(nn.Module):
 class CorrectedQuantizer(VectorQuantizer):
     """Quantize-then-correct (QTC): the search is plain VQ (c = argmin_k |a - E[k]|), but the output is
     E_out[c] + C h, with a separate output codebook E_out and a linear correction C of the normed layer
-    input h. Both are fitted in closed form (``calibrate``); the search codebook stays the k-means one,
-    so codes flip exactly as often as plain VQ's."""
+    input h, full rank or, with ``cfg.correction_rank`` = r, C = L R (L (H hd, r), R (r, d)), which is
+    what a shipped delta must hold. Both are fitted in closed form (``calibrate``); the search codebook
+    stays the k-means one, so codes flip exactly as often as plain VQ's."""
 
     def __init__(self, cfg: VQTConfig) -> None:
         super().__init__(cfg)
+        D, r = self.n_groups * self.group_dim, cfg.correction_rank
+        self.rank = r
         self.out_codebook = nn.Parameter(self.codebook.detach().clone())  # (G, K, gd)
-        self.correction_weight = nn.Parameter(torch.zeros(self.n_groups * self.group_dim, cfg.d_model))  # (H hd, d)
+        if r is None:
+            self.correction_weight = nn.Parameter(torch.zeros(D, cfg.d_model))  # (H hd, d)
+        else:
+            self.correction_left = nn.Parameter(torch.zeros(D, r))
+            self.correction_right = nn.Parameter(torch.zeros(r, cfg.d_model))
 
     def output_codebook(self) -> torch.Tensor:
         return self.out_codebook
 
-    def correction(self) -> torch.Tensor:
-        return self.correction_weight
+    def correction_factors(self) -> tuple[torch.Tensor, ...]:
+        return (self.correction_weight,) if self.rank is None else (self.correction_left, self.correction_right)
 
     def output(self, codes: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         out = self.out_codebook[torch.arange(self.n_groups, device=codes.device), codes]
-        return out + self.split(h @ self.correction_weight.T)
+        for f in reversed(self.correction_factors()):  # h C^T = (h R^T) L^T
+            h = h @ f.T
+        return out + self.split(h)
 
     def _straight_through(self, a: torch.Tensor, q: torch.Tensor, codes: torch.Tensor,
                           h: Optional[torch.Tensor]) -> torch.Tensor:
@@ -194,22 +205,29 @@ class CorrectedQuantizer(VectorQuantizer):
 
     @torch.no_grad()
     def calibrate(self, a: torch.Tensor, h: torch.Tensor, iters: int = 20,
-                  generator: Optional[torch.Generator] = None, rounds: int = 3, ridge: float = 1e-2) -> None:
-        """k-means search codebooks, then ``rounds`` alternations of a ridge regression of the codes'
-        residual on [h, 1] (lambda = ``ridge`` x the mean diagonal of the Gram matrix, bias not penalized)
-        and per-cluster means of what the regression leaves. The bias is folded into the output codebook."""
+                  generator: Optional[torch.Generator] = None, target: Optional[torch.Tensor] = None,
+                  rounds: int = 3, ridge: float = 1e-2) -> None:
+        """k-means search codebooks on a, then ``rounds`` alternations of a ridge regression of what the
+        codes leave of ``target`` (default a) on [h, 1] (lambda = ``ridge`` x the mean diagonal of the Gram
+        matrix, bias not penalized; reduced to the rank, if any) and per-cluster means of what the
+        regression leaves. The bias is folded into the output codebook."""
         self.init_kmeans(a, iters=iters, generator=generator)
         codes = nearest(a.to(self.codebook.dtype), self.codebook).codes  # (N, G)
-        fit = fit_qtc(a.double(), h.double(), codes, self.codebook.detach().double(), rounds, ridge)
-        self.out_codebook.data.copy_(fit[0])
-        self.correction_weight.data.copy_(fit[1])
+        goal = a if target is None else target
+        out, *factors = fit_qtc(goal.double(), h.double(), codes, self.codebook.detach().double(), rounds, ridge,
+                                self.rank)
+        self.out_codebook.data.copy_(out)
+        for param, value in zip(self.correction_factors(), factors):
+            param.data.copy_(value)
 
 
 def fit_qtc(a: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebook: torch.Tensor, rounds: int = 3,
-            ridge: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+            ridge: float = 1e-2, rank: Optional[int] = None) -> tuple[torch.Tensor, ...]:
     """Closed-form quantize-then-correct fit: a (N, G, gd) attention outputs, h (N, d) normed inputs, codes
-    (N, G) their codes in ``codebook`` (G, K, gd). Returns (output codebook (G, K, gd) with the bias folded
-    in, correction (G gd, d)) minimizing |a - E_out[c] - C h - b|^2 + lambda |C|^2 by alternation."""
+    (N, G) their codes in ``codebook`` (G, K, gd). Minimizes |a - E_out[c] - C h - b|^2 + lambda |C|^2 by
+    alternation. Returns (output codebook (G, K, gd) with the bias folded in, C (G gd, d)), or with ``rank``
+    (output codebook, L (G gd, r), R (r, d)), C = L R: each regression reduced to the rank as reduced-rank
+    regression does, by projecting C onto the top principal directions of its fitted values."""
     N, G, gd = a.shape
     K = codebook.shape[1]
     flat = a.reshape(N, G * gd)
@@ -221,16 +239,23 @@ def fit_qtc(a: torch.Tensor, h: torch.Tensor, codes: torch.Tensor, codebook: tor
     index = codes + groups * K  # (N, G) a row of the (G K)-row codebook
     counts = torch.bincount(index.flatten(), minlength=G * K).unsqueeze(1)  # (G K, 1)
     used = (counts > 0).reshape(G, K, 1)
-    out = codebook.clone()
+    out, basis = codebook.clone(), None
     for _ in range(rounds):
         coef = torch.linalg.solve(gram, hb.T @ (flat - out[groups, codes].reshape(N, G * gd)))  # (d + 1, G gd)
+        if rank is not None:  # keep the rank directions of the fitted values h C^T that carry the most
+            fitted = h @ coef[:-1]
+            basis = torch.linalg.eigh(fitted.T @ fitted).eigenvectors[:, -rank:]  # (G gd, r)
+            coef = torch.cat([coef[:-1] @ basis @ basis.T, coef[-1:]])
         rest = (flat - hb @ coef).reshape(N * G, gd)
         means = torch.zeros(G * K, gd, dtype=a.dtype, device=a.device).index_add_(0, index.flatten(), rest)
         means = (means / counts.clamp(min=1)).reshape(G, K, gd)
         # a code no sample chose: its searched codeword, less the average correction (bias included)
         unused = codebook - (h.mean(0) @ coef[:-1] + coef[-1]).reshape(G, 1, gd)
         out = torch.where(used, means, unused)
-    return out + coef[-1].reshape(G, 1, gd), coef[:-1].T.contiguous()
+    out = out + coef[-1].reshape(G, 1, gd)
+    if basis is None:
+        return out, coef[:-1].T.contiguous()
+    return out, basis.contiguous(), (coef[:-1] @ basis).T.contiguous()
 
 
 QUANTIZERS = {"vq": VectorQuantizer, "qtc": CorrectedQuantizer}

@@ -218,23 +218,29 @@ def convert(gguf_path: Optional[str | Path] = None, calibration: Optional[Sequen
             window: Optional[float] = 128.0, sink: str = "token", sink_token: int = 0,
             sink_offset: Optional[float] = None, quantize_layers: Optional[list[int]] = None,
             granularity: str = "layer", codebook_size: int = 512, kmeans_iters: int = 10,
-            quantizer: str = "vq", device: str = "cpu", progress: bool = False) -> tuple[VQTModel, VQTModel]:
+            quantizer: str = "vq", correction_rank: Optional[int] = None,
+            target_window: Optional[float] | str = "own", device: str = "cpu",
+            progress: bool = False) -> tuple[VQTModel, VQTModel]:
     """(student, teacher): the GGUF model with a window, a sink and quantizers fitted in closed form
     layer by layer on ``calibration`` token ids (k-means codebooks; ``quantizer="qtc"`` adds the
-    quantize-then-correct output codebook and correction), and the original full-attention model.
+    quantize-then-correct output codebook and correction, reproducing the layer's own attention output,
+    or with ``target_window`` a number or None the original model's attention at that window: see
+    ``VQTModel.calibrate_codebooks``), and the original full-attention model.
     ``sink_offset``: the relative offset the sink is scored at (default: the window, i.e. just out of
     its reach). The seconds each layer's calibration took are in ``student.config.extra["calibration"]``."""
     path = Path(gguf_path) if gguf_path else default_gguf_path()
     teacher = model_from_gguf(path, quantize=False).to(device)
     student = model_from_gguf(path, window=window, sink=sink, quantize=True, quantize_layers=quantize_layers,
-                              granularity=granularity, codebook_size=codebook_size, quantizer=quantizer).to(device)
+                              granularity=granularity, codebook_size=codebook_size, quantizer=quantizer,
+                              correction_rank=correction_rank).to(device)
     student.config.extra["base"] = {"loader": BASE_LOADER, "file": path.name}
     if sink == "token":
         set_token_sink(student, teacher, sink_token, sink_offset if sink_offset is not None else (window or 0.0))
     if calibration is not None:
         seconds = student.calibrate_codebooks(torch.as_tensor(list(calibration), device=device), iters=kmeans_iters,
-                                              progress=progress)
+                                              progress=progress, target_window=target_window)
         student.config.extra["calibration"] = {"tokens": len(calibration), "kmeans_iters": kmeans_iters,
+                                               "target_window": target_window,
                                                "seconds_per_layer": [round(t, 2) for t in seconds]}
     return student.eval(), teacher.eval()
 
