@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from helpers import assert_matches_dense, tiny_model
 from vqt import Document
+from vqt.engine.cache import GROW_ROWS
 from vqt.engine.options import DocumentOptions
 from vqt.engine.positions import PositionPolicy, plan_edit_positions, plan_position_array
 
@@ -80,18 +81,24 @@ def test_windowed_documents_have_no_length_cap_and_stay_exact():
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_slot_tables_grow_geometrically_and_compact(backend):
+def test_slot_tables_grow_in_place_and_compact(backend):
+    """Typing grows the tables into the room after them (no move, no more than GROW_ROWS free slots); past
+    the room they move, geometrically; deleting most of the document compacts them."""
     model = tiny_model(window=8.0)
     rng = random.Random(1)
     doc = Document(model, [rng.randrange(61) for _ in range(400)], backend=backend)
     assert doc.cache.capacity == 400, "a built document's tables hold exactly its tokens"
-    grows = 0
-    for _ in range(200):  # typing: one token at a time
-        cap = doc.cache.capacity
+    storage = lambda: doc.cache.layers[1].U.untyped_storage().data_ptr()  # noqa: E731
+    moves, grows = 0, 0
+    for i in range(700):  # typing: one token at a time, past the room the build left (400 rows)
+        cap, where = doc.cache.capacity, storage()
         doc.insert(rng.randrange(len(doc) + 1), [rng.randrange(61)])
         grows += doc.cache.capacity != cap
-        assert doc.cache.capacity <= len(doc) * 17 / 16 + 16, "growth leaves more than a sixteenth free"
-    assert len(doc) == 600 and grows <= 7, f"{grows} reallocations for 200 appends: growth is not geometric"
+        moves += storage() != where
+        assert doc.cache.capacity <= len(doc) + GROW_ROWS, "growth leaves more than GROW_ROWS slots free"
+        if i < 400 - GROW_ROWS:
+            assert moves == 0, f"the tables moved after {i + 1} insertions, within the room of the build"
+    assert len(doc) == 1100 and grows >= 700 // GROW_ROWS and moves == 1, (grows, moves)
     assert_matches_dense(doc)
     while len(doc) > 40:  # deleting most of the document compacts the tables
         s = rng.randrange(len(doc) - 5)

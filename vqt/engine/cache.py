@@ -2,12 +2,17 @@
 
 Every token owns one slot (one row in every table) for as long as it lives; ``order`` says which
 slot comes where in the document and deleted slots go to a free list, so an insertion or a
-deletion moves no large arrays. The cache owns its tensors, hands out slots (``alloc``, growing
-the tables geometrically by a sixteenth, from the exact size of the document it was built for, when
-it runs out), takes them back (``release``), compacts itself when an eighth of its slots are free
-(``compact``), and reads and writes itself as a flat dict of tensors (``state_dict``/``load_state_dict``).
-So the allocated state per live token stays within 1/16 above a slot's bytes after growth and 1/7
-above them before a compaction.
+deletion moves no large arrays. The cache owns its tensors, hands out slots (``alloc``), takes them
+back (``release``), compacts itself when an eighth of its slots are free (``compact``), and reads and
+writes itself as a flat dict of tensors (``state_dict``/``load_state_dict``).
+
+Growing copies nothing: every per-slot tensor the cache owns sits at the start of a storage with room
+for as many rows again (allocated, never touched until used: address space, not memory), and a growth
+by ``GROW_ROWS`` slots (or what an edit needs) only extends the tensors over their room and zeroes the
+new rows, O(edit). Only when the room is spent are the tables moved, into storage with room for as
+many rows again (so such moves are geometric: amortized O(1) per slot). No single edit pays for the
+document's length, and the allocated state stays within GROW_ROWS slots of the live tokens' after
+growth, and within 1/7 above them before a compaction.
 
 Besides the per-slot rows it keeps ``doc_pos``, the positions in document order (a CPU float64
 tensor, replaced, never modified, by each update), so that the edit path finds what an edit
@@ -27,6 +32,7 @@ from vqt.ops.tables import LayerTables
 
 _DOC_TENSORS = ("tokens", "positions", "hidden")  # per-slot rows outside the layers
 RELEASE_BYTES = 64 << 20  # replaced tables at least this large are handed back to the kernel (SlotCache._release)
+GROW_ROWS = 64  # the fewest slots a growth adds (it zeroes their rows: O(edit), never O(n))
 
 
 def _radius_after_move(a: torch.Tensor, a_ref: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -44,29 +50,63 @@ class SlotCache:
     and the free list."""
 
     def __init__(self, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
-                 hidden: torch.Tensor, pooled_sum: torch.Tensor, order: torch.Tensor, free: list[int]) -> None:
+                 hidden: torch.Tensor, pooled_sum: torch.Tensor, order: torch.Tensor, free: list[int],
+                 roomy: bool = False) -> None:
+        """``roomy``: the layers' tables and ``hidden`` each own their storage, with room after their rows
+        (``VQTModel.forward_dense(spare_rows=...)``), and the cache may grow into it; otherwise the first
+        growth moves them."""
         layers = [t.map(torch.Tensor.contiguous) for t in layers]  # (the kernels index rows of dense tables)
-        self.layers, self.tokens, self.positions = layers, tokens.contiguous(), positions.contiguous()
-        self.hidden, self.pooled_sum = hidden.contiguous(), pooled_sum
+        self._roomy: set[int] = set()  # storages this cache owns, with room after the rows of its tensor
+        self.layers, self.hidden, self.pooled_sum = layers, hidden.contiguous(), pooled_sum
+        if roomy:
+            for t in (self.hidden, *(v for layer in layers for _, v in layer.items())):
+                self._own(t)
+        self.tokens, self.positions = self._moved(tokens, 0), self._moved(positions, 0)
         self.order, self.free = order, free  # free: pop() hands out the lowest free slot
         for t in self.layers:
             if t.drift is None:  # (a dense pass's rows are computed in full)
-                t.drift = t.Z.new_zeros(t.Z.shape)
+                t.drift = self._moved(t.Z[:0], self.capacity)
         self._derive()
+
+    def _own(self, t: torch.Tensor) -> torch.Tensor:
+        self._roomy.add(t.untyped_storage().data_ptr())
+        return t
+
+    def _moved(self, t: torch.Tensor, extra: int) -> torch.Tensor:
+        """A copy of t with ``extra`` zero rows after its own, in storage with room for as many rows again."""
+        rows = t.shape[0] + extra
+        out = t.new_empty((2 * rows, *t.shape[1:]))[:rows]
+        out[:t.shape[0]] = t
+        out[t.shape[0]:] = 0
+        return self._own(out)
+
+    def _grown(self, t: torch.Tensor, extra: int) -> torch.Tensor:
+        """t with ``extra`` zero rows after its own: over its storage's room when the cache owns it and it has
+        room (O(extra)), else moved (O(n))."""
+        storage, rows = t.untyped_storage(), t.shape[0] + extra
+        if (storage.data_ptr() in self._roomy and t.storage_offset() == 0 and t.is_contiguous()
+                and storage.nbytes() >= rows * t.shape[1:].numel() * t.element_size()):
+            out = t.new_empty(0).set_(storage, 0, (rows, *t.shape[1:]))
+            out[t.shape[0]:] = 0
+            return out
+        self._roomy.discard(storage.data_ptr())
+        return self._moved(t, extra)
 
     def _derive(self) -> None:
         """The derived per-slot state: document-order positions, previous positions, update flags."""
         self.doc_pos = self.positions[self.order].cpu()
-        self.prev_positions = self.positions.clone()
-        self.is_new = torch.zeros(self.capacity, dtype=torch.bool, device=self.tokens.device)
-        self.is_forced = self.is_new.clone()
+        self.prev_positions = self._moved(self.positions, 0)
+        self.is_new = self._moved(torch.zeros(self.capacity, dtype=torch.bool, device=self.tokens.device), 0)
+        self.is_forced = self._moved(self.is_new, 0)
 
     @classmethod
     def from_dense(cls, layers: list[LayerTables], tokens: torch.Tensor, positions: torch.Tensor,
-                   hidden: torch.Tensor) -> "SlotCache":
-        """The cache of a dense pass over n tokens (slot i = token i), the tables exactly n rows long."""
+                   hidden: torch.Tensor, roomy: bool = False) -> "SlotCache":
+        """The cache of a dense pass over n tokens (slot i = token i), the tables exactly n rows long
+        (``roomy``: allocated with room after them, see ``__init__``)."""
         n = tokens.numel()
-        return cls(layers, tokens, positions, hidden, hidden.sum(0), torch.arange(n, device=tokens.device), [])
+        return cls(layers, tokens, positions, hidden, hidden.sum(0), torch.arange(n, device=tokens.device), [],
+                   roomy=roomy)
 
     @property
     def capacity(self) -> int:
@@ -79,18 +119,22 @@ class SlotCache:
         return [*_DOC_TENSORS, "prev_positions", "is_new", "is_forced"]
 
     def alloc(self, count: int) -> list[int]:
-        """``count`` free slots (lowest first), growing every table by a sixteenth of its size (at least
-        what is needed, and 16) when there are not enough: appends cost amortized O(1) copies per slot."""
+        """``count`` free slots (lowest first), growing every table by ``GROW_ROWS`` slots (at least what is
+        needed) when there are not enough: into the tables' room, without copying them."""
         if len(self.free) < count:
             old = self.capacity
-            extra = max(old // 16, count - len(self.free), 16)
+            extra = max(count - len(self.free), GROW_ROWS)
+            moved = False
             for t in self.layers:
-                t.grow(extra)
+                for name, v in t.items():
+                    grown = self._grown(v, extra)
+                    moved |= grown.data_ptr() != v.data_ptr()
+                    setattr(t, name, grown)
             for name in self._per_slot():
-                t = getattr(self, name)
-                setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
+                setattr(self, name, self._grown(getattr(self, name), extra))
             self.free = list(range(old + extra - 1, old - 1, -1)) + self.free
-            self._release(old)
+            if moved:
+                self._release(old)
         return [self.free.pop() for _ in range(count)]
 
     def _release(self, slots: int) -> None:
@@ -106,25 +150,23 @@ class SlotCache:
         self.free.extend(reversed(slots.tolist()))
 
     def wants_compaction(self) -> bool:
-        """More than an eighth of the slots (and over 64) are free: ``compact`` pays for itself (with
-        the sixteenth of headroom it leaves, about a fifteenth of the document must go before the next)."""
+        """More than an eighth of the slots (and over 64) are free: ``compact`` pays for itself (it leaves no
+        free slot, so an eighth of the document must go again before the next)."""
         return len(self.free) > max(64, self.capacity // 8)
 
     def compact(self) -> torch.Tensor:
-        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows plus a
-        sixteenth; returns the old slot of each new one. O(n), and only when an eighth of the slots are
-        free, so amortized O(1) per deleted token."""
+        """Move the live rows to slots 0..n-1 in document order and shrink every table to n rows (with room
+        for as many again); returns the old slot of each new one. O(n), and only when an eighth of the
+        slots are free, so amortized O(1) per deleted token."""
         n, rows, old_cap = len(self), self.order, self.capacity
-        cap = max(n + n // 16, 16)
+        self._roomy = set()
         for t in self.layers:
-            t.compact(rows, cap)
+            for name, v in t.items():
+                setattr(t, name, self._moved(v[rows], 0))
         for name in _DOC_TENSORS:
-            t = getattr(self, name)
-            out = t.new_zeros((cap, *t.shape[1:]))
-            out[:n] = t[rows]
-            setattr(self, name, out)
+            setattr(self, name, self._moved(getattr(self, name)[rows], 0))
         self.order = torch.arange(n, device=rows.device)
-        self.free = list(range(cap - 1, n - 1, -1))
+        self.free = []
         self._derive()
         self._release(old_cap)
         return rows
@@ -185,6 +227,7 @@ class SlotCache:
         self.layers = [LayerTables(**{f.name: t.get(f"layer{li}.{f.name}") for f in dataclasses.fields(LayerTables)})
                        for li in range(len(self.layers))]
         self.order, self.free = torch.tensor(order, dtype=torch.long, device=dev), free
+        self._roomy = set()  # (loaded tables are exactly their size: the first growth moves them)
         self._derive()
 
     def live_state(self) -> dict[str, torch.Tensor]:

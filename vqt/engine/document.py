@@ -305,9 +305,10 @@ class Document:
         n = tok.numel()
         if positions is None:
             positions = [float(i) for i in range(n)]
-        out = self.model.forward_dense(tok, positions)
+        # The tables get room for as many rows again (address space: the cache grows into it, copying nothing).
+        out = self.model.forward_dense(tok, positions, spare_rows=n)
         pos = torch.as_tensor(positions, dtype=torch.float64, device=self.model.device).reshape(-1)
-        self.cache = SlotCache.from_dense(out.layers, tok, pos, out.hidden)
+        self.cache = SlotCache.from_dense(out.layers, tok, pos, out.hidden, roomy=True)
         self.bind_model()
 
     def bind_model(self) -> None:

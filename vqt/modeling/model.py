@@ -337,7 +337,7 @@ class VQTModel(nn.Module):
                       positions: Optional[Sequence[float] | torch.Tensor] = None,
                       cache: Optional[DenseOutput] = None, start: int = 0, *, keep_prefix: bool = True,
                       backend: Optional[str | Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS,
-                      follow_codes: Optional[torch.Tensor] = None) -> DenseOutput:
+                      follow_codes: Optional[torch.Tensor] = None, spare_rows: int = 0) -> DenseOutput:
         """Run one document densely; returns per-layer codes and gaps and the final hidden states.
 
         positions: strictly increasing reals (default 0..n-1). Uses the engine's operators,
@@ -358,6 +358,10 @@ class VQTModel(nn.Module):
         ``follow_codes`` holds another code, that code is taken and fed to the layers above: each layer
         is then the dense forward of that layer given the followed codes of the layers below, and the
         document must match it exactly (in float64 no gap is at noise, so nothing is followed).
+
+        ``spare_rows``: every per-row table (and the hidden states) is allocated with room for this many
+        more rows after its own. The room is never touched here, so it costs address space, not memory;
+        a document built from this pass grows into it without copying its tables (``SlotCache``).
         """
         tok = token_tensor(token_ids, "token_ids", self.device)
         self.check_inputs(tok)
@@ -379,8 +383,10 @@ class VQTModel(nn.Module):
                 len(self.blocks), n, self.config.n_groups)):
             raise ValueError(f"follow_codes must be ({len(self.blocks)}, {n}, {self.config.n_groups}) codes of a "
                              f"quantized model, got {tuple(follow_codes.shape)}")
+        if isinstance(spare_rows, bool) or not isinstance(spare_rows, int) or spare_rows < 0:
+            raise ValueError(f"spare_rows must be an integer >= 0, got {spare_rows!r}")
         return self._dense(tok, pos, cache, start, backend=self._dense_backend(backend), chunk_rows=chunk_rows,
-                           keep_prefix=keep_prefix, follow=follow_codes)
+                           keep_prefix=keep_prefix, follow=follow_codes, spare_rows=spare_rows)
 
     def _dense_backend(self, backend: Optional[str | Backend]) -> Optional[Backend]:
         if backend is None or isinstance(backend, Backend):
@@ -399,20 +405,21 @@ class VQTModel(nn.Module):
         cfg = self.config
         return rope_angles(pos, cfg.head_dim, cfg.rope_theta, self.dtype) if cfg.pos_encoding == "rope" else None
 
-    def _layer_tables(self, n: int, base: int, kbase: int, start: int, old: Optional[LayerTables]
+    def _layer_tables(self, n: int, base: int, kbase: int, start: int, old: Optional[LayerTables], spare: int = 0
                       ) -> tuple[LayerTables, torch.Tensor, torch.Tensor]:
         """Uninitialized tables of one layer of a dense pass for rows [base, n), and its keys and values for
         rows [kbase, n) (kbase <= base; the tables' k and v are views of them); rows before ``start`` are
-        copied from ``old``. Returns (tables, keys, values)."""
+        copied from ``old``. Every table owns its storage, with room for ``spare`` more rows after its own
+        (allocated, never touched: see ``forward_dense``). Returns (tables, keys, values)."""
         cfg, dt, dev = self.config, self.dtype, self.device
         H, Hkv, hd, G = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.n_groups
-        keys, values = (torch.empty(n - kbase, Hkv, hd, dtype=dt, device=dev) for _ in range(2))
+        keys, values = (torch.empty(n - kbase + spare, Hkv, hd, dtype=dt, device=dev)[:n - kbase] for _ in range(2))
         shapes = dict(x=(cfg.d_model,), q=(H, hd), U=(H, hd), Z=(H,), M=(H,), codes=(G,), radius=(G,),
                       sink=(H,) if cfg.sink != "none" else None)
 
         def table(name: str, shape: Optional[tuple]) -> Optional[torch.Tensor]:
             return None if shape is None else torch.empty(
-                (n - base, *shape), dtype=torch.long if name == "codes" else dt, device=dev)
+                (n - base + spare, *shape), dtype=torch.long if name == "codes" else dt, device=dev)[:n - base]
 
         t = LayerTables(k=keys[base - kbase:], v=values[base - kbase:],
                         **{name: table(name, shape) for name, shape in shapes.items()})
@@ -427,7 +434,7 @@ class VQTModel(nn.Module):
     def _dense(self, tok: torch.Tensor, pos: torch.Tensor, cache: Optional[DenseOutput], start: int,
                before_quantize: Optional[Callable[[Block, torch.Tensor, torch.Tensor], None]] = None,
                backend: Optional[Backend] = None, chunk_rows: int = DENSE_CHUNK_ROWS,
-               keep_prefix: bool = True, follow: Optional[torch.Tensor] = None) -> DenseOutput:
+               keep_prefix: bool = True, follow: Optional[torch.Tensor] = None, spare_rows: int = 0) -> DenseOutput:
         """The dense pass itself; ``before_quantize(block, a, x)`` sees each layer's attention outputs and inputs
         first (rows [start, n)).
 
@@ -446,15 +453,14 @@ class VQTModel(nn.Module):
         chunks = [slice(lo, min(lo + chunk_rows, n)) for lo in range(start, n, chunk_rows)]
         local = [slice(c.start - base, c.stop - base) for c in chunks]  # the same rows in the output tables
         L, G = len(self.blocks), cfg.n_groups
-        codes = gaps = None
-        if cfg.quantize:  # every layer's codes and gaps, prefix rows copied from the cache
-            codes = torch.zeros(L, n - base, G, dtype=torch.long, device=self.device)
+        gaps = None
+        if cfg.quantize:  # every layer's gaps, prefix rows copied from the cache (codes: in the layers' tables)
             gaps = torch.full((L, n - base, G), float("inf"), dtype=self.dtype, device=self.device)
             if cache is not None:
-                codes[:, :start - base], gaps[:, :start - base] = cache.codes[:, base:start], cache.gaps[:, base:start]
+                gaps[:, :start - base] = cache.gaps[:, base:start]
         cached = (lambda li: None) if cache is None else (lambda li: cache.layers[li])  # noqa: E731
         layers: list[LayerTables] = []
-        t, keys, values = self._layer_tables(n, base, kbase, start, cached(0))
+        t, keys, values = self._layer_tables(n, base, kbase, start, cached(0), spare_rows)
         for c, r in zip(chunks, local):
             t.x[r] = self.embed(tok[c])
         angles = [self.rope_angles(pos[c]) for c in chunks]  # the same for every layer (n x head_dim x 2 values)
@@ -471,11 +477,9 @@ class VQTModel(nn.Module):
                 t.U[r], t.Z[r], t.M[r] = U, Z, M
             if before_quantize is not None:
                 before_quantize(block, output_groups(t.U[start - base:], t.Z[start - base:], G), t.x[start - base:])
-            if codes is not None:
-                t.codes = codes[li]  # a view: the layer's codes are rows of the stacked output
             nxt = None
             if li + 1 < L:
-                nxt, keys_next, values_next = self._layer_tables(n, base, kbase, start, cached(li + 1))
+                nxt, keys_next, values_next = self._layer_tables(n, base, kbase, start, cached(li + 1), spare_rows)
             resid = torch.empty(n - base, cfg.d_model, dtype=self.dtype, device=self.device) if nxt is None else nxt.x
             for r in local:
                 a = output_groups(t.U[r], t.Z[r], G)
@@ -495,11 +499,12 @@ class VQTModel(nn.Module):
             layers.append(t)
             if nxt is not None:
                 t, keys, values = nxt, keys_next, values_next
-        hidden = torch.empty_like(resid)
+        hidden = resid.new_empty((resid.shape[0] + spare_rows, resid.shape[1]))[:resid.shape[0]]
         if cache is not None:
             resid[:start - base], hidden[:start - base] = cache.residual[base:start], cache.hidden[base:start]
         for r in local:
             hidden[r] = self.norm(resid[r])
+        codes = torch.stack([t.codes for t in layers]) if cfg.quantize else None
         return DenseOutput(codes, gaps, hidden, resid, layers, start=base)
 
     def _first_key(self, pos: torch.Tensor, row: int) -> int:

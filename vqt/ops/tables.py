@@ -48,18 +48,6 @@ class LayerTables:
         """A new record with ``fn`` applied to every table present."""
         return LayerTables(**{name: fn(t) for name, t in self.items()})
 
-    def grow(self, extra: int) -> None:
-        """Append ``extra`` zero rows to every table."""
-        for name, t in self.items():
-            setattr(self, name, torch.cat([t, t.new_zeros((extra, *t.shape[1:]))]))
-
-    def compact(self, rows: torch.Tensor, capacity: int) -> None:
-        """Keep only ``rows`` (moved to the front, in that order) in tables of ``capacity`` rows."""
-        for name, t in self.items():
-            out = t.new_zeros((capacity, *t.shape[1:]))
-            out[:rows.numel()] = t[rows]
-            setattr(self, name, out)
-
     def bytes_per_row(self) -> int:
         return sum(t.shape[1:].numel() * t.element_size() for _, t in self.items())
 
