@@ -144,3 +144,13 @@ def test_calibrating_toward_full_attention_makes_up_for_part_of_the_window():
         codes = nearest(a, block.quantizer.codebook).codes
         errors[target] = float((full - block.quantizer.output(codes, h)).pow(2).sum())
     assert errors[None] < 0.9 * errors["own"], errors
+
+
+def test_ema_update_and_dead_code_restart_take_bfloat16_outputs():
+    """Under bf16 autocast the attention outputs are bfloat16: the EMA update and a dead-code restart keep
+    the codebook in its own dtype (a distillation run once died on it)."""
+    q = VectorQuantizer(VQTConfig(d_model=8, n_heads=2, granularity="layer", codebook_size=16, dead_code_threshold=2.0))
+    q.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q(torch.randn(32, 1, 8).to(torch.bfloat16))
+    assert q.codebook.dtype == torch.float32 and bool(torch.isfinite(q.codebook).all())

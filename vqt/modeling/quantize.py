@@ -114,6 +114,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _ema_update(self, a: torch.Tensor, codes: torch.Tensor) -> None:
+        a = a.to(self.codebook.dtype)  # (under bf16 autocast the attention outputs come in bfloat16)
         onehot = torch.nn.functional.one_hot(codes, self.size).to(a.dtype)  # (N, G, K)
         count = onehot.sum(0)  # (G, K)
         total = torch.einsum("ngk,ngd->gkd", onehot, a)
