@@ -96,7 +96,7 @@ class SlotCache:
         """The derived per-slot state: document-order positions, previous positions, update flags."""
         self.doc_pos = self.positions[self.order].cpu()
         self.prev_positions = self._moved(self.positions, 0)
-        self.is_new = self._moved(torch.zeros(self.capacity, dtype=torch.bool, device=self.tokens.device), 0)
+        self.is_new = self._moved(torch.zeros(0, dtype=torch.bool, device=self.tokens.device), self.capacity)
         self.is_forced = self._moved(self.is_new, 0)
 
     @classmethod
