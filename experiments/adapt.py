@@ -87,6 +87,8 @@ def main() -> None:
     p.add_argument("--margin-weight", type=float, default=0.1)
     p.add_argument("--layerwise-steps", type=int, default=0, help="first steps: layer-wise output matching")
     p.add_argument("--kl-lr", type=float, default=None, help="learning rate of the KL stage (default: --lr)")
+    p.add_argument("--fix-codes", action="store_true",
+                   help="KL stage: codes fixed (no straight-through gradient into the attention, codebooks frozen)")
     p.add_argument("--topk", type=int, default=0, help="cache the teacher's top-k log-probs per window (0: no cache)")
     p.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forward passes")
     p.add_argument("--checkpoint-minutes", type=float, default=5.0)
@@ -126,8 +128,8 @@ def main() -> None:
     cfg = AdaptConfig(steps=a.steps, seq_len=a.seq_len, batch_size=a.batch_size, lr=a.lr, train=a.train,
                       lora_rank=a.lora_rank, margin_weight=a.margin_weight, eval_tokens=a.eval_tokens,
                       time_limit=None if a.time_limit is None else a.time_limit * 60,
-                      layerwise_steps=a.layerwise_steps, kl_lr=a.kl_lr, topk=a.topk, bf16=a.bf16,
-                      checkpoint_minutes=a.checkpoint_minutes)
+                      layerwise_steps=a.layerwise_steps, kl_lr=a.kl_lr, fix_codes=a.fix_codes, topk=a.topk,
+                      bf16=a.bf16, checkpoint_minutes=a.checkpoint_minutes)
     before = heldout_perplexity(student, held, 2 * a.seq_len, a.eval_tokens)
     factors = adapt(student, teacher, train, cfg, out, heldout=held)
     step = len(cfg.history)

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from helpers import tiny_model
-from vqt.pretrained.adapt import AdaptConfig, adapt, block_io, layerwise_loss, merged, topk_kl
+from vqt.pretrained.adapt import (STAGE1_FILE, STATE_FILE, AdaptConfig, adapt, block_io, fix_codes, layerwise_loss,
+                                  merged, topk_kl)
 
 VOCAB = 61
 
@@ -86,3 +87,44 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
     for k in f1:
         assert torch.equal(f1[k], f2[k]), k
     assert any(float(v.abs().sum()) > 0 for k, v in f1.items() if k.endswith("lora_B")), "nothing was trained"
+
+
+def test_fixed_codes_send_no_gradient_into_the_attention():
+    """With fixed codes a quantized block's q/k/v get no gradient (a QTC output does not follow its
+    attention output between code changes); with the straight-through estimator they do."""
+    student, _ = pair()
+    student.train()
+    batch = torch.from_numpy(tokens()[:64].reshape(2, 32))
+    grads = {}
+    for fixed in (True, False):
+        student.zero_grad(set_to_none=True)
+        for p in student.parameters():
+            p.requires_grad_(True)
+        fix_codes(student, fixed)
+        student(batch)["logits"].logsumexp(-1).sum().backward()
+        block = student.blocks[-1]
+        grads[fixed] = [float(getattr(block, n).weight.grad.abs().sum()) if getattr(block, n).weight.grad is not None
+                        else 0.0 for n in ("wq", "wk", "wv", "w_up")]
+    fix_codes(student, False)
+    assert grads[True][:3] == [0.0, 0.0, 0.0] and grads[True][3] > 0, grads
+    assert min(grads[False]) > 0, grads
+
+
+def test_fixed_codes_stage_trains_only_what_reads_the_codes(tmp_path):
+    """Stage 2 with fix_codes leaves codebooks, q/k/v adapters, attention norms and sinks exactly as stage 1
+    left them (kept in its own checkpoint), and trains the output tables, corrections and MLPs."""
+    student, teacher = pair()
+    cfg = AdaptConfig(steps=5, layerwise_steps=2, fix_codes=True, topk=8, seq_len=32, batch_size=2, lr=1e-3,
+                      train="lora", lora_rank=4, eval_every=0, checkpoint_every=1000)
+    adapt(student, teacher, tokens(), cfg, tmp_path, progress=False)
+    s1, s2 = (torch.load(tmp_path / f, weights_only=False) for f in (STAGE1_FILE, STATE_FILE))
+    assert (s1["step"], s2["step"]) == (2, 5)
+    frozen = [k for k in s1["model"] if k.endswith(("quantizer.codebook", "attn_norm.weight")) or ".sink_" in k]
+    moved = [k for k in s1["model"] if k.endswith(("quantizer.out_codebook", "quantizer.correction_weight"))]
+    assert frozen and moved
+    for k in frozen:
+        assert torch.equal(s1["model"][k], s2["model"][k]), k
+    for name in s1["lora"]:
+        same = all(torch.equal(s1["lora"][name][f], s2["lora"][name][f]) for f in ("A", "B"))
+        assert same == name.endswith((".wq", ".wk", ".wv")), name
+    assert all(not torch.equal(s1["model"][k], s2["model"][k]) for k in moved)

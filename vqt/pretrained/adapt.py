@@ -31,6 +31,7 @@ import json
 import math
 import os
 import random
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ from vqt.training.train import consistency_loss, edited_copies, evaluate_loss
 
 LORA_TARGETS = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
 STATE_FILE = "adapt_state.pt"
+STAGE1_FILE = "adapt_state_stage1.pt"  # the checkpoint at the end of stage 1 (stage 2 can be rerun from a copy)
 
 
 @dataclass
@@ -71,6 +73,7 @@ class AdaptConfig:
     checkpoint_minutes: float = 5.0  # also checkpoint when this long has passed since the last one
     layerwise_steps: int = 0  # the first steps match each block's output to the original block's (stage 1)
     kl_lr: Optional[float] = None  # stage 2's learning rate (None: lr); stage 2 starts with a fresh optimizer
+    fix_codes: bool = False  # stage 2 keeps every code a fixed function of its attention output (see fix_codes)
     topk: int = 0  # >0: cache the teacher's top-k log-probs per training window (stage 2), 0: run it every step
     bf16: bool = False  # bfloat16 autocast for the forward passes (CPU or GPU)
     seed: int = 0
@@ -124,7 +127,20 @@ def remove_lora(model: VQTModel, loras: dict[str, LoRA]) -> dict[str, torch.Tens
     return factors
 
 
-def _trainable(model: VQTModel, choice: str) -> list[nn.Parameter]:
+CODE_PATH = ("attn_norm.", "wq.", "wk.", "wv.", "sink_")  # what a quantized block's codes are computed from
+
+
+def fix_codes(model: VQTModel, fixed: bool = True) -> None:
+    """Make every quantizer's codes a fixed function of its attention output (``fixed``): no straight-through
+    gradient into the attention, no commitment loss, no codebook updates. Then only what reads the codes
+    (output tables, corrections, W_o, the MLPs) learns. A straight-through gradient is wrong for a
+    quantize-then-correct output, which does not follow a at all between code changes."""
+    for block in model.blocks:
+        if block.quantizer is not None:
+            block.quantizer.frozen, block.quantizer.straight_through = fixed, not fixed
+
+
+def _trainable(model: VQTModel, choice: str, codes_fixed: bool = False) -> list[nn.Parameter]:
     params = []
     for name, p in model.named_parameters():
         on = choice == "all" or name.endswith(("norm.weight", "quantizer.out_codebook", "quantizer.correction_weight",
@@ -133,6 +149,10 @@ def _trainable(model: VQTModel, choice: str) -> list[nn.Parameter]:
             choice == "lora" and (name.endswith(".A") or name.endswith(".B")))
         if name.endswith("quantizer.codebook") and model.config.ema_decay > 0:
             on = False  # EMA codebooks follow their inputs; the optimizer leaves them alone
+        if codes_fixed and name.startswith("blocks."):
+            i, rest = name.split(".", 2)[1:]
+            if model.blocks[int(i)].quantizer is not None and rest.startswith(CODE_PATH):
+                on = False
         p.requires_grad_(on)
         if on:
             params.append(p)
@@ -231,7 +251,12 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
     gen = torch.Generator().manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     loras = add_lora(student, cfg.lora_rank, gen) if cfg.train == "lora" else {}
-    params = _trainable(student, cfg.train)
+
+    def stage_params(step: int) -> list[nn.Parameter]:
+        fixed = cfg.fix_codes and step >= cfg.layerwise_steps
+        fix_codes(student, fixed)
+        return _trainable(student, cfg.train, codes_fixed=fixed)
+
     stage_lr = lambda step: cfg.lr if step < cfg.layerwise_steps or cfg.kl_lr is None else cfg.kl_lr  # noqa: E731
     step = 0
     teacher_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # window -> teacher top-k (ids, log-probs)
@@ -245,8 +270,9 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
         gen.set_state(st["gen"])
         rng.setstate(st["rng"])
         teacher_cache = st.get("teacher_topk", {})
+    params = stage_params(step)
     opt = torch.optim.Adam(params, lr=stage_lr(step))
-    if state_path.is_file():
+    if state_path.is_file() and not (step == cfg.layerwise_steps and step):  # (stage 2 starts a fresh one)
         opt.load_state_dict(st["opt"])
     teacher.eval()
     for p in teacher.parameters():
@@ -278,7 +304,10 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
             # Stage 2 starts with a fresh optimizer: the KL's gradients are orders of magnitude larger than
             # the layer-wise ones, and Adam's second moments from stage 1 would turn them into steps of
             # several times the learning rate for a hundred steps (one such switch took held-out
-            # perplexity from 177 to 3,400 within 50 steps).
+            # perplexity from 177 to 3,400 within 50 steps). The stage-1 checkpoint is kept beside the run.
+            checkpoint()
+            shutil.copyfile(state_path, out / STAGE1_FILE)
+            params = stage_params(step)
             opt = torch.optim.Adam(params, lr=stage_lr(step))
         if cfg.topk and not layerwise:
             picks = torch.randint(0, n_windows, (B,), generator=gen).tolist()
@@ -309,8 +338,9 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
                 src = torch.cat([s for s, _ in pairs])
                 dst = torch.cat([d for _, d in pairs])
                 attn = res["attn"]
-                m_loss = 0.5 * (margin_loss(student, attn, rows, src, cfg.margin) +
-                                margin_loss(student, attn, rows + B, dst, cfg.margin))
+                m_loss = kl.new_zeros(()) if cfg.fix_codes else 0.5 * (
+                    margin_loss(student, attn, rows, src, cfg.margin) +
+                    margin_loss(student, attn, rows + B, dst, cfg.margin))
                 loss = kl + res["vq_loss"] + cfg.margin_weight * m_loss
                 if cfg.consistency_weight > 0:
                     loss = loss + cfg.consistency_weight * consistency_loss(attn, B, pairs)
@@ -334,6 +364,7 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
             last_save = time.time()
     bar.close()
     checkpoint()
+    fix_codes(student, False)
     student.eval()
     factors = remove_lora(student, loras)
     for p in student.parameters():
