@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -194,3 +196,53 @@ def test_last_token_ending_by_matches_a_scan():
     ends = [e for _, e in doc.token_offsets]
     for offset in range(len(doc.text) + 2):
         assert doc.last_token_ending_by(offset) == max([i for i, e in enumerate(ends) if e <= offset], default=-1)
+
+
+def dense_surprisal(doc: TextDocument) -> np.ndarray:
+    """Bits of every token from a dense forward of the document's tokens at its positions (token 0: NaN)."""
+    ids = doc.doc.token_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(MODEL.logits(MODEL.forward_dense(ids, doc.doc.positions).hidden).double(), -1)
+    bits = (logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0] / -math.log(2)).numpy()
+    return np.concatenate([[np.nan], bits])
+
+
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_surprisal_kept_across_edits_equals_a_dense_forward(data):
+    """The per-token surprisal carried from edit to edit (recomputed only where the incremental state
+    says) equals the surprisal of a dense forward of the new text, multi-edit updates included."""
+    doc = TextDocument(MODEL, TOKENIZER, BASE)
+    np.testing.assert_allclose(doc.surprisal(), dense_surprisal(doc), rtol=0, atol=1e-9)
+    for _ in range(8):
+        n = len(doc.text)
+        s = data.draw(st.integers(0, n))
+        e = data.draw(st.integers(s, min(n, s + 15)))
+        edits = [(s, e, data.draw(TEXT))]
+        if data.draw(st.booleans()) and e + 2 <= n:  # a second span later in the text: one update, two hunks
+            s2 = data.draw(st.integers(e + 1, n))
+            edits.append((s2, data.draw(st.integers(s2, min(n, s2 + 5))), data.draw(TEXT)))
+        new = "".join(p for (a, b, r), prev in zip(edits, [0] + [b for _, b, _ in edits])
+                      for p in (doc.text[prev:a], r)) + doc.text[edits[-1][1]:]
+        if len(TOKENIZER.encode(new)) > MODEL.config.max_len:
+            continue
+        doc.apply_text_edits(edits)
+        assert doc.text == new
+        if data.draw(st.booleans()):  # not asked after every edit: carried over several
+            np.testing.assert_allclose(doc.surprisal(), dense_surprisal(doc), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(doc.surprisal(), dense_surprisal(doc), rtol=0, atol=1e-9)
+
+
+def test_surprisal_after_an_edit_costs_the_edit_not_the_document(monkeypatch):
+    doc = TextDocument(MODEL, TOKENIZER, BASE * 2)
+    doc.surprisal()
+    rows = []
+    real = doc.doc.logits
+    monkeypatch.setattr(doc.doc, "logits", lambda idx: rows.extend(idx) or real(idx))
+    at = doc.text.rindex("Tuesday")
+    doc.edit(at, at + 7, "Monday")
+    got = doc.surprisal()
+    assert 0 < len(rows) < len(doc.doc) // 2, (len(rows), len(doc.doc))
+    np.testing.assert_allclose(got, dense_surprisal(doc), rtol=0, atol=1e-9)
+    with pytest.raises(ValueError):
+        got[1] = 0.0  # read-only: the cache is not the caller's to change

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -21,6 +22,24 @@ from vqt.modeling.model import VQTModel
 from vqt.text.tokenizer import Tokenizer, check_text
 
 TextEdit = tuple[int, int, str]
+SURPRISAL_ROWS = 256  # LM-head rows per chunk when surprisals are computed
+
+
+def splice_surprisal(values: np.ndarray, edits: Sequence[tuple[int, int, Sequence[int]]],
+                     hidden_changed: Optional[Sequence[int]]) -> Optional[np.ndarray]:
+    """Per-token surprisals carried across one token update: the kept ones move with their tokens, and
+    NaN (to compute again) marks new tokens, the first token after each edited span (its predecessor is
+    another token now) and every token whose predecessor's final hidden state changed. ``edits`` are the
+    update's hunks in old coordinates, sorted; ``hidden_changed`` its changed rows (None: all of them)."""
+    if hidden_changed is None:
+        return None
+    for start, end, new in reversed(edits):
+        tail = values[end:].copy()
+        tail[:1] = np.nan
+        values = np.concatenate([values[:start], np.full(len(new), np.nan), tail])
+    after = np.asarray(hidden_changed, dtype=np.int64) + 1
+    values[after[after < len(values)]] = np.nan
+    return values
 
 
 def token_diff(old: Sequence[int], new: Sequence[int]) -> list[tuple[int, int, list[int]]]:
@@ -124,6 +143,7 @@ class TextDocument:
     version: Optional[int] = None  # the editor's version of the text: each versioned update must raise it
     _position_encoding: PositionEncoding = "utf-16"
     _changed: Optional[tuple[EditStats, list[int]]] = None  # (the last tracked update, its changed tokens)
+    _surprisal: Optional[np.ndarray] = None  # bits per token once asked for (NaN: to compute), kept across edits
 
     def __init__(self, model: VQTModel, tokenizer: Optional[Tokenizer] = None, text: str = "",
                  options: Optional[DocumentOptions] = None, **settings) -> None:
@@ -183,7 +203,30 @@ class TextDocument:
         ids, offsets, edits = local_encode(self.tokenizer, self._text, self._ids, self._offsets, new_text)
         stats = self.doc.apply_edits(edits)
         self._text, self._ids, self._offsets, self.last_stats = new_text, ids, offsets, stats
+        if self._surprisal is not None:
+            self._surprisal = splice_surprisal(self._surprisal, edits, stats.hidden_changed)
         return stats
+
+    def surprisal(self) -> np.ndarray:
+        """Surprisal of every token given the text before it, in bits (-log2 p; token 0 has none: NaN).
+
+        Computed from the incremental state and kept across updates: after an edit the LM head runs
+        only for new tokens, the first token after each edited span and tokens whose predecessor's
+        final hidden state changed (``EditStats.hidden_changed``), so its cost follows the edit, not
+        the document. Returns a read-only view.
+        """
+        n = len(self._ids)
+        if self._surprisal is None or len(self._surprisal) != n:
+            self._surprisal = np.full(n, np.nan)
+        todo = np.flatnonzero(np.isnan(self._surprisal[1:])) + 1
+        for at in range(0, len(todo), SURPRISAL_ROWS):
+            rows = todo[at:at + SURPRISAL_ROWS]
+            logp = torch.log_softmax(self.doc.logits((rows - 1).tolist()).double(), -1)
+            ids = torch.from_numpy(self._ids[rows]).to(logp.device)
+            self._surprisal[rows] = (logp.gather(1, ids[:, None])[:, 0] / -math.log(2)).cpu().numpy()
+        view = self._surprisal.view()
+        view.flags.writeable = False
+        return view
 
     # --------------------------------------------------------------- editor API
     @property
@@ -282,6 +325,7 @@ class TextDocument:
         self._ids = np.asarray(self.doc.token_ids, dtype=np.int64)
         self._position_encoding = snapshot.position_encoding
         self.last_stats = snapshot.last_stats
+        self._surprisal = None  # (computed again when asked)
         self._changed = None if snapshot.changed is None else (snapshot.last_stats, list(snapshot.changed))
 
     def save_state(self, path: str | Path) -> None:
