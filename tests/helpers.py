@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from vqt import Document, VQTConfig, VQTModel
@@ -40,6 +42,15 @@ def assert_matches_dense(doc: Document, atol: float = 1e-9) -> None:
     torch.testing.assert_close(doc.hidden, out.hidden, atol=atol, rtol=0)
     torch.testing.assert_close(doc.pooled, out.hidden.mean(0) if len(doc) else torch.zeros_like(doc.pooled),
                                atol=atol * 10, rtol=0)
+
+
+def dense_surprisal(model: VQTModel, tokens: list[int], positions) -> np.ndarray:
+    """Bits of every token (-log2 p given the tokens before it; token 0: NaN) from a dense forward of
+    ``tokens`` at ``positions``."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model.logits(model.forward_dense(tokens, positions).hidden).double(), -1)
+    bits = (logp[:-1].gather(1, torch.tensor(tokens[1:])[:, None])[:, 0] / -math.log(2)).numpy()
+    return np.concatenate([[np.nan], bits])
 
 
 def assert_codes_certified(doc: Document) -> None:

@@ -104,6 +104,8 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     (["replay", "--max-edits", "0"], "argument --max-edits: expected a positive integer, got 0"),
     (["replay", "--max-revisions", "0"], "argument --max-revisions: expected a positive integer, got 0"),
     (["replay", "--prefix-tokens", "ten"], "argument --prefix-tokens: expected a positive integer, got 'ten'"),
+    (["lsp", "--surprisal-bits", "-1"], "argument --surprisal-bits: '-1' is not a number of bits >= 0 or 'off'"),
+    (["lsp", "--surprisal-bits", "nan"], "argument --surprisal-bits: 'nan' is not a number of bits >= 0 or 'off'"),
     (["lsp", "--max-live", "0"], r"^vqt lsp: error: argument --max-live: expected a positive integer, got 0"),
     (["fetch-wiki", "T", "--out", "x.json", "--limit", "0"], "argument --limit: expected a positive integer"),
     (["convert", "--out", "x", "--codebook-size", "0"], "argument --codebook-size: expected a positive integer"),

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -19,7 +20,7 @@ from lsprotocol import types
 from pygls.exceptions import JsonRpcInvalidParams
 from pygls.lsp.client import LanguageClient
 
-from helpers import tiny_model
+from helpers import dense_surprisal, tiny_model
 from lsp_helpers import RawClient, lsp_position, lsp_range
 from vqt import TextDocument, VQTModel
 from vqt.apps.lsp import DocumentStore, FrameReader, next_tokens
@@ -606,7 +607,8 @@ def test_neovim_types_hovers_completes_and_gets_diagnostics(model, model_dir, tm
     if nvim is None:
         pytest.skip("Neovim is not installed (apt-get install neovim; .ci/run installs it)")
     out, log = tmp_path / "nvim.json", tmp_path / "log"
-    server = [sys.executable, "-m", "vqt", "lsp", "--model", str(model_dir), "--dtype", "float64", "--log", str(log)]
+    server = [sys.executable, "-m", "vqt", "lsp", "--model", str(model_dir), "--dtype", "float64", "--log", str(log),
+              "--surprisal-bits", "0", "--max-surprising", "1000"]  # every token: all ranges are checked
     env = {**os.environ, "VQT_NVIM_CMD": json.dumps(server), "VQT_NVIM_FILE": str(tmp_path / "typed.txt"),
            "VQT_NVIM_OUT": str(out)}
     res = subprocess.run([nvim, "--headless", "--clean", "-c", f"luafile {NEOVIM_SESSION}"], env=env,
@@ -633,8 +635,47 @@ def test_neovim_types_hovers_completes_and_gets_diagnostics(model, model_dir, tm
     assert [item["data"]["token_id"] for item in got["completion"]["result"]["items"]] == [s.token_id for s in expected]
     assert got["hover"]["result"]["contents"]["value"].startswith(f"**VQT** version {got['version']}")
 
+    assert "Next: " + ", ".join(f"`{s.text!r}` {s.probability:.1%}" for s in expected[:5]) in \
+        got["hover"]["result"]["contents"]["value"]
     last = got["diagnostics"][-1]
     assert last["version"] == got["version"]
     with torch.no_grad():
         k = int(model.classify(dense.hidden.mean(0)).argmax())
-    assert [d["message"].split(" (")[0] for d in last["diagnostics"]] == [f"VQT class {k}"]
+    surprising = [d for d in last["diagnostics"] if d.get("code") == "surprisal"]
+    assert [d["message"].split(" (")[0] for d in last["diagnostics"] if d.get("code") != "surprisal"] == \
+        [f"VQT class {k}"]
+    # Every token but the first, where it now stands in the text (after typing, a deletion inside a
+    # line with non-ASCII text before it, and an append), with the dense forward's surprisal.
+    bits = dense_surprisal(model, info["tokens"], info["positions"])
+    spans = TOK.encode_with_offsets(text)[1]
+    assert [d["range"] for d in surprising] == [lsp_range(text, s, e) for s, e in spans[1:]]
+    np.testing.assert_allclose([d["data"]["bits"] for d in surprising], bits[1:], rtol=1e-5)
+
+
+def test_surprising_tokens_follow_the_text_and_the_threshold(model):
+    """Surprisal diagnostics (carried across edits) and hovers against a dense forward of each new text."""
+    text = "Café owners in Zürich met on a Tuesday.\nThe 🦀 crab walked away"
+    store = DocumentStore(model, TOK, surprisal_bits=None)
+    store.open("u", text, 1)
+    entry = store.docs["u"]
+    assert store.surprising(entry) == []
+    for version, (start, end, insert) in enumerate([(0, 0, "Oh. "), (len(text), len(text), " far"), (9, 15, "")],
+                                                   start=2):
+        store.change("u", [{"range": lsp_range(entry.text, start, end), "text": insert}], version)
+        info = store.inspect("u", full=True)
+        bits = dense_surprisal(model, info["tokens"], info["positions"])
+        threshold = float(np.nanmedian(bits))
+        store.surprisal_bits, store.max_surprising = threshold, 100
+        got = store.surprising(entry)
+        assert [i for i, _ in got] == [i for i in range(1, len(bits)) if bits[i] > threshold]
+        np.testing.assert_allclose([b for _, b in got], bits[[i for i, _ in got]], rtol=0, atol=1e-9)
+        store.max_surprising = 3  # the three most surprising, in text order
+        assert [i for i, _ in store.surprising(entry)] == sorted(np.argsort(-np.nan_to_num(bits, nan=-1))[:3].tolist())
+    # hover: the five most likely next tokens and the surprisal of the token before the cursor
+    cursor = entry.text.index(" crab")
+    hover = store.describe("u", **lsp_position(entry.text, cursor))
+    out = model.forward_dense(info["tokens"], info["positions"])
+    top = dense_completions(model, entry.text, cursor, out)[:5]
+    assert "Next: " + ", ".join(f"`{s.text!r}` {s.probability:.1%}" for s in top) in hover
+    i = max(j for j, (_, e) in enumerate(TOK.encode_with_offsets(entry.text)[1]) if e <= cursor)
+    assert f"before the cursor: {bits[i]:.1f} bits" in hover

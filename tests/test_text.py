@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import random
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_matches_dense, tiny_model
+from helpers import dense_surprisal as dense_bits
 from vqt import TextDocument
 from vqt.engine.options import DocumentOptions
 from vqt.text.document import token_diff
@@ -199,12 +199,7 @@ def test_last_token_ending_by_matches_a_scan():
 
 
 def dense_surprisal(doc: TextDocument) -> np.ndarray:
-    """Bits of every token from a dense forward of the document's tokens at its positions (token 0: NaN)."""
-    ids = doc.doc.token_ids
-    with torch.no_grad():
-        logp = torch.log_softmax(MODEL.logits(MODEL.forward_dense(ids, doc.doc.positions).hidden).double(), -1)
-    bits = (logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0] / -math.log(2)).numpy()
-    return np.concatenate([[np.nan], bits])
+    return dense_bits(MODEL, doc.doc.token_ids, doc.doc.positions)
 
 
 @settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -290,8 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         return lsp_main(args)
 
-    s = command("lsp", help="language server over stdio: next-token completions, edit-cost hovers and "
-                       "classification diagnostics for the open documents")
+    s = command("lsp", help="language server over stdio: next-token completions, hovers (next tokens, "
+                       "surprisal, edit cost), diagnostics for surprising tokens and classification")
     s.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
     s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
@@ -300,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "the least recently used others wait on disk")
     s.add_argument("--state-dir", default=None, help="where evicted states are saved (default: a temporary folder)")
     s.add_argument("--completions", type=positive_int, default=10, help="completion items per request")
+    s.add_argument("--surprisal-bits", type=surprisal_threshold, default=16.0,
+                   help="diagnose tokens more surprising than this many bits (-log2 p; 'off': none)")
+    s.add_argument("--max-surprising", type=positive_int, default=100, help="at most this many surprisal diagnostics "
+                   "per document (the most surprising)")
     s.add_argument("--dense", action="store_true", help="recompute every document densely after each change "
                    "(the baseline)")
     s.add_argument("--log", default=None, help="log file (default: stderr)")
@@ -354,6 +358,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--quiet", action="store_true", help="no progress bar")
     c.set_defaults(func=_convert)
     return p
+
+
+def surprisal_threshold(text: str) -> Optional[float]:
+    """--surprisal-bits: a number of bits (>= 0), or "off"."""
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of bits >= 0 or 'off'")
+    return value
 
 
 def target_window(text: str):

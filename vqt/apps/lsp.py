@@ -2,8 +2,11 @@
 
 One incremental ``TextDocument`` per open file follows didOpen, didChange (incremental sync)
 and didClose. The server publishes next-token suggestions as completion items at the cursor,
-a hover that tells what the last edit recomputed and the MACs it saved, and diagnostics: the
-pooled classification (for models with a classifier) and any problem (a refused change, a
+a hover with the five most likely next tokens at the cursor, the surprisal of the token before
+it, what the last edit recomputed and the MACs it saved, and diagnostics: tokens whose surprisal
+passes ``--surprisal-bits`` (a typo or odd-phrase detector; carried across edits by
+``TextDocument.surprisal``, so an edit pays the LM head only where the final hidden states
+changed), the pooled classification (for models with a classifier) and any problem (a refused change, a
 document longer than the token limit: ``--max-tokens``, or the model's ``max_len`` for a model
 without a window). At most ``max_live`` model states stay in memory; the least recently used ones are saved to disk (``vqt.persist``) and restored exactly
 on their next use. Malformed messages get JSON-RPC errors; a bad notification gets a
@@ -36,6 +39,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, NamedTuple, Optional, TypeVar
 
 import cattrs
+import numpy as np
 import torch
 from lsprotocol import types
 from pygls.exceptions import JsonRpcException, JsonRpcInvalidParams, JsonRpcInvalidRequest, JsonRpcParseError
@@ -60,6 +64,10 @@ T = TypeVar("T")
 class UnknownDocument(LookupError):
     def __init__(self, uri: str) -> None:
         super().__init__(f"unknown document {uri}: it is not open (send textDocument/didOpen first)")
+
+
+DEFAULT_SURPRISAL_BITS = 16.0  # a token the model gave p < 1/65536: typos and odd phrases, rarely plain text
+HOVER_NEXT = 5  # next tokens a hover lists
 
 
 class Suggestion(NamedTuple):
@@ -105,9 +113,13 @@ class DocumentStore:
     """
 
     def __init__(self, model: VQTModel, tokenizer: Tokenizer, max_live: int = 8, state_dir: Optional[str | Path] = None,
-                 dense: bool = False, options: Optional[DocumentOptions] = None) -> None:
+                 dense: bool = False, options: Optional[DocumentOptions] = None,
+                 surprisal_bits: Optional[float] = DEFAULT_SURPRISAL_BITS, max_surprising: int = 100) -> None:
         if max_live < 1:
             raise ValueError(f"max_live must be at least 1, got {max_live}")
+        if max_surprising < 0:
+            raise ValueError(f"max_surprising must be >= 0, got {max_surprising}")
+        self.surprisal_bits, self.max_surprising = surprisal_bits, max_surprising
         self.model, self.tokenizer, self.options = model, tokenizer, options or DocumentOptions()
         self.max_live, self.dense = max_live, dense
         self._tmp = tempfile.TemporaryDirectory(prefix="vqt-lsp-") if state_dir is None else None
@@ -234,11 +246,35 @@ class DocumentStore:
             return None
         return torch.softmax(entry.doc.doc.classify().double(), -1).tolist()
 
+    def surprising(self, entry: OpenDocument) -> list[tuple[int, float]]:
+        """(token index, bits) of the tokens whose surprisal passes ``surprisal_bits``: the
+        ``max_surprising`` highest, in text order (none without a live state or a threshold)."""
+        if self.surprisal_bits is None or entry.doc is None or not self.max_surprising:
+            return []
+        bits = entry.doc.surprisal()
+        with np.errstate(invalid="ignore"):
+            idx = np.flatnonzero(bits > self.surprisal_bits)  # (token 0 has none: NaN)
+        if len(idx) > self.max_surprising:
+            idx = np.sort(idx[np.argsort(-bits[idx], kind="stable")[: self.max_surprising]])
+        return [(int(i), float(bits[i])) for i in idx]
+
     def describe(self, uri: str, line: int, character: int) -> str:
-        """Hover text: what the last update recomputed and the MACs it saved."""
+        """Hover text: the most likely next tokens at the cursor and the surprisal of the token before
+        it, what the last update recomputed and the MACs it saved."""
         entry = self.get(uri)
-        self.cursor(entry, line, character)  # validates the position
+        offset = self.cursor(entry, line, character)  # validates the position
         out = [f"**VQT** version {entry.version}"] + [m for m in (entry.refused, entry.problem) if m]
+        if entry.doc is not None or entry.saved is not None:
+            doc = self.live(entry)
+            i = doc.last_token_ending_by(offset)
+            if i >= 0:
+                top = next_tokens(doc.doc.logits([i])[0], self.tokenizer, HOVER_NEXT)
+                out.append("Next: " + ", ".join(f"`{s.text!r}` {s.probability:.1%}" for s in top))
+            if i >= 1:
+                bits = doc.surprisal_of(i)
+                s, e = doc.token_span(i)
+                out.append(f"`{doc.text[s:e]!r}` before the cursor: {bits:.1f} bits of surprisal "
+                           f"(p = {2.0 ** -bits:.2g})")
         st = entry.stats
         if self.dense:
             out.append("Dense mode: every change recomputes the whole document.")
@@ -482,6 +518,15 @@ class VQTServer(LanguageServer):
         here = types.Range(types.Position(0, 0), types.Position(0, 0))
         diags = [types.Diagnostic(here, m, severity=types.DiagnosticSeverity.Error, source="vqt")
                  for m in (entry.problem, entry.refused) if m]
+        found = self.store.surprising(entry)
+        lines = LineIndex(entry.text) if found else None
+        for i, bits in found:
+            s, e = entry.doc.token_span(i)
+            r = lines.lsp_range(s, e, self.store.encoding)
+            rng = types.Range(types.Position(**r["start"]), types.Position(**r["end"]))
+            diags.append(types.Diagnostic(rng, f"surprising: {entry.text[s:e]!r} is {bits:.1f} bits "
+                                          f"(p = {2.0 ** -bits:.2g})", severity=types.DiagnosticSeverity.Information,
+                                          code="surprisal", source="vqt", data={"token": i, "bits": bits}))
         probs = self.store.classify(entry)
         if probs is not None:
             k = max(range(len(probs)), key=probs.__getitem__)
@@ -591,7 +636,7 @@ def main(args: argparse.Namespace) -> int:
     model, name, tok = load_model(args.model, dtype, args.tokenizer)
     options = document_options(args, model)  # resolves (compiles) the backend before any request can wait on it
     store = DocumentStore(model, tok, max_live=args.max_live, state_dir=args.state_dir, dense=args.dense,
-                          options=options)
+                          options=options, surprisal_bits=args.surprisal_bits, max_surprising=args.max_surprising)
     server = build_server(store, args.completions, level)
     handler.addFilter(server.log_filter)
     logger.info("vqt lsp: model %s: %s; backend %s", name, model.describe(), options.backend)

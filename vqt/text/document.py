@@ -178,6 +178,12 @@ class TextDocument:
     def __len__(self) -> int:
         return len(self._text)
 
+    def token_span(self, index: int) -> tuple[int, int]:
+        """(start, end) code-point span of token ``index``."""
+        if not 0 <= index < len(self._ids):
+            raise IndexError(f"token index {index} is outside the document's {len(self._ids)} tokens")
+        return int(self._offsets[index, 0]), int(self._offsets[index, 1])
+
     def last_token_ending_by(self, offset: int) -> int:
         """Index of the last token that ends at or before code-point ``offset`` (-1 if none); O(log n)."""
         return int(np.searchsorted(self._offsets[:, 1], offset, side="right")) - 1
@@ -221,12 +227,26 @@ class TextDocument:
         todo = np.flatnonzero(np.isnan(self._surprisal[1:])) + 1
         for at in range(0, len(todo), SURPRISAL_ROWS):
             rows = todo[at:at + SURPRISAL_ROWS]
-            logp = torch.log_softmax(self.doc.logits((rows - 1).tolist()).double(), -1)
-            ids = torch.from_numpy(self._ids[rows]).to(logp.device)
-            self._surprisal[rows] = (logp.gather(1, ids[:, None])[:, 0] / -math.log(2)).cpu().numpy()
+            self._surprisal[rows] = self._bits(rows)
         view = self._surprisal.view()
         view.flags.writeable = False
         return view
+
+    def surprisal_of(self, index: int) -> float:
+        """Surprisal of token ``index`` in bits (token 0: NaN), from the kept values when they are
+        there, else computed for this token alone."""
+        self.token_span(index)  # validates the index
+        if index == 0:
+            return float("nan")
+        if self._surprisal is not None and len(self._surprisal) == len(self._ids) and \
+                not np.isnan(self._surprisal[index]):
+            return float(self._surprisal[index])
+        return float(self._bits(np.asarray([index]))[0])
+
+    def _bits(self, rows: np.ndarray) -> np.ndarray:
+        logp = torch.log_softmax(self.doc.logits((rows - 1).tolist()).double(), -1)
+        ids = torch.from_numpy(self._ids[rows]).to(logp.device)
+        return (logp.gather(1, ids[:, None])[:, 0] / -math.log(2)).cpu().numpy()
 
     # --------------------------------------------------------------- editor API
     @property
