@@ -8,7 +8,8 @@ matching first, then end-to-end KL), then write the model as fp16 deltas over th
     python experiments/adapt.py --dry-run --out /tmp/adapt-dry       # toy size: a 2-layer slice, a few steps
 
 Runs live in ``$VQT_RUNS/<name>`` (default ~/.cache/vqt/runs, outside the work tree, which a new session
-lays anew) unless ``--out`` names a folder. A folder that holds a checkpoint is only continued with
+lays anew) unless ``--out`` names a folder. A new run also writes the converted student, before any
+training, to OUT/model-converted. A folder that holds a checkpoint is only continued with
 ``--resume``; the conversion is deterministic, so a resumed run rebuilds the same student first.
 
 Training text: the Anarchism history and the Rust RFC texts in ../shared/data (or --text FILE ...);
@@ -131,6 +132,8 @@ def main() -> None:
                       layerwise_steps=a.layerwise_steps, kl_lr=a.kl_lr, fix_codes=a.fix_codes, topk=a.topk,
                       bf16=a.bf16, checkpoint_minutes=a.checkpoint_minutes)
     before = heldout_perplexity(student, held, 2 * a.seq_len, a.eval_tokens)
+    if not a.dry_run and not a.resume:  # the student before any training, for frontier rows
+        save_delta(student, out / "model-converted")
     factors = adapt(student, teacher, train, cfg, out, heldout=held)
     step = len(cfg.history)
     after = heldout_perplexity(merged(copy.deepcopy(student), factors), held, 2 * a.seq_len, a.eval_tokens)

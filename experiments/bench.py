@@ -17,6 +17,8 @@ Flags:
                        backend; each length runs in a fresh process so its memory can be read from
                        /proc/self/status. Only windowed models (no length cap); full attention is O(n^2).
   --length-edits N     edits per length (default 50)
+  --no-gc-freeze       length section: leave every object the build made to Python's cyclic collector (by
+                       default they are frozen, as `vqt lsp` does: a full collection then walks only new objects)
   --whole N            whole-document section (off by default): N real edits of the Anarchism history in
                        ../shared/data from revision --whole-start (default 3000: 15k-20k tokens), each edit
                        applied to the whole document wherever it falls (`replay`); VQT against the dense
@@ -284,11 +286,24 @@ def length_child(a: argparse.Namespace) -> None:
     gc.collect()
     steady = proc_status_kb("VmRSS")
     peak = proc_status_kb("VmHWM")  # (read after steady: the high-water mark so far, so never below it)
-    seconds = []
+    if a.gc_freeze:
+        gc.freeze()
+    seconds, collections = [], []
+    collected = [0, 0, 0]  # collections per generation, counted by gc's callback
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collected[info["generation"]] += 1
+
+    gc.callbacks.append(count)
     for _ in tqdm(range(a.length_edits), desc=f"{n} tokens: edits", unit="edit", file=sys.stderr):
-        seconds.append(doc.apply_edits([random_edit(rng, len(doc), text)]).seconds)
+        edit = [random_edit(rng, len(doc), text)]
+        before_gc = list(collected)
+        seconds.append(doc.apply_edits(edit).seconds)
+        collections.append(max((g for g in range(3) if collected[g] > before_gc[g]), default=-1))
+    gc.callbacks.remove(count)
     print(LENGTH_RESULT + json.dumps(dict(  # (memory after the edits: free capacity the edits grew included)
-        n=n, build_s=build_s, edit_s=seconds, state_bytes_per_token=doc.cache.bytes_per_slot(),
+        n=n, build_s=build_s, edit_s=seconds, gc_generation=collections, state_bytes_per_token=doc.cache.bytes_per_slot(),
         allocated_bytes_per_token=doc.state_bytes_per_token(), kv_bytes_per_token=doc.kv_cache_bytes_per_token(),
         peak_rss_bytes_per_token=(peak - before) * 1024 / n, steady_rss_bytes_per_token=(steady - before) * 1024 / n,
         exact_peak=exact_peak)), flush=True)
@@ -323,6 +338,7 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--length-child", str(n), "--backend", backend,
                "--length-edits", str(a.length_edits), "--threads", str(a.threads), "--device", a.device,
                "--seed", str(a.seed)]
+        cmd += [] if a.gc_freeze else ["--no-gc-freeze"]
         cmd += ["--model", a.model] if a.model else []
         cmd += ["--data", *a.data] if a.data else []
         print(f"length {n}: building and editing in a fresh process ...", flush=True)
@@ -348,6 +364,12 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
               f"{max(r['edit_s']) * 1e3:>8.2f} {max(r['edit_s']) / med:>6.1f}x {med / first:>8.2f}x {r['state_bytes_per_token']:>12} {r['allocated_bytes_per_token']:>11.0f} "
               f"{r['kv_bytes_per_token']:>8} {r['peak_rss_bytes_per_token']:>14.0f} "
               f"{r['steady_rss_bytes_per_token']:>16.0f} {r['wall_s']:>7.1f}")
+    print("slowest edits (ms, and the oldest generation Python's cyclic collector swept during the edit, - for none):")
+    for r in rows:
+        slow = sorted(zip(r["edit_s"], r["gc_generation"]), reverse=True)[:5]
+        swept = [sum(g == k for g in r["gc_generation"]) for k in range(3)]
+        print(f"{r['n']:>8}: " + ", ".join(f"{t * 1e3:.2f} ({g if g >= 0 else '-'})" for t, g in slow)
+              + f"; edits with a sweep of generation 0/1/2: {swept[0]}/{swept[1]}/{swept[2]}")
     if not all(r["exact_peak"] for r in rows):
         print("(the kernel refused to reset VmHWM: peaks include whatever came before the build)")
 
@@ -365,6 +387,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="document lengths of the length section")
     p.add_argument("--length-edits", type=int, default=50, help="random small edits per length")
     p.add_argument("--seed", type=int, default=0, help="seed of the length section's edits")
+    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
+                   help="length section: do not freeze the build's objects out of the cyclic collector's walks")
     p.add_argument("--whole", type=int, default=0, metavar="N",
                    help="whole-document section: N real edits of whole 10k+-token documents (default 0: skip)")
     p.add_argument("--whole-data", default=str(WIKI / "enwiki-anarchism-history.xml.lzma"),

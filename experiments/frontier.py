@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import re
 import statistics
 import sys
@@ -67,8 +68,11 @@ def dense_ms(model: VQTModel, ids: np.ndarray, repeats: int = 3) -> float:
 class Classification:
     """Accuracy of pooled features on the vadersentiment documents, on splits shared by every model."""
 
-    def __init__(self, tok, max_tokens: int, repeats: int = 10) -> None:
+    def __init__(self, tok, max_tokens: int, repeats: int = 10, limit: Optional[int] = None) -> None:
         self.texts, self.labels = load_documents(LONG_SETS)
+        if limit is not None and limit < len(self.texts):  # a seeded sample, the same for every model
+            keep = sorted(random.Random(0).sample(range(len(self.texts)), limit))
+            self.texts, self.labels = [self.texts[i] for i in keep], [self.labels[i] for i in keep]
         self.tok, self.max_tokens, self.repeats = tok, max_tokens, repeats
 
     def __call__(self, model: VQTModel) -> np.ndarray:
@@ -117,6 +121,8 @@ def main() -> None:
     p.add_argument("--save", default=None, help="folder: write each converted point there as a delta checkpoint")
     p.add_argument("--classify", action="store_true", help="also classification accuracy vs the original")
     p.add_argument("--classify-tokens", type=int, default=128)
+    p.add_argument("--classify-docs", type=int, default=None, help="classify a seeded sample of this many documents "
+                   "(default: all of them, about 8,900: minutes per model on a CPU)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -129,7 +135,7 @@ def main() -> None:
     original_ms = dense_ms(original, held[:1024])
     print(f"original SmolLM2-135M (full attention): held-out perplexity {original_ppl:.2f}, dense forward of 1024 "
           f"tokens {original_ms:.0f} ms", flush=True)
-    judge = Classification(tok, a.classify_tokens) if a.classify else None
+    judge = Classification(tok, a.classify_tokens, limit=a.classify_docs) if a.classify else None
     original_acc = judge(original) if judge else None
     if judge:
         print(f"original classification accuracy {original_acc.mean():.4f}", flush=True)
