@@ -364,11 +364,12 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
               f"{max(r['edit_s']) * 1e3:>8.2f} {max(r['edit_s']) / med:>6.1f}x {med / first:>8.2f}x {r['state_bytes_per_token']:>12} {r['allocated_bytes_per_token']:>11.0f} "
               f"{r['kv_bytes_per_token']:>8} {r['peak_rss_bytes_per_token']:>14.0f} "
               f"{r['steady_rss_bytes_per_token']:>16.0f} {r['wall_s']:>7.1f}")
-    print("slowest edits (ms, and the oldest generation Python's cyclic collector swept during the edit, - for none):")
+    print("slowest edits: ms (edit number, the oldest generation Python's cyclic collector swept during it or -); "
+          "the same length twice replays the same edits, so a slow edit that is slow in both runs is the engine's:")
     for r in rows:
-        slow = sorted(zip(r["edit_s"], r["gc_generation"]), reverse=True)[:5]
+        slow = sorted(zip(r["edit_s"], range(len(r["edit_s"])), r["gc_generation"]), reverse=True)[:5]
         swept = [sum(g == k for g in r["gc_generation"]) for k in range(3)]
-        print(f"{r['n']:>8}: " + ", ".join(f"{t * 1e3:.2f} ({g if g >= 0 else '-'})" for t, g in slow)
+        print(f"{r['n']:>8}: " + ", ".join(f"{t * 1e3:.2f} (#{i}, {g if g >= 0 else '-'})" for t, i, g in slow)
               + f"; edits with a sweep of generation 0/1/2: {swept[0]}/{swept[1]}/{swept[2]}")
     if not all(r["exact_peak"] for r in rows):
         print("(the kernel refused to reset VmHWM: peaks include whatever came before the build)")

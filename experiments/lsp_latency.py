@@ -2,8 +2,11 @@
 
     python experiments/lsp_latency.py                      # default model (shipped, else the demo model)
     python experiments/lsp_latency.py --model DIR --keystrokes 200
+    python experiments/lsp_latency.py --model smollm2-vqt --tokens 1000 4000 16000 --dense-keystrokes 10
 
-Replays typing into a document of about --tokens tokens: at cursor spots spread over the
+Replays typing into a document of about --tokens tokens (several lengths: one after the other) of
+held-out text (the held-out Wikipedia articles in ../shared/data, repeated as needed; the built-in
+demo revisions without them): at cursor spots spread over the
 text, a phrase with an accented letter and an emoji is typed one character per didChange,
 then deleted with backspace, one character per didChange. For every keystroke it times, from sending the
 didChange, (a) the publishDiagnostics for that version and (b) the completion at the cursor,
@@ -30,6 +33,8 @@ from pygls.lsp.client import LanguageClient
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from vqt.apps.demo import demo_revisions  # noqa: E402
+from vqt.apps.loading import model_tokenizer  # noqa: E402
+from vqt.histories.corpus import heldout_texts  # noqa: E402
 from vqt.text.tokenizer import Tokenizer  # noqa: E402
 
 PHRASE = "a new café 😀 "
@@ -37,10 +42,18 @@ URI = "file:///typing.txt"
 
 
 def document(tokenizer: Tokenizer, n_tokens: int) -> str:
-    """About n_tokens tokens of the demo revisions, cut at a token boundary."""
-    text = "\n\n".join(t for _, t in demo_revisions())
-    _, offsets = tokenizer.encode_with_offsets(text)
-    return text[:offsets[min(n_tokens, len(offsets)) - 1][1]]
+    """About n_tokens tokens of held-out text (the demo revisions without ../shared/data), cut at a token
+    boundary."""
+    try:
+        pieces = heldout_texts()
+    except FileNotFoundError:
+        pieces = [t for _, t in demo_revisions()]
+    text = "\n\n".join(pieces)
+    while True:
+        _, offsets = tokenizer.encode_with_offsets(text)
+        if len(offsets) >= n_tokens:
+            return text[:offsets[n_tokens - 1][1]]
+        text = text + "\n\n" + "\n\n".join(pieces)
 
 
 def keystrokes(text: str, count: int) -> list[tuple[int, int, str]]:
@@ -108,8 +121,11 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory or 'demo' (default: the server's default)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    p.add_argument("--tokens", type=int, default=1000, help="document length in tokens (at most the model's max_len)")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1000],
+                   help="document lengths in tokens (at most the model's max_len)")
     p.add_argument("--keystrokes", type=int, default=120)
+    p.add_argument("--dense-keystrokes", type=int, default=None,
+                   help="keystrokes replayed against --dense (default: --keystrokes; fewer for a real model)")
     p.add_argument("--warmup", type=int, default=5, help="first keystrokes not timed")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (1 keeps many small ops "
                    "from waiting on OpenMP barriers when the CPU is shared)")
@@ -117,18 +133,23 @@ def main() -> None:
                    help="the servers' log file")
     args = p.parse_args()
 
-    text = document(Tokenizer.default(), args.tokens)
-    edits = keystrokes(text, args.keystrokes)
-    print(f"{len(edits)} keystrokes ({args.warmup} warm-up) into a document of {len(Tokenizer.default().encode(text))} "
-          f"tokens, {args.dtype}, {args.threads} thread(s) per server")
-    print(f"{'server':<12} {'didChange -> diagnostics':>26} {'didChange -> completion':>26}  MAC ratio")
-    print(f"{'':<12} {'p50 ms':>12} {'p95 ms':>13} {'p50 ms':>12} {'p95 ms':>13}  median")
-    for dense in (False, True):
-        r = asyncio.run(replay(args, text, edits, dense))
-        ratio = f"{statistics.median(r['ratios']):.1f}x" if r["ratios"] else "1.0x"
-        name = "dense" if dense else "incremental"
-        print(f"{name:<12} {pct(r['published'], .5):>12.1f} {pct(r['published'], .95):>13.1f} "
-              f"{pct(r['completion'], .5):>12.1f} {pct(r['completion'], .95):>13.1f}  {ratio}")
+    tok = model_tokenizer(args.model)
+    print(f"{'tokens':>7} {'server':<12} {'keys':>5} {'didChange -> diagnostics':>32} {'didChange -> completion':>32}"
+          f"  MAC ratio")
+    print(f"{'':>7} {'':<12} {'':>5} {'p50 ms':>10} {'p95':>10} {'max':>10} {'p50 ms':>10} {'p95':>10} {'max':>10}"
+          f"  median")
+    for n in args.tokens:
+        text = document(tok, n)
+        for dense in (False, True):
+            count = args.dense_keystrokes if dense and args.dense_keystrokes is not None else args.keystrokes
+            edits = keystrokes(text, count + args.warmup)
+            r = asyncio.run(replay(args, text, edits, dense))
+            ratio = f"{statistics.median(r['ratios']):.1f}x" if r["ratios"] else "1.0x"
+            pub, com = r["published"], r["completion"]
+            print(f"{r['tokens']:>7} {'dense' if dense else 'incremental':<12} {len(pub):>5} {pct(pub, .5):>10.1f} "
+                  f"{pct(pub, .95):>10.1f} {max(pub):>10.1f} {pct(com, .5):>10.1f} {pct(com, .95):>10.1f} "
+                  f"{max(com):>10.1f}  {ratio}", flush=True)
+    print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server)")
 
 
 if __name__ == "__main__":

@@ -78,5 +78,27 @@ def test_bench_length_section_measures_time_and_memory():
         assert abs(tail - worst / edit_ms) <= 0.05 + 0.01 * tail, cols
         assert kv < state <= allocated and peak >= steady, cols
     assert float(rows[256][6].rstrip("x")) == 1.0
+    slowest = {int(m[1]): m[2] for m in re.finditer(r"^\s*(\d+): (.*); edits with a sweep of generation 0/1/2: "
+                                                   r"\d+/\d+/\d+$", out, re.M)}
+    assert set(slowest) == {256, 8192} and all(v.count("(#") == 3 for v in slowest.values()), out
+    # the slowest edit listed is the max column
+    assert abs(float(slowest[8192].split()[0]) - float(rows[8192][4])) < 0.006, (slowest, rows[8192])
+    assert re.match(r"[\d.]+ \(#[0-2], [-012]\)", slowest[256]), slowest
     # 8192 tokens of tables cannot come out of the warm-up's freed memory: the build shows in the RSS
     assert float(rows[8192][10]) > float(rows[8192][7]), rows[8192]
+
+
+def test_lsp_latency_types_into_each_length_against_both_servers():
+    """experiments/lsp_latency.py: one row per (length, server), timed keystrokes as asked."""
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "lsp_latency.py"), "--model", "demo",
+                           "--tokens", "120", "240", "--keystrokes", "3", "--dense-keystrokes", "2", "--warmup", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s*\d+ (incremental|dense) ", line)]
+    assert [(r[1], int(r[2])) for r in rows] == [("incremental", 3), ("dense", 2)] * 2, proc.stdout
+    # (a document is cut at its n-th token's end; the server's own tokenization of it may differ at the cut)
+    assert all(abs(int(r[0]) - n) <= 2 for r, n in zip(rows, [120, 120, 240, 240])), proc.stdout
+    for r in rows:
+        p50, p95, worst = (float(c) for c in r[3:6])
+        assert 0 < p50 <= p95 <= worst, r
+    assert float(rows[0][-1].rstrip("x")) > 1 and rows[1][-1] == "1.0x", rows

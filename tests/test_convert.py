@@ -104,3 +104,9 @@ def test_vqt_convert_command_writes_a_loadable_delta(tmp_path):
     assert float(model.blocks[2].quantizer.correction_right.abs().sum()) > 0, "the correction was not fitted"
     assert len(cfg.extra["calibration"]["seconds_per_layer"]) == cfg.n_layers and "s per layer" in proc.stdout
     assert cfg.extra["heldout_ppl"]["original"] < cfg.extra["heldout_ppl"]["vqt"]
+    # the tokenizer a script resolves without loading weights is the one load_model returns with them
+    from vqt.apps.loading import load_model, model_tokenizer
+
+    for spec in (str(out), "smollm2-vqt", "demo"):
+        tok, (_, _, loaded) = model_tokenizer(spec), load_model(spec, torch.float32)
+        assert tok.encode(TEXT) == loaded.encode(TEXT) and tok.vocab_size == loaded.vocab_size, spec

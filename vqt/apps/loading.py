@@ -64,6 +64,28 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
                         f"({', '.join(SHIPPED_DELTAS)}) or 'demo')") from e
 
 
+def model_tokenizer(spec: Optional[str]):
+    """The tokenizer ``load_model(spec, ...)`` would return, without loading the model's weights: the
+    GGUF's for SmolLM2 models (shipped names, or folders of deltas over it), else the project's."""
+    from pathlib import Path
+
+    from vqt.modeling.config import VQTConfig
+    from vqt.text.tokenizer import DATA_DIR, Tokenizer
+
+    if spec in SHIPPED_DELTAS:
+        spec = str(DATA_DIR / spec) if spec != "smollm2" else None
+        if spec is None or (Path(spec) / "config.json").is_file():
+            from vqt.pretrained.convert import tokenizer_from_gguf
+
+            return tokenizer_from_gguf()
+    config = Path(spec) / "config.json" if spec not in (None, "demo") else None
+    if config is not None and config.is_file() and "base" in VQTConfig.load(config).extra:
+        from vqt.pretrained.convert import tokenizer_from_gguf
+
+        return tokenizer_from_gguf()
+    return Tokenizer.default()
+
+
 def _token_count(text: str) -> int:
     """argparse type of --max-tokens: a positive integer."""
     import argparse
