@@ -17,8 +17,6 @@ Flags:
                        backend; each length runs in a fresh process so its memory can be read from
                        /proc/self/status. Only windowed models (no length cap); full attention is O(n^2).
   --length-edits N     edits per length (default 50)
-  --no-gc-freeze       length section: leave every object the build made to Python's cyclic collector (by
-                       default they are frozen, as `vqt lsp` does: a full collection then walks only new objects)
   --whole N            whole-document section (off by default): N real edits of the Anarchism history in
                        ../shared/data from revision --whole-start (default 3000: 15k-20k tokens), each edit
                        applied to the whole document wherever it falls (`replay`); VQT against the dense
@@ -286,8 +284,6 @@ def length_child(a: argparse.Namespace) -> None:
     gc.collect()
     steady = proc_status_kb("VmRSS")
     peak = proc_status_kb("VmHWM")  # (read after steady: the high-water mark so far, so never below it)
-    if a.gc_freeze:
-        gc.freeze()
     seconds, collections = [], []
     collected = [0, 0, 0]  # collections per generation, counted by gc's callback
 
@@ -338,7 +334,6 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--length-child", str(n), "--backend", backend,
                "--length-edits", str(a.length_edits), "--threads", str(a.threads), "--device", a.device,
                "--seed", str(a.seed)]
-        cmd += [] if a.gc_freeze else ["--no-gc-freeze"]
         cmd += ["--model", a.model] if a.model else []
         cmd += ["--data", *a.data] if a.data else []
         print(f"length {n}: building and editing in a fresh process ...", flush=True)
@@ -388,8 +383,6 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="document lengths of the length section")
     p.add_argument("--length-edits", type=int, default=50, help="random small edits per length")
     p.add_argument("--seed", type=int, default=0, help="seed of the length section's edits")
-    p.add_argument("--no-gc-freeze", dest="gc_freeze", action="store_false",
-                   help="length section: do not freeze the build's objects out of the cyclic collector's walks")
     p.add_argument("--whole", type=int, default=0, metavar="N",
                    help="whole-document section: N real edits of whole 10k+-token documents (default 0: skip)")
     p.add_argument("--whole-data", default=str(WIKI / "enwiki-anarchism-history.xml.lzma"),
