@@ -284,6 +284,8 @@ def length_child(a: argparse.Namespace) -> None:
     gc.collect()
     steady = proc_status_kb("VmRSS")
     peak = proc_status_kb("VmHWM")  # (read after steady: the high-water mark so far, so never below it)
+    time.sleep(a.settle)  # (a writer does not type within milliseconds of opening; the kernel reclaims the build's
+    # freed pages meanwhile)
     seconds, collections = [], []
     collected = [0, 0, 0]  # collections per generation, counted by gc's callback
 
@@ -333,7 +335,7 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
     for n in a.lengths:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--length-child", str(n), "--backend", backend,
                "--length-edits", str(a.length_edits), "--threads", str(a.threads), "--device", a.device,
-               "--seed", str(a.seed)]
+               "--seed", str(a.seed), "--settle", str(a.settle)]
         cmd += ["--model", a.model] if a.model else []
         cmd += ["--data", *a.data] if a.data else []
         print(f"length {n}: building and editing in a fresh process ...", flush=True)
@@ -383,6 +385,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     p.add_argument("--lengths", type=int, nargs="*", default=[], help="document lengths of the length section")
     p.add_argument("--length-edits", type=int, default=50, help="random small edits per length")
     p.add_argument("--seed", type=int, default=0, help="seed of the length section's edits")
+    p.add_argument("--settle", type=float, default=1.0, help="length section: seconds between the build and the "
+                   "first edit")
     p.add_argument("--whole", type=int, default=0, metavar="N",
                    help="whole-document section: N real edits of whole 10k+-token documents (default 0: skip)")
     p.add_argument("--whole-data", default=str(WIKI / "enwiki-anarchism-history.xml.lzma"),
