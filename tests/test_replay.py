@@ -43,6 +43,26 @@ def test_vqt_replay_default_runs_verified(tmp_path):
     assert (tmp_path / "plots" / "ratio_cdf.png").stat().st_size > 1000
 
 
+def test_vqt_replay_from_a_late_revision_replays_only_the_rest(tmp_path):
+    """--start-revision N: revision N is the first document (computed densely), its later edits are replayed
+    and verified; with corpus options it is refused in one line."""
+    runs = {}
+    for start in (0, 3):
+        out = tmp_path / f"from{start}.jsonl"
+        res = subprocess.run([sys.executable, "-m", "vqt", "replay", "--verify", "--dtype", "float64", "--quiet",
+                              "--no-baselines", "--start-revision", str(start), "--jsonl", str(out)],
+                             capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr
+        runs[start] = [json.loads(line) for line in out.read_text().splitlines()]
+        assert all(r["exact"] for r in runs[start])
+    assert "from revision 3" in res.stdout
+    assert len(runs[3]) == len(runs[0]) - 3 and runs[3][0]["n_tokens"] == runs[0][3]["n_tokens"]
+    res = subprocess.run([sys.executable, "-m", "vqt", "replay", "--start-revision", "2", "--workers", "2",
+                          "--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 1 and res.stderr.strip().count("\n") == 0, res.stderr
+    assert "--start-revision 2 replays one history" in res.stderr
+
+
 def windowed_model(**overrides):
     kw = dict(vocab_size=TOK.vocab_size, max_len=256, window=24.0, granularity="layer", codebook_size=64)
     return tiny_model(**{**kw, **overrides})

@@ -9,6 +9,7 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import itertools
 import statistics
 import sys
 from pathlib import Path
@@ -113,6 +114,9 @@ def _replay(args: argparse.Namespace) -> int:
     from vqt.apps.corpus import replay_command, replayed_part, wants_corpus
 
     if wants_corpus(args):
+        if args.start_revision:
+            raise UserError(f"--start-revision {args.start_revision} replays one history from a late revision; "
+                            f"it does not combine with corpus options or several inputs")
         return replay_command(args)
     _check_replay_paths(args)
     dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
@@ -125,12 +129,17 @@ def _replay(args: argparse.Namespace) -> int:
         skipped.append(error)
         tqdm.write(f"vqt replay: warning: skipped a malformed revision: {error}", file=sys.stderr)
 
-    def revisions():
+    def history():
         if not args.data:
             yield from demo_history()
+        stop = None if args.max_revisions is None else args.start_revision + args.max_revisions
         for path in args.data:
-            yield from iter_history(path, file_path=args.file, max_revisions=args.max_revisions,
+            yield from iter_history(path, file_path=args.file, max_revisions=stop,
                                     on_bad_revision=None if args.strict else skip)
+
+    def revisions():  # (revisions before --start-revision are read, not replayed; the first one replayed is
+        # computed densely, like any document's first revision)
+        yield from itertools.islice(history(), args.start_revision, None)
 
     print(f"data: {', '.join(args.data) if args.data else 'built-in demo history'}; {replayed_part(args)}, "
           f"positions {args.positions}, backend {options.backend}")
@@ -262,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "history, or per revision range of a split history)")
     r.add_argument("--max-revisions", type=positive_int, default=None, help="read at most this many revisions per "
                    "file (corpus: per history)")
+    r.add_argument("--start-revision", type=non_negative_int, default=0, metavar="N", help="one history: start at "
+                   "revision N (0-based; computed densely, then every later edit is replayed), e.g. a late "
+                   "revision of a long article")
     r.add_argument("--strict", action="store_true", help="stop at the first malformed revision (default: skip it "
                    "with a warning and count it in the summary; corpus: the revision fails its history)")
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")

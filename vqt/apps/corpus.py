@@ -44,7 +44,8 @@ def load_for_replay(spec: Optional[str], dtype: str, tokenizer_path: Optional[st
 def replayed_part(args: argparse.Namespace) -> str:
     """What of each document `vqt replay` replays, in words (for its first lines)."""
     part = f"the first {args.prefix_tokens} tokens of each document" if args.prefix_tokens else "whole documents"
-    return part + (f" up to {args.max_tokens} tokens (--max-tokens)" if args.max_tokens else "")
+    part += f" up to {args.max_tokens} tokens (--max-tokens)" if args.max_tokens else ""
+    return part + (f" from revision {args.start_revision}" if getattr(args, "start_revision", 0) else "")
 
 
 def replay_command(args: argparse.Namespace) -> int:
