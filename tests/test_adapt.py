@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -63,12 +64,14 @@ def test_layerwise_stage_lowers_the_layer_error(tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
-def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    """3 steps, stop, 3 more in a new call (layer-wise, then the cached top-k KL) end in exactly the
-    state of 6 steps in one call: weights, adapters, optimizer, sampling and the teacher cache."""
+@pytest.mark.parametrize("fixed", [False, True])
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path, fixed):
+    """3 steps, stop, 3 more in a new call (layer-wise, then the cached top-k KL, with or without fixed
+    codes) end in exactly the state of 6 steps in one call: weights, adapters, optimizer, sampling and the
+    teacher cache."""
     data = tokens()
     kw = dict(seq_len=32, batch_size=2, lr=1e-3, kl_lr=5e-4, train="lora", lora_rank=4, eval_every=0,
-              layerwise_steps=2, topk=8, checkpoint_every=1000)
+              layerwise_steps=2, topk=8, checkpoint_every=1000, fix_codes=fixed)
     results = []
     for stops in ([6], [3, 6]):
         student, teacher = pair()

@@ -322,9 +322,15 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
             kl, vq = layerwise_loss(student, [x.to(student.dtype) for x in inputs], pos.to(device), autocast)
             m_loss = vq.new_zeros(())
         else:
-            tok2, pos2, pairs = edited_copies(batch, pos, cfg.max_edit, rng)
+            # Edited copies feed the code terms (margin, consistency); fixed codes need neither, so their
+            # stage runs on the batch alone (half the forward).
+            paired = not cfg.fix_codes
+            inputs, positions = batch, pos
+            if paired:
+                tok2, pos2, pairs = edited_copies(batch, pos, cfg.max_edit, rng)
+                inputs, positions = torch.cat([batch, tok2]), torch.cat([pos, pos2])
             with autocast:
-                res = student(torch.cat([batch, tok2]).to(device), torch.cat([pos, pos2]).to(device))
+                res = student(inputs.to(device), positions.to(device))
                 if cfg.topk:
                     idx, logp = [torch.stack(t) for t in zip(*(
                         _teacher_topk(teacher_cache, teacher, tokens, w, T, cfg.topk, device) for w in picks))]
@@ -334,16 +340,17 @@ def adapt(student: VQTModel, teacher: VQTModel, tokens: np.ndarray, cfg: AdaptCo
                         target = torch.log_softmax(teacher(batch.to(device))["logits"].float(), -1)
                     kl = F.kl_div(torch.log_softmax(res["logits"][:B].float(), -1), target, log_target=True,
                                   reduction="batchmean") / T
-                rows = torch.cat([torch.full_like(s, b) for b, (s, _) in enumerate(pairs)])
-                src = torch.cat([s for s, _ in pairs])
-                dst = torch.cat([d for _, d in pairs])
-                attn = res["attn"]
-                m_loss = kl.new_zeros(()) if cfg.fix_codes else 0.5 * (
-                    margin_loss(student, attn, rows, src, cfg.margin) +
-                    margin_loss(student, attn, rows + B, dst, cfg.margin))
-                loss = kl + res["vq_loss"] + cfg.margin_weight * m_loss
-                if cfg.consistency_weight > 0:
-                    loss = loss + cfg.consistency_weight * consistency_loss(attn, B, pairs)
+                loss, m_loss = kl + res["vq_loss"], kl.new_zeros(())
+                if paired:
+                    rows = torch.cat([torch.full_like(s, b) for b, (s, _) in enumerate(pairs)])
+                    src = torch.cat([s for s, _ in pairs])
+                    dst = torch.cat([d for _, d in pairs])
+                    attn = res["attn"]
+                    m_loss = 0.5 * (margin_loss(student, attn, rows, src, cfg.margin) +
+                                    margin_loss(student, attn, rows + B, dst, cfg.margin))
+                    loss = loss + cfg.margin_weight * m_loss
+                    if cfg.consistency_weight > 0:
+                        loss = loss + cfg.consistency_weight * consistency_loss(attn, B, pairs)
             loss.backward()
             kl = kl.item()
         opt.step()
