@@ -106,7 +106,11 @@ def test_vqt_convert_command_writes_a_loadable_delta(tmp_path):
     assert cfg.extra["heldout_ppl"]["original"] < cfg.extra["heldout_ppl"]["vqt"]
     # the tokenizer a script resolves without loading weights is the one load_model returns with them
     from vqt.apps.loading import load_model, model_tokenizer
+    from vqt.pretrained.convert import tokenizer_from_gguf
+    from vqt.text.tokenizer import Tokenizer
 
-    for spec in (str(out), "smollm2-vqt", "demo"):
-        tok, (_, _, loaded) = model_tokenizer(spec), load_model(spec, torch.float32)
-        assert tok.encode(TEXT) == loaded.encode(TEXT) and tok.vocab_size == loaded.vocab_size, spec
+    _, _, loaded = load_model(str(out), torch.float32)
+    for spec, expected in ((str(out), loaded), ("smollm2-vqt", tokenizer_from_gguf()), ("demo", Tokenizer.default())):
+        tok = model_tokenizer(spec)
+        assert tok.encode(TEXT) == expected.encode(TEXT) and tok.vocab_size == expected.vocab_size, spec
+    assert model_tokenizer("demo").vocab_size != loaded.vocab_size  # (so the comparison can fail)
