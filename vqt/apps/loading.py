@@ -25,10 +25,8 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
     small model in data/ when present, else the demo model. A model or tokenizer that cannot be
     loaded is a ``UserError`` naming it."""
     import importlib.util
-    from pathlib import Path
 
     from vqt.apps.demo import demo_model
-    from vqt.modeling.config import VQTConfig
     from vqt.modeling.model import VQTModel
     from vqt.text.tokenizer import DATA_DIR, Tokenizer
 
@@ -52,8 +50,7 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
             return model, "SmolLM2-135M (original: full attention, no VQ)", tok or tokenizer_from_gguf()
         spec = str(DATA_DIR / spec)
     try:
-        config = Path(spec) / "config.json"
-        if config.is_file() and "base" in VQTConfig.load(config).extra:
+        if _over_gguf(spec):
             from vqt.pretrained.convert import tokenizer_from_gguf
 
             model = VQTModel.from_pretrained(spec, dtype=dtype)
@@ -64,22 +61,23 @@ def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional
                         f"({', '.join(SHIPPED_DELTAS)}) or 'demo')") from e
 
 
-def model_tokenizer(spec: Optional[str]):
-    """The tokenizer ``load_model(spec, ...)`` would return, without loading the model's weights: the
-    GGUF's for SmolLM2 models (shipped names, or folders of deltas over it), else the project's."""
+def _over_gguf(folder: str) -> bool:
+    """Whether checkpoint ``folder`` is a delta over SmolLM2's GGUF (its config names a base)."""
     from pathlib import Path
 
     from vqt.modeling.config import VQTConfig
+
+    config = Path(folder) / "config.json"
+    return config.is_file() and "base" in VQTConfig.load(config).extra
+
+
+def model_tokenizer(spec: Optional[str]):
+    """The tokenizer ``load_model(spec, ...)`` would return, without loading the model's weights: the
+    GGUF's for SmolLM2 models (shipped names, or folders of deltas over it), else the project's."""
     from vqt.text.tokenizer import DATA_DIR, Tokenizer
 
-    if spec in SHIPPED_DELTAS:
-        spec = str(DATA_DIR / spec) if spec != "smollm2" else None
-        if spec is None or (Path(spec) / "config.json").is_file():
-            from vqt.pretrained.convert import tokenizer_from_gguf
-
-            return tokenizer_from_gguf()
-    config = Path(spec) / "config.json" if spec not in (None, "demo") else None
-    if config is not None and config.is_file() and "base" in VQTConfig.load(config).extra:
+    folder = str(DATA_DIR / spec) if spec in SHIPPED_DELTAS else spec
+    if spec == "smollm2" or (folder not in (None, "demo") and _over_gguf(folder)):
         from vqt.pretrained.convert import tokenizer_from_gguf
 
         return tokenizer_from_gguf()

@@ -70,6 +70,11 @@ DEFAULT_SURPRISAL_BITS = 16.0  # a token the model gave p < 1/65536: typos and o
 HOVER_NEXT = 5  # next tokens a hover lists
 
 
+def surprisal_text(bits: float) -> str:
+    """How hovers and diagnostics state a token's surprisal."""
+    return f"{bits:.1f} bits of surprisal (p = {2.0 ** -bits:.2g})"
+
+
 class Suggestion(NamedTuple):
     token_id: int
     text: str
@@ -273,8 +278,7 @@ class DocumentStore:
             if i >= 1:
                 bits = doc.surprisal_of(i)
                 s, e = doc.token_span(i)
-                out.append(f"`{doc.text[s:e]!r}` before the cursor: {bits:.1f} bits of surprisal "
-                           f"(p = {2.0 ** -bits:.2g})")
+                out.append(f"`{doc.text[s:e]!r}` before the cursor: {surprisal_text(bits)}")
         st = entry.stats
         if self.dense:
             out.append("Dense mode: every change recomputes the whole document.")
@@ -524,8 +528,8 @@ class VQTServer(LanguageServer):
             s, e = entry.doc.token_span(i)
             r = lines.lsp_range(s, e, self.store.encoding)
             rng = types.Range(types.Position(**r["start"]), types.Position(**r["end"]))
-            diags.append(types.Diagnostic(rng, f"surprising: {entry.text[s:e]!r} is {bits:.1f} bits "
-                                          f"(p = {2.0 ** -bits:.2g})", severity=types.DiagnosticSeverity.Information,
+            diags.append(types.Diagnostic(rng, f"surprising: `{entry.text[s:e]!r}` has {surprisal_text(bits)}",
+                                          severity=types.DiagnosticSeverity.Information,
                                           code="surprisal", source="vqt", data={"token": i, "bits": bits}))
         probs = self.store.classify(entry)
         if probs is not None:

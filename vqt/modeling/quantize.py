@@ -57,7 +57,7 @@ class VectorQuantizer(nn.Module):
         self.ema_decay = cfg.ema_decay
         self.dead_code_threshold = cfg.dead_code_threshold
         self.frozen = False  # True: never update the codebook, even in training mode
-        self.straight_through = True  # False: the codes are a fixed function of a, and no gradient reaches a
+        self.fixed_codes = False  # True: codes are a fixed function of a (no gradient reaches a, no updates)
         self.enabled = True  # False: pass activations through unquantized (the dense warm-up phase)
         use_ema = cfg.ema_decay > 0
         self.codebook = nn.Parameter(torch.randn(self.n_groups, self.size, self.group_dim) * 0.1,
@@ -92,7 +92,7 @@ class VectorQuantizer(nn.Module):
         """Quantize a (N, G, gd) (h (N, d): the normed layer inputs, for a correction). Returns
         (straight-through output, codes (N, G), VQ loss)."""
         res = nearest(a.detach(), self.codebook.detach())
-        if not self.straight_through:
+        if self.fixed_codes:
             return self.output(res.codes, h), res.codes, a.new_zeros((), dtype=torch.float32)
         q = self.decode(res.codes)
         loss = self.commitment_weight * (a - q.detach()).pow(2).mean()

@@ -137,7 +137,7 @@ def fix_codes(model: VQTModel, fixed: bool = True) -> None:
     quantize-then-correct output, which does not follow a at all between code changes."""
     for block in model.blocks:
         if block.quantizer is not None:
-            block.quantizer.frozen, block.quantizer.straight_through = fixed, not fixed
+            block.quantizer.fixed_codes = fixed
 
 
 def _trainable(model: VQTModel, choice: str, codes_fixed: bool = False) -> list[nn.Parameter]:
