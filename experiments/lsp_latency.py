@@ -120,7 +120,8 @@ def pct(values: list[float], q: float) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default=None, help="checkpoint directory or 'demo' (default: the server's default)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=["auto", "float32", "float64", "bf16"], default="auto",
+                   help="the servers' --dtype (auto: bf16 products where the CPU has native bfloat16)")
     p.add_argument("--tokens", type=int, nargs="+", default=[1000],
                    help="document lengths in tokens (at most the model's max_len)")
     p.add_argument("--keystrokes", type=int, default=120)

@@ -382,16 +382,20 @@ def test_document_edits_cpu_match_reference(fused, name, data):
 
 
 @pytest.mark.parametrize("name", list(DOC_CONFIGS))
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, "bf16"])
 @settings(max_examples=3, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(data=st.data())
 def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
     """The fused whole-layer call reproduces Block.qkv + layer_attend + Block.finish + layer_commit,
-    and the fused final norm its composite, bit for bit: every cached tensor stays identical."""
+    and the fused final norm its composite, bit for bit: every cached tensor stays identical. "bf16":
+    float32 activations with bfloat16 products (VQTModel.set_matmul_dtype), the C++ step's casts included."""
     why = vqt.ops.unavailable_reason("cpu")
     if why:
         pytest.skip(why)
-    model = copy.deepcopy(doc_model(name)).to(dtype)  # (Module.to works in place: leave the cached one alone)
+    # (Module.to works in place: leave the cached one alone)
+    model = copy.deepcopy(doc_model(name)).to(torch.float32 if dtype == "bf16" else dtype)
+    if dtype == "bf16":
+        model.set_matmul_dtype(torch.bfloat16)
     init = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=1, max_size=30), label="initial tokens")
     fused_doc, composite = Document(model, init, backend="cpu"), Document(model, init, backend="cpu")
     composite.backend = ComposedCpu("cpu", vqt.ops.cpu._build)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import random
 import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vqt.ops
 
@@ -36,6 +38,51 @@ def test_float32_codes_differ_only_at_float_noise_gaps():
         assert bool((out.gaps[diff] < 1e-4).all()), out.gaps[diff]
         torch.testing.assert_close(doc.hidden, out.hidden, atol=1e-4, rtol=0)
     assert mismatches <= 5, "float32 should rarely hit a near-tie"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_bf16_products_stay_within_the_contract_of_the_bf16_dense_forward(backend):
+    """With bfloat16 products (float32 activations) the incremental document matches the dense forward
+    that multiplies in bfloat16 too, as the float32 contract asks (codes identical but at float-noise
+    gaps, hidden states within 1e-5), while the float32 products' dense forward is far from both: the
+    engine and its oracle really run the bfloat16 products."""
+    if backend == "cpu" and vqt.ops.unavailable_reason("cpu"):
+        pytest.skip(vqt.ops.unavailable_reason("cpu"))
+    model = tiny_model(dtype=torch.float32, seed=1, codebook_size=64, sink="token", window=12.0, quantizer="qtc")
+    reference = copy.deepcopy(model)
+    assert model.set_matmul_dtype(torch.bfloat16).matmul_dtype == torch.bfloat16
+    rng = random.Random(0)
+    doc = Document(model, [rng.randrange(61) for _ in range(48)], backend=backend)
+    worst, apart = 0.0, []
+    for _ in random_edits(doc, rng, 40):
+        out = model.forward_dense(doc.token_ids, doc.positions, follow_codes=doc.codes)
+        assert out.codes_agree(doc.codes)
+        worst = max(worst, float((doc.hidden - out.hidden).abs().max()))
+        apart.append(float((reference.forward_dense(doc.token_ids, doc.positions).hidden - out.hidden).abs().max()))
+    assert worst < 1e-5, worst
+    assert min(apart) > 100 * max(worst, 1e-7), (worst, apart)
+    with torch.no_grad():  # the LM head multiplies in bfloat16 as well
+        h = doc.hidden[:4]
+        torch.testing.assert_close(doc.logits(range(4)), F.linear(h.bfloat16(), model.embed.weight.bfloat16()).float(),
+                                   atol=0, rtol=0)
+
+
+def test_matmul_dtype_changes_rebuild_documents_and_bad_ones_are_refused():
+    model = tiny_model(dtype=torch.float32, seed=2)
+    doc = Document(model, list(range(20)))
+    with pytest.raises(ValueError, match="matmul dtype must be torch.bfloat16 or the model's torch.float32, got "
+                                         "torch.float16"):
+        model.set_matmul_dtype(torch.float16)
+    assert model.matmul_dtype == torch.float32 and not doc.insert(3, [5]).full_recompute
+    model.set_matmul_dtype(torch.bfloat16)
+    with pytest.warns(UserWarning, match="matmul dtype changed"):
+        stats = doc.insert(3, [7])
+    assert stats.full_recompute
+    assert_matches_dense(doc, atol=0)
+    model.set_matmul_dtype(torch.float32)  # back to the model's own products
+    with pytest.warns(UserWarning, match="matmul dtype changed"):
+        assert model.matmul_dtype == torch.float32 and doc.delete(3, 4).full_recompute
+    assert_matches_dense(doc, atol=0)
 
 
 def test_mac_accounting_hand_computed():

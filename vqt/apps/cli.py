@@ -119,8 +119,7 @@ def _replay(args: argparse.Namespace) -> int:
                             f"it does not combine with corpus options or several inputs")
         return replay_command(args)
     _check_replay_paths(args)
-    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    model, name, tok = load_model(args.model, dtype, args.tokenizer)
+    model, name, tok = load_model(args.model, args.dtype, args.tokenizer)
     print(f"model: {name}: {model.describe()}")
     options = document_options(args, model)
     skipped: list[BadRevision] = []
@@ -279,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
     add_engine_arguments(r)
-    r.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    r.add_argument("--dtype", choices=["float32", "float64", "bf16"], default="float32",
+                   help="bf16: float32 activations with bfloat16 weights in every product (faster on CPUs with "
+                        "avx512_bf16 or AMX; the dense baselines use them too)")
     r.add_argument("--jsonl", default=None, help="write one JSON record per edit here")
     r.add_argument("--plot", default=None, help="write PNG plots into this folder")
     r.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -306,7 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "surprisal, edit cost), diagnostics for surprising tokens and classification")
     s.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
-    s.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    s.add_argument("--dtype", choices=["auto", "float32", "float64", "bf16"], default="auto",
+                   help="bf16: float32 activations with bfloat16 weights in every product; auto (default): bf16 "
+                        "where the CPU multiplies bfloat16 natively (avx512_bf16, AMX), else float32")
     add_engine_arguments(s)
     s.add_argument("--max-live", type=positive_int, default=8, help="documents whose model state stays in memory; "
                    "the least recently used others wait on disk")

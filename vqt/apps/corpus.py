@@ -12,8 +12,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-
 from vqt.apps.loading import load_model
 from vqt.apps.outputs import check_plot_folder, open_output
 from vqt.histories.corpus_replay import CorpusRun, ReplayOptions, read_output, replay_corpus, to_records
@@ -22,7 +20,6 @@ from vqt.histories.sources import expand_inputs
 from vqt.modeling.model import VQTModel
 from vqt.text.tokenizer import Tokenizer
 
-DTYPES = {"float64": torch.float64, "float32": torch.float32}
 
 
 def wants_corpus(args: argparse.Namespace) -> bool:
@@ -37,7 +34,7 @@ def wants_corpus(args: argparse.Namespace) -> bool:
 @functools.lru_cache(maxsize=1)
 def load_for_replay(spec: Optional[str], dtype: str, tokenizer_path: Optional[str]) -> tuple[VQTModel, Tokenizer]:
     """(model, tokenizer) as `vqt replay` loads them, once per process; module-level, so a partial of it pickles."""
-    model, _, tokenizer = load_model(spec, DTYPES[dtype], tokenizer_path)
+    model, _, tokenizer = load_model(spec, dtype, tokenizer_path)
     return model, tokenizer
 
 

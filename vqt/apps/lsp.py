@@ -636,8 +636,7 @@ def main(args: argparse.Namespace) -> int:
     handler = logging.FileHandler(args.log) if args.log else logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.basicConfig(level=logging.DEBUG, handlers=[handler], force=True)
-    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
-    model, name, tok = load_model(args.model, dtype, args.tokenizer)
+    model, name, tok = load_model(args.model, args.dtype, args.tokenizer)
     options = document_options(args, model)  # resolves (compiles) the backend before any request can wait on it
     store = DocumentStore(model, tok, max_live=args.max_live, state_dir=args.state_dir, dense=args.dense,
                           options=options, surprisal_bits=args.surprisal_bits, max_surprising=args.max_surprising)

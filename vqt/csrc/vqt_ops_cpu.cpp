@@ -1104,6 +1104,12 @@ void gather_add(const T* a, const int64_t* rows, const T* b, int64_t n, int64_t 
   }
 }
 
+// As vqt.ops.layer.linear: the product in w's dtype (bfloat16 weights: x rounded to it, the result returned in x's).
+Tensor project(const Tensor& x, const Tensor& w) {
+  if (w.scalar_type() == x.scalar_type()) return at::linear(x, w);
+  return at::linear(x.to(w.scalar_type()), w).to(x.scalar_type());
+}
+
 // layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block
 // of vqt/modeling/model.py: RMSNorm -> fused q/k/v projection -> sink scores from the raw queries ->
 // RoPE (rotate-half, of the dirty rows' positions) on the dirty rows, layer_attend, then y = x +
@@ -1130,7 +1136,7 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
     const Tensor xd = x.index_select(0, dirty);
     const Tensor attn_norm = field(w, "attn_norm");
     const Tensor qkv =
-        at::linear(at::rms_norm(xd, {d}, attn_norm, w.attr("attn_eps").cast<double>()), field(w, "w_qkv"))
+        project(at::rms_norm(xd, {d}, attn_norm, w.attr("attn_eps").cast<double>()), field(w, "w_qkv"))
             .view({m, H + 2 * Hkv, hd});
     if (sink_k) {  // as vqt.ops.layer.sink_scores (one row per query head), from the raw queries
       s_new = ((qkv.slice(1, 0, H) * *sink_k).sum(-1) * scale + field(w, "sink_logit")).contiguous();
@@ -1167,7 +1173,7 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
     if (const auto w_corr = optional_field(w, "w_corr")) {
       // quantize-then-correct: + W_corr RMSNorm(x) of the rows' inputs (vqt.ops.layer.corrected, same operators)
       const Tensor h = at::rms_norm(x.index_select(0, post), {d}, field(w, "attn_norm"), w.attr("attn_eps").cast<double>());
-      attn_out = (attn_out + at::linear(h, *w_corr)).contiguous();
+      attn_out = (attn_out + project(h, *w_corr)).contiguous();
     }
     Tensor y = at::empty({np, d}, opts);
     const Tensor mlp_norm = field(w, "mlp_norm");
@@ -1176,8 +1182,8 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
                  y.data_ptr<scalar_t>());
     });
     const auto gate_up =
-        at::linear(at::rms_norm(y, {d}, mlp_norm, w.attr("mlp_eps").cast<double>()), field(w, "w_gate_up")).chunk(2, -1);
-    const Tensor mlp = at::linear(at::silu(gate_up[0]) * gate_up[1], field(w, "w_down")).contiguous();
+        project(at::rms_norm(y, {d}, mlp_norm, w.attr("mlp_eps").cast<double>()), field(w, "w_gate_up")).chunk(2, -1);
+    const Tensor mlp = project(at::silu(gate_up[0]) * gate_up[1], field(w, "w_down")).contiguous();
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_residual_cpu", [&] {
       gather_add(y.data_ptr<scalar_t>(), nullptr, mlp.data_ptr<scalar_t>(), np, d, out.data_ptr<scalar_t>());
     });

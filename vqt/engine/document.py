@@ -147,7 +147,8 @@ def _count_registration(*_args) -> None:
 
 
 def model_key(model: VQTModel) -> tuple:
-    """Changes whenever any parameter or buffer of ``model`` is replaced or modified in place."""
+    """Changes whenever any parameter or buffer of ``model`` is replaced or modified in place, or its matmul
+    dtype changes."""
     global _hooks_installed
     if not _hooks_installed:
         for register in (torch.nn.modules.module.register_module_parameter_registration_hook,
@@ -161,7 +162,7 @@ def model_key(model: VQTModel) -> tuple:
         hit = (_registrations, tensors, tuple(id(t) for t in tensors))
         _watched[model] = hit
     # Version counters only grow, so their sum changes with any in-place modification.
-    return hit[2], sum(t._version for t in hit[1])
+    return hit[2], sum(t._version for t in hit[1]), model.matmul_dtype
 
 
 Edit = tuple[int, int, TokenIds]
@@ -339,7 +340,7 @@ class Document:
         if self.model.training:
             raise ValueError("the model was put in training mode: call model.eval() before editing")
         if model_key(self.model) != self._model_key:
-            return self._full_recompute(norm, t0, "the model's parameters changed since this document was built")
+            return self._full_recompute(norm, t0, "the model's parameters or matmul dtype changed since this document was built")
         # What a rollback needs, kept by reference (no copies): an update replaces ``order`` and ``doc_pos``
         # rather than modifying them, and writes new tokens only into slots that were free.
         order, doc_pos = self.cache.order, self.cache.doc_pos

@@ -72,8 +72,10 @@ class Block(nn.Module):
             self.sink_k = nn.Parameter(torch.zeros(cfg.n_kv_heads, hd))
             self.sink_v = nn.Parameter(torch.zeros(cfg.n_kv_heads, hd))
             self.sink_logit = nn.Parameter(torch.zeros(cfg.n_heads))
-        self._projections = {"qkv": ("wq", "wk", "wv"), "gate_up": ("w_gate", "w_up")}
+        self._projections = {"qkv": ("wq", "wk", "wv"), "gate_up": ("w_gate", "w_up"), "down": ("w_down",), "o": ("wo",)}
         self._fused: dict[str, tuple[tuple, torch.Tensor]] = {}  # concatenated projection weights (see fused_weight)
+        # the dtype of the projections' weights in inference (None: the model's; VQTModel.set_matmul_dtype)
+        self.matmul_dtype: Optional[torch.dtype] = None
         self._folded: dict[str, tuple[tuple, Optional[torch.Tensor]]] = {}  # W_o folded in (see lookup_table)
 
     @property
@@ -107,21 +109,25 @@ class Block(nn.Module):
         return self.sink_k.repeat_interleave(self.cfg.n_heads // self.cfg.n_kv_heads, dim=0)
 
     def fused_weight(self, name: str) -> torch.Tensor:
-        """The concatenated weight of projection ``name`` ("qkv": wq, wk, wv; "gate_up": w_gate, w_up),
-        detached and cached until one of its parts changes."""
+        """The weight of projection ``name`` ("qkv": wq, wk, wv concatenated; "gate_up": w_gate, w_up; "down";
+        "o") in the matmul dtype, detached and cached until one of its parts or the matmul dtype changes."""
         weights = [getattr(self, lin).weight for lin in self._projections[name]]
-        key = tuple((w._version, w.data_ptr(), w.dtype, w.device) for w in weights)
+        key = (self.matmul_dtype, *((w._version, w.data_ptr(), w.dtype, w.device) for w in weights))
         cached = self._fused.get(name)
         if cached is None or cached[0] != key:
-            cached = (key, torch.cat([w.detach() for w in weights]))
+            cached = (key, self._in_matmul_dtype(torch.cat([w.detach() for w in weights])))
             self._fused[name] = cached
         return cached[1]
 
+    def _in_matmul_dtype(self, w: torch.Tensor) -> torch.Tensor:
+        return w if self.matmul_dtype is None else w.to(self.matmul_dtype).contiguous()
+
     def _weight(self, name: str) -> torch.Tensor:
-        """The concatenated weight of projection ``name`` (with autograd, the parts stay separate leaves)."""
+        """The weight of projection ``name``: with autograd the model's own parameters (the parts separate
+        leaves, the model's dtype), else ``fused_weight``."""
         weights = [getattr(self, lin).weight for lin in self._projections[name]]
         if torch.is_grad_enabled() and any(w.requires_grad for w in weights):
-            return torch.cat(weights)
+            return weights[0] if len(weights) == 1 else torch.cat(weights)
         return self.fused_weight(name)
 
     def layer_weights(self) -> LayerWeights:
@@ -136,16 +142,18 @@ class Block(nn.Module):
             attn_norm=self.attn_norm.weight.detach(), attn_eps=float(self.attn_norm.eps),
             w_qkv=self.fused_weight("qkv"), n_heads=cfg.n_heads, n_kv_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
             scale=self.scale, mlp_norm=self.mlp_norm.weight.detach(), mlp_eps=float(self.mlp_norm.eps),
-            w_gate_up=self.fused_weight("gate_up"), w_down=self.w_down.weight.detach(),
+            w_gate_up=self.fused_weight("gate_up"), w_down=self.fused_weight("down"),
             codebook=None if q is None else q.codebook.detach().contiguous(),
             table=None if q is None else self.lookup_table(), w_corr=None if q is None else self.folded_correction(),
-            w_o=self.wo.weight.detach() if q is None else None, **sink)
+            w_o=self.fused_weight("o") if q is None else None, **sink)
 
     def _fold(self, name: str, parts: Optional[tuple[torch.Tensor, ...]], fold: Callable[..., torch.Tensor]
               ) -> Optional[torch.Tensor]:
-        """``fold(W_o, *parts)`` detached, cached until W_o or a part changes (None when ``parts`` is)."""
+        """``fold(W_o, *parts)`` detached, cached until W_o, a part or the matmul dtype changes (None when
+        ``parts`` is)."""
         W = self.wo.weight
-        key = None if parts is None else tuple((t._version, t.data_ptr(), t.dtype, t.device) for t in (W, *parts))
+        key = None if parts is None else (self.matmul_dtype, *((t._version, t.data_ptr(), t.dtype, t.device)
+                                                               for t in (W, *parts)))
         cached = self._folded.get(name)
         if cached is None or cached[0] != key:
             cached = (key, None if parts is None else fold(W.detach(), *(t.detach() for t in parts)))
@@ -163,7 +171,7 @@ class Block(nn.Module):
         """(d, d) W_o C, the quantizer's correction folded with the output projection; None without one."""
         assert self.quantizer is not None
         return self._fold("correction", self.quantizer.correction_factors(),
-                          lambda W, *factors: functools.reduce(torch.matmul, factors, W))
+                          lambda W, *factors: self._in_matmul_dtype(functools.reduce(torch.matmul, factors, W)))
 
     def correct(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A lookup output ``out`` (m, d) plus the quantizer's correction of the rows' inputs x (m, d), if any."""
@@ -175,7 +183,7 @@ class Block(nn.Module):
     def finish(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """y = x + attn_out; x' = y + SwiGLU(RMSNorm(y)). Per token."""
         return layer.mlp_residual(x + attn_out, self.mlp_norm.weight, self.mlp_norm.eps, self._weight("gate_up"),
-                                  self.w_down.weight)
+                                  self._weight("down"))
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Batched training path: x (B, T, d), pos (B, T). Returns (x', VQ loss, extras)."""
@@ -200,7 +208,7 @@ class Block(nn.Module):
             aq, codes, loss = self.quantizer(self.quantizer.split(a).flatten(0, 1), h)
             extras["codes"] = codes.view(*a.shape[:2], -1)
             a = aq.view_as(a)
-        return self.finish(x, self.wo(a)), loss, extras
+        return self.finish(x, layer.linear(a, self._weight("o"))), loss, extras
 
 
 @dataclass
@@ -263,6 +271,8 @@ def apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -
 class VQTModel(nn.Module):
     """Token embedding, ``n_layers`` blocks, final RMSNorm, LM head, optional pooled classifier."""
 
+    _matmul: Optional[torch.dtype] = None  # set_matmul_dtype's choice (None: the model's dtype)
+
     def __init__(self, cfg: VQTConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -288,11 +298,37 @@ class VQTModel(nn.Module):
     def device(self) -> torch.device:
         return self.embed.weight.device
 
+    @property
+    def matmul_dtype(self) -> torch.dtype:
+        """The dtype the projections, the MLP and the LM head multiply in at inference (the model's own
+        unless ``set_matmul_dtype`` chose bfloat16)."""
+        return self._matmul or self.dtype
+
+    def set_matmul_dtype(self, dtype: Optional[torch.dtype]) -> "VQTModel":
+        """Multiply the q/k/v, output, correction, MLP and LM-head weights in ``dtype`` at inference:
+        ``torch.bfloat16`` keeps bfloat16 copies of them (activations stay in the model's dtype, rounded
+        to bfloat16 on the way into each product: DESIGN.md section 8); None or the model's dtype: the
+        model's own weights. Dense and incremental passes then run the same products, so a document
+        built before the change is rebuilt by its next edit. Training (autograd) keeps the parameters."""
+        if dtype == self.dtype:
+            dtype = None
+        if dtype not in (None, torch.bfloat16):
+            raise ValueError(f"matmul dtype must be torch.bfloat16 or the model's {self.dtype}, got {dtype}")
+        self._matmul = dtype
+        for b in self.blocks:
+            b.matmul_dtype = dtype
+        return self
+
     # ----------------------------------------------------------------- heads
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """LM logits from final hidden states (..., d) -> (..., vocab)."""
+        """LM logits from final hidden states (..., d) -> (..., vocab), in the matmul dtype."""
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return hidden @ w.T
+        if self.matmul_dtype == self.dtype or (torch.is_grad_enabled() and w.requires_grad):
+            return hidden @ w.T
+        key = (self.matmul_dtype, w._version, w.data_ptr())
+        if getattr(self, "_head", (None,))[0] != key:
+            self._head = (key, w.detach().to(self.matmul_dtype))
+        return layer.linear(hidden, self._head[1])
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
@@ -494,7 +530,7 @@ class VQTModel(nn.Module):
                     out = block.correct(lookup(block.lookup_table(), chosen), t.x[r])
                 else:  # an unquantized layer: zero codes, and a gap no float noise can close
                     t.codes[r], t.radius[r] = 0, 0
-                    out = block.wo(a.flatten(1))
+                    out = layer.linear(a.flatten(1), block.fused_weight("o"))
                 resid[r] = block.finish(t.x[r], out)
             layers.append(t)
             if nxt is not None:

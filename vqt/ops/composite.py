@@ -82,7 +82,7 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     a = output_groups(t.U[rows], t.Z[rows], t.radius.shape[1])
     if w.codebook is None:
         counts.flipped = counts.code_flips = aff.numel()  # without codes, every updated output moved
-        return rows, F.linear(a.flatten(1), w.w_o), counts
+        return rows, layer.linear(a.flatten(1), w.w_o), counts
     old_codes = t.codes[aff]
     t.radius[dirty[is_new[dirty]]] = float("-inf")  # new rows have no certified radius: always searched
     new_codes, t.radius[rows], searched = ops.requantize(a, w.codebook, t.codes[rows], a_old, t.radius[rows])

@@ -20,9 +20,8 @@ from types import ModuleType
 from typing import Callable, Optional
 
 import torch
-import torch.nn.functional as F
 
-from vqt.ops import Backend
+from vqt.ops import Backend, layer
 from vqt.ops.build import jit_load
 from vqt.ops.tables import EditPlan, LayerCounts, LayerTables, LayerWeights
 
@@ -109,7 +108,7 @@ class CpuBackend(FusedBackend):
     def layer_attend(self, w: LayerWeights, t: LayerTables, q_new, k_new, v_new, s_new, dirty, plan: EditPlan):
         post, attn_out, counts = self.ext.layer_attend(w, t, *self._dense(q_new, k_new, v_new, s_new), dirty, plan)
         if w.codebook is None:  # a dense twin's layer: the extension returns the attention outputs a (post, H hdv)
-            attn_out = F.linear(attn_out, w.w_o)
+            attn_out = layer.linear(attn_out, w.w_o)
         return post, attn_out, LayerCounts(**counts)
 
     def layer_commit(self, target, post, x_next, plan: EditPlan):

@@ -17,6 +17,15 @@ import torch.nn.functional as F
 Angles = Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` computed in w's dtype: with bfloat16 weights (``VQTModel.set_matmul_dtype``) x is
+    rounded to bfloat16 and the product returned in x's dtype (DESIGN.md section 8). Every projection of the
+    model, dense or incremental, goes through this (the C++ layer step runs the same operators)."""
+    if w.dtype == x.dtype:
+        return F.linear(x, w)
+    return F.linear(x.to(w.dtype), w).to(x.dtype)
+
+
 @functools.lru_cache(maxsize=16)
 def inv_freq(hd: int, theta: float, device: torch.device) -> torch.Tensor:
     """RoPE's inverse frequencies theta^(-2i/hd), (hd/2,) float64."""
@@ -56,7 +65,7 @@ def qkv(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_qkv: torch.Ten
     """
     h = F.rms_norm(x, norm_weight.shape, norm_weight, eps)
     H, Hkv = n_heads, n_kv_heads
-    out = F.linear(h, w_qkv)
+    out = linear(h, w_qkv)
     hd = out.shape[-1] // (H + 2 * Hkv)
     out = out.view(*h.shape[:-1], H + 2 * Hkv, hd)
     qk, v = out[..., : H + Hkv, :], out[..., H + Hkv:, :]
@@ -70,14 +79,14 @@ def corrected(out: torch.Tensor, x: torch.Tensor, norm_weight: torch.Tensor, eps
               ) -> torch.Tensor:
     """Quantize-then-correct: a lookup output ``out`` (m, d) plus W_corr RMSNorm(x) of the rows' inputs x
     (vqt.modeling.quantize.CorrectedQuantizer, folded with W_o). The layer's own attention norm."""
-    return out + F.linear(F.rms_norm(x, norm_weight.shape, norm_weight, eps), w_corr)
+    return out + linear(F.rms_norm(x, norm_weight.shape, norm_weight, eps), w_corr)
 
 
 def mlp_residual(y: torch.Tensor, norm_weight: torch.Tensor, eps: float, w_gate_up: torch.Tensor,
                  w_down: torch.Tensor) -> torch.Tensor:
     """x' = y + W_down(silu(gate) * up) of RMSNorm(y). Per row."""
-    gate, up = F.linear(F.rms_norm(y, norm_weight.shape, norm_weight, eps), w_gate_up).chunk(2, -1)
-    return y + F.linear(F.silu(gate) * up, w_down)
+    gate, up = linear(F.rms_norm(y, norm_weight.shape, norm_weight, eps), w_gate_up).chunk(2, -1)
+    return y + linear(F.silu(gate) * up, w_down)
 
 
 def drift_after_delta(drift: torch.Tensor, z_old: torch.Tensor, m_old: torch.Tensor, z_new: torch.Tensor,

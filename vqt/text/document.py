@@ -244,9 +244,12 @@ class TextDocument:
         return float(self._bits(np.asarray([index]))[0])
 
     def _bits(self, rows: np.ndarray) -> np.ndarray:
-        logp = torch.log_softmax(self.doc.logits((rows - 1).tolist()).double(), -1)
-        ids = torch.from_numpy(self._ids[rows]).to(logp.device)
-        return (logp.gather(1, ids[:, None])[:, 0] / -math.log(2)).cpu().numpy()
+        # -log p = logsumexp(logits) - logit of the token: the normalizer in the logits' dtype (no float64 copy
+        # of the (rows, vocab) logits), the difference in float64
+        logits = self.doc.logits((rows - 1).tolist())
+        ids = torch.from_numpy(self._ids[rows]).to(logits.device)
+        nats = torch.logsumexp(logits, -1).double() - logits.gather(1, ids[:, None])[:, 0].double()
+        return (nats / math.log(2)).cpu().numpy()
 
     # --------------------------------------------------------------- editor API
     @property

@@ -63,12 +63,16 @@ _tokenizer_fps: "weakref.WeakKeyDictionary[Tokenizer, str]" = weakref.WeakKeyDic
 
 
 def model_fingerprint(model: VQTModel) -> str:
-    """SHA-256 of the config (less free-form metadata) and every weight; cached until a weight changes."""
+    """SHA-256 of the config (less free-form metadata), the matmul dtype and every weight; cached until a
+    weight or the matmul dtype changes."""
     key = model_key(model)
     hit = _model_fps.get(model)
     if hit is not None and hit[0] == key:
         return hit[1]
-    h = hashlib.sha256(_canonical({k: v for k, v in model.config.to_dict().items() if k not in _NOT_FUNCTION}))
+    described = {k: v for k, v in model.config.to_dict().items() if k not in _NOT_FUNCTION}
+    if model.matmul_dtype != model.dtype:  # (absent otherwise: the fingerprints of states saved before it stay valid)
+        described["matmul_dtype"] = str(model.matmul_dtype)
+    h = hashlib.sha256(_canonical(described))
     _hash_tensors(h, model.state_dict().items())
     _model_fps[model] = (key, h.hexdigest())
     return h.hexdigest()
