@@ -13,7 +13,8 @@ original full-attention model's on the same windows; on real edits of the held-o
 (the first 1024 tokens of each document, stable positions, the ``cpu`` backend): the median and p10 MAC ratio vs the
 original's dense forward (full attention), vs the windowed model's own dense forward, VQ's saving
 over the cone of influence, VQT vs prefix reuse, the layer-1 code flip rate, the engine's time per
-edit and the original's dense forward time over it (same process, torch threads as given); with
+edit and the original's dense forward time over it (same process, torch threads as given; ``--dtype bf16``:
+every model, the original included, multiplies in bfloat16); with
 ``--classify``, document classification accuracy next to the original's on the same splits
 (``experiments/classify.py``'s recipe: pooled features of each document's first 128 tokens).
 Prints a Markdown table; ``--json`` appends the rows to a file.
@@ -36,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from vqt.apps.loading import resolve_dtype  # noqa: E402
 from vqt.engine.macs import baseline_macs  # noqa: E402
 from vqt.engine.options import DocumentOptions  # noqa: E402
 from vqt.histories.corpus import HELDOUT, heldout_texts, training_texts  # noqa: E402
@@ -95,7 +97,7 @@ def measure(name: str, model: VQTModel, original: VQTModel, tok, held: np.ndarra
         "vs_prefix": quantiles([r.prefix_macs / r.macs if r.macs else float("inf") for r in recs]),
         "flip_l1": statistics.fmean(r.layer1_flip_rate for r in recs) if recs else float("nan"),
         "ms_per_edit": quantiles([r.seconds * 1e3 for r in recs])["median"], "seconds": round(time.time() - t0),
-        "original_dense_ms": original_ms,
+        "original_dense_ms": original_ms, "products": str(model.matmul_dtype).removeprefix("torch."),
     }
     row["wall_vs_original_dense"] = original_ms / row["ms_per_edit"]
     if judge is not None:
@@ -117,6 +119,8 @@ def main() -> None:
     p.add_argument("--calib-tokens", type=int, default=8192)
     p.add_argument("--backend", default="auto")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="bf16: every model, the original included, multiplies in bfloat16 (float32 activations)")
     p.add_argument("--json", default=None)
     p.add_argument("--save", default=None, help="folder: write each converted point there as a delta checkpoint")
     p.add_argument("--classify", action="store_true", help="also classification accuracy vs the original")
@@ -131,6 +135,8 @@ def main() -> None:
     calib = [t for text in training_texts(every=500, limit=8) for t in tok.encode(text)][: a.calib_tokens]
     rows = []
     _, original = convert(None, None, window=None, sink="none")
+    products = resolve_dtype(a.dtype)[1]  # the original's fastest path and the adapted models' alike
+    original.set_matmul_dtype(products)
     original_ppl = heldout_perplexity(original, held, a.seq_len, a.eval_tokens)
     original_ms = dense_ms(original, held[:1024])
     print(f"original SmolLM2-135M (full attention): held-out perplexity {original_ppl:.2f}, dense forward of 1024 "
@@ -154,9 +160,10 @@ def main() -> None:
                            quantize_layers=layers, progress=True)
         if a.save:
             save_delta(model, Path(a.save) / spec)
-        rows.append(measure(spec, model, original, tok, held, a, original_ms, **scored))
+        rows.append(measure(spec, model.set_matmul_dtype(products), original, tok, held, a, original_ms, **scored))
     for path in a.model:
-        rows.append(measure(path, VQTModel.from_pretrained(path), original, tok, held, a, original_ms, **scored))
+        model = VQTModel.from_pretrained(path).set_matmul_dtype(products)
+        rows.append(measure(path, model, original, tok, held, a, original_ms, **scored))
     print(f"\nheld-out perplexity of the original on the same windows: {original_ppl:.2f}")
     print("| point | ppl | vs original ppl | classification vs original | MAC vs full dense (med / p10) | vs windowed dense | VQ over cone | vs prefix | "
           "flips L1 | ms/edit | wall vs original dense |")

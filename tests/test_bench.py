@@ -102,3 +102,16 @@ def test_lsp_latency_types_into_each_length_against_both_servers():
         p50, p95, worst = (float(c) for c in r[3:6])
         assert 0 < p50 <= p95 <= worst, r
     assert float(rows[0][-1].rstrip("x")) > 1 and rows[1][-1] == "1.0x", rows
+
+
+def test_products_compares_weight_formats_and_checks_row_independence():
+    """experiments/products.py: a speed-up per format and row count, and the row-independence check that the
+    bfloat16 contract relies on (bf16 products of a row do not depend on the rows multiplied with it)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "products.py"), "--rows", "1", "16",
+                           "--repeats", "2", "--shapes", "qkv", "--threads", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s+\d+\s+\d+\s", line)]
+    assert [int(r[0]) for r in rows] == [1, 16] and all(len(r) == 6 and r[2].endswith("x") for r in rows), proc.stdout
+    assert "bf16: a row's product does not depend on the rows multiplied with it" in proc.stdout
+    assert "int8-dyn: a row's product DEPENDS" in proc.stdout

@@ -153,3 +153,16 @@ def test_convert_without_its_packages_is_one_line(tmp_path, missing, message):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert res.returncode == 1, res.stderr
     assert res.stderr.strip().splitlines() == [f"vqt convert: error: {message}"], res.stderr
+
+
+def test_dtype_names_resolve_to_a_model_dtype_and_its_products():
+    from vqt._errors import UserError
+    from vqt.apps.loading import load_model, native_bf16, resolve_dtype
+
+    assert resolve_dtype("bf16") == (torch.float32, torch.bfloat16)
+    assert resolve_dtype("float64") == (torch.float64, None) and resolve_dtype(torch.float32) == (torch.float32, None)
+    assert resolve_dtype("auto") == ((torch.float32, torch.bfloat16) if native_bf16() else (torch.float32, None))
+    with pytest.raises(UserError, match="--dtype float16: expected one of float32, float64, bf16 or auto"):
+        resolve_dtype("float16")
+    model, name, _ = load_model("demo", "bf16")
+    assert model.dtype == torch.float32 and model.matmul_dtype == torch.bfloat16 and name.endswith("(bfloat16 products)")

@@ -63,6 +63,22 @@ def test_vqt_replay_from_a_late_revision_replays_only_the_rest(tmp_path):
     assert "--start-revision 2 replays one history" in res.stderr
 
 
+def test_vqt_replay_with_bf16_products_is_verified_against_the_dense_forward_multiplying_in_bf16(tmp_path):
+    """--dtype bf16: float32 activations, bfloat16 weights in every product, for the replayed document and its
+    dense oracle alike (the float32 contract); --dtype auto is not a replay choice (it would change numbers
+    by machine)."""
+    out = tmp_path / "bf16.jsonl"
+    res = subprocess.run([sys.executable, "-m", "vqt", "replay", "--verify", "--dtype", "bf16", "--quiet",
+                          "--no-baselines", "--jsonl", str(out)], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "(bfloat16 products)" in res.stdout and "every edit matched the dense forward" in res.stdout
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(records) == len(demo_history()) - 1 and all(r["exact"] for r in records)
+    res = subprocess.run([sys.executable, "-m", "vqt", "replay", "--dtype", "auto"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "invalid choice: 'auto'" in res.stderr
+
+
 def windowed_model(**overrides):
     kw = dict(vocab_size=TOK.vocab_size, max_len=256, window=24.0, granularity="layer", codebook_size=64)
     return tiny_model(**{**kw, **overrides})
