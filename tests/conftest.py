@@ -4,7 +4,8 @@ The suite runs thousands of small steps whose ATen and OpenMP operators would ot
 core. On a machine that is also running other work, each multi-threaded operator then waits for a
 descheduled thread, and the suite slows down several times over (the float32 drift control of
 tests/test_whole_documents.py took 135 s instead of 32 s beside one busy job). One thread per process, subprocesses included (they inherit
-OMP_NUM_THREADS), keeps the suite's time close to its idle time. Set OMP_NUM_THREADS to override.
+OMP_NUM_THREADS), keeps the suite's time close to its idle time. Set OMP_NUM_THREADS to override. The cores go to
+test processes instead: setup.cfg runs two pytest-xdist workers (``-n 0`` runs the suite in this process).
 """
 
 import os
