@@ -6,6 +6,7 @@
 
 Flags:
   --model PATH         checkpoint (default: the shipped data/vqt-small)
+  --dtype float32|bf16 bf16: bfloat16 products, float32 activations (VQT and every baseline alike)
   --data FILE...       histories (default: the held-out API-JSON articles)
   --windows N...       real-edit section: documents cut to N tokens (`--windows` alone skips the section)
   --max-edits N        real edits per window, taken round-robin over the histories (one from each in turn,
@@ -263,7 +264,7 @@ def random_edit(rng: random.Random, n: int, pool: list[int]) -> tuple[int, int, 
 def length_child(a: argparse.Namespace) -> None:
     """One length, in this fresh process: build, measure memory, time the edits; one JSON line on stdout."""
     n = a.length_child
-    model, _, tok = load_model(a.model, torch.float32)
+    model, _, tok = load_model(a.model, a.dtype)
     model = model.to(a.device)
     if model.config.window is None:
         raise SystemExit("the length section needs a windowed model (full attention is O(n^2) per document)")
@@ -335,7 +336,7 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
     for n in a.lengths:
         cmd = [sys.executable, str(Path(__file__).resolve()), "--length-child", str(n), "--backend", backend,
                "--length-edits", str(a.length_edits), "--threads", str(a.threads), "--device", a.device,
-               "--seed", str(a.seed), "--settle", str(a.settle)]
+               "--seed", str(a.seed), "--settle", str(a.settle), "--dtype", a.dtype]
         cmd += ["--model", a.model] if a.model else []
         cmd += ["--data", *a.data] if a.data else []
         print(f"length {n}: building and editing in a fresh process ...", flush=True)
@@ -375,6 +376,8 @@ def bench_lengths(a: argparse.Namespace, backend: str) -> None:
 def main(argv: Optional[list[str]] = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="checkpoint (default: the shipped model)")
+    p.add_argument("--dtype", choices=["float32", "bf16"], default="float32",
+                   help="bf16: bfloat16 products (float32 activations) for VQT and every baseline alike")
     p.add_argument("--data", nargs="*", default=None, help="histories (default: the held-out API-JSON articles)")
     p.add_argument("--windows", type=int, nargs="*", default=[512, 1024, 2048])
     p.add_argument("--max-edits", type=int, default=80)
@@ -405,7 +408,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     torch.set_grad_enabled(False)
     if a.length_child is not None:
         return length_child(a)
-    model, name, tok = load_model(a.model, torch.float32)
+    model, name, tok = load_model(a.model, a.dtype)
     model = model.to(a.device)
     print(f"model: {name}: {model.describe()}; device {a.device}; torch threads {torch.get_num_threads()}")
     backends = available_backends(a.device)

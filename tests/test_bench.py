@@ -88,6 +88,12 @@ def test_bench_length_section_measures_time_and_memory():
     assert float(rows[8192][10]) > float(rows[8192][7]), rows[8192]
 
 
+def test_bench_dtype_bf16_runs_the_model_and_its_length_children_in_bf16_products():
+    out = run_bench("--windows", "--data", str(FIXTURE), "--lengths", "256", "--length-edits", "2", "--dtype", "bf16")
+    assert "(bfloat16 products)" in out.splitlines()[0], out
+    assert re.search(r"^\s*256\s+[\d.]+\s+[\d.]+", out, re.M), out
+
+
 def test_lsp_latency_types_into_each_length_against_both_servers():
     """experiments/lsp_latency.py: one row per (length, server), timed keystrokes as asked."""
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "lsp_latency.py"), "--model", "demo",
