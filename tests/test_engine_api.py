@@ -15,6 +15,7 @@ import vqt.ops
 from helpers import assert_matches_dense, tiny_model
 from vqt import Document, VQTConfig, VQTModel
 from vqt.engine.macs import MacCounter, baseline_macs, dense_macs, prefix_reuse_macs
+from vqt.text.persist import model_fingerprint
 
 
 def random_edits(doc: Document, rng: random.Random, count: int, vocab: int = 61):
@@ -74,12 +75,15 @@ def test_matmul_dtype_changes_rebuild_documents_and_bad_ones_are_refused():
                                          "torch.float16"):
         model.set_matmul_dtype(torch.float16)
     assert model.matmul_dtype == torch.float32 and not doc.insert(3, [5]).full_recompute
+    own = model_fingerprint(model)
     model.set_matmul_dtype(torch.bfloat16)
+    assert model_fingerprint(model) != own  # a state saved under float32 products does not load under bf16 ones
     with pytest.warns(UserWarning, match="matmul dtype changed"):
         stats = doc.insert(3, [7])
     assert stats.full_recompute
     assert_matches_dense(doc, atol=0)
     model.set_matmul_dtype(torch.float32)  # back to the model's own products
+    assert model_fingerprint(model) == own
     with pytest.warns(UserWarning, match="matmul dtype changed"):
         assert model.matmul_dtype == torch.float32 and doc.delete(3, 4).full_recompute
     assert_matches_dense(doc, atol=0)
