@@ -102,8 +102,9 @@ def test_lsp_latency_types_into_each_length_against_both_servers():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s*\d+ (incremental|dense) ", line)]
     assert [(r[1], int(r[2])) for r in rows] == [("incremental", 3), ("dense", 2)] * 2, proc.stdout
-    # (a document is cut at its n-th token's end; the server's own tokenization of it may differ at the cut)
-    assert all(abs(int(r[0]) - n) <= 2 for r, n in zip(rows, [120, 120, 240, 240])), proc.stdout
+    # (a document is cut at its n-th token's end; the server's own tokenization of it may differ at the cut: by
+    # up to 3 tokens on the built-in revisions, the text used without ../shared/data)
+    assert all(abs(int(r[0]) - n) <= 4 for r, n in zip(rows, [120, 120, 240, 240])), proc.stdout
     for r in rows:
         p50, p95, worst = (float(c) for c in r[3:6])
         assert 0 < p50 <= p95 <= worst, r
