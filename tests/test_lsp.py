@@ -161,6 +161,26 @@ def run(coro):
 TEXT = "Café owners in Zürich met 東京 people.\nThe 😀 emoji and the 🦀 crab walked.\r\nLast line"
 
 
+def test_next_tokens_follow_the_whole_vocabulary_order_with_ties_and_undecodable_tokens():
+    """next_tokens sorts only the top candidates: the same tokens, in the same order (ties by id), as the whole
+    vocabulary's stable order filtered to tokens that decode to text, also when the likeliest tokens do not
+    decode and the candidates must widen; probabilities as a float64 softmax."""
+    decodes = [bool(TOK.decode([t])) and "\ufffd" not in TOK.decode([t]) for t in range(TOK.vocab_size)]
+    bad = torch.tensor([t for t, ok in enumerate(decodes) if not ok])
+    assert len(bad) > 100  # (byte tokens of multi-byte characters)
+    gen = torch.Generator().manual_seed(0)
+    for trial in range(4):
+        logits = torch.randn(TOK.vocab_size, generator=gen).round(decimals=1)  # many ties
+        if trial % 2:
+            logits[bad] += 10.0  # the likeliest tokens do not decode: more than the first candidates are needed
+        probs = torch.softmax(logits.double(), -1)
+        order = [t for t in torch.argsort(logits, descending=True, stable=True).tolist() if decodes[t]]
+        for k in (1, 5, 60):
+            got = next_tokens(logits, TOK, k)
+            assert [s.token_id for s in got] == order[:k], (trial, k)
+            assert all(abs(s.probability - float(probs[s.token_id])) < 1e-12 for s in got)
+
+
 def test_typing_session_matches_dense(model, model_dir, tmp_path):
     async def session():
         ed = await Editor.start(model, ["--model", str(model_dir), "--dtype", "float64"], tmp_path / "log")

@@ -84,15 +84,23 @@ class Suggestion(NamedTuple):
 
 def next_tokens(logits: torch.Tensor, tokenizer: Tokenizer, k: int) -> list[Suggestion]:
     """The k most likely next tokens that decode to whole characters, most likely first (ties by id)."""
-    probs = torch.softmax(logits.double(), -1)
-    out: list[Suggestion] = []
-    for t in torch.argsort(logits, descending=True, stable=True).tolist():
-        text = tokenizer.decode([t])
-        if text and "\ufffd" not in text:
-            out.append(Suggestion(t, text, float(logits[t]), float(probs[t])))
-            if len(out) == k:
-                break
-    return out
+    log_z = torch.logsumexp(logits.double(), -1)
+    n = logits.numel()
+    width = min(n, 4 * k + 16)
+    while True:
+        # Candidates: every logit at or above the width-th largest (ties included), ordered by (-logit, id): the
+        # prefix of the whole vocabulary's order, without sorting it; all of it when too few decode to text.
+        cand = torch.nonzero(logits >= torch.topk(logits, width).values[-1])[:, 0]
+        out: list[Suggestion] = []
+        for t in cand[torch.argsort(logits[cand], descending=True, stable=True)].tolist():
+            text = tokenizer.decode([t])
+            if text and "\ufffd" not in text:
+                out.append(Suggestion(t, text, float(logits[t]), float(torch.exp(logits[t].double() - log_z))))
+                if len(out) == k:
+                    return out
+        if width == n:
+            return out
+        width = n
 
 
 @dataclass
