@@ -496,9 +496,11 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
 template <typename T>
 void requantize_rows(const RequantizeInputs<T>& in, int64_t m, int64_t* cp, T* radp, bool* sp,
                      const double* norms = nullptr) {
-  std::vector<int64_t> todo;  // group vectors (i * G + g) outside their certified radius
+  // The certified-radius checks (each reads and writes its own group vector only), then the group vectors
+  // (i * G + g) outside their radius, in order.
+  for_each_row(m * in.G, 3 * in.gd, [] { return 0; }, [&](int64_t ig, int) { sp[ig] = must_search(ig, in, cp, radp); });
+  std::vector<int64_t> todo;
   for (int64_t ig = 0; ig < m * in.G; ++ig) {
-    sp[ig] = must_search(ig, in, cp, radp);
     if (sp[ig]) todo.push_back(ig);
   }
   search_groups(todo, in, cp, radp, norms);
