@@ -15,11 +15,9 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-import torch
-
 from vqt._errors import UserError
 from vqt._extras import require
-from vqt.apps.loading import add_engine_arguments, document_options, load_model
+from vqt.apps.loading import DTYPES, add_engine_arguments, document_options, load_model
 from vqt.apps.outputs import cannot_write, check_plot_folder, open_output
 
 
@@ -62,7 +60,7 @@ def _demo(args: argparse.Namespace) -> int:
     from vqt.text.document import TextDocument
     from vqt.text.tokenizer import Tokenizer
 
-    dtype = {"float64": torch.float64, "float32": torch.float32}[args.dtype]
+    dtype = DTYPES[args.dtype][0]
     tok = Tokenizer.default()
     model = demo_model(tok, dtype=dtype, seed=args.seed)
     print(f"model: {model.describe()} (untrained, k-means codebooks)")
@@ -278,7 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--verify", action="store_true", help="check every edit against a dense forward")
     r.add_argument("--no-baselines", action="store_true", help="skip the dense and prefix-reuse timings")
     add_engine_arguments(r)
-    r.add_argument("--dtype", choices=["float32", "float64", "bf16"], default="float32",
+    r.add_argument("--dtype", choices=list(DTYPES), default="float32",
                    help="bf16: float32 activations with bfloat16 weights in every product (faster on CPUs with "
                         "avx512_bf16 or AMX; the dense baselines use them too)")
     r.add_argument("--jsonl", default=None, help="write one JSON record per edit here")
@@ -307,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "surprisal, edit cost), diagnostics for surprising tokens and classification")
     s.add_argument("--model", default=None, help="checkpoint directory, or 'demo' (default: the shipped model)")
     s.add_argument("--tokenizer", default=None, help="tokenizer.json (default: data/tokenizer.json)")
-    s.add_argument("--dtype", choices=["auto", "float32", "float64", "bf16"], default="auto",
+    s.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
                    help="bf16: float32 activations with bfloat16 weights in every product; auto (default): bf16 "
                         "where the CPU multiplies bfloat16 natively (avx512_bf16, AMX), else float32")
     add_engine_arguments(s)

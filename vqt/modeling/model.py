@@ -51,6 +51,18 @@ def rope_angles(pos: torch.Tensor, hd: int, theta: float, dtype: torch.dtype) ->
     return layer.rope_angles(pos, layer.inv_freq(hd, theta, pos.device), dtype)
 
 
+def cached_weight(cache: dict, name: str, weights: Sequence[torch.Tensor], dtype: Optional[torch.dtype]
+                  ) -> torch.Tensor:
+    """``weights`` concatenated (one of them: itself), detached and in ``dtype`` (None: their own), kept in
+    ``cache[name]`` until one of them or ``dtype`` changes."""
+    key = (dtype, *((w._version, w.data_ptr(), w.dtype, w.device) for w in weights))
+    cached = cache.get(name)
+    if cached is None or cached[0] != key:
+        w = weights[0].detach() if len(weights) == 1 else torch.cat([w.detach() for w in weights])
+        cached = cache[name] = (key, w if dtype is None else w.to(dtype).contiguous())
+    return cached[1]
+
+
 class Block(nn.Module):
     """RMSNorm -> GQA attention (with an optional sink) -> quantizer -> lookup-table output -> SwiGLU MLP."""
 
@@ -112,15 +124,7 @@ class Block(nn.Module):
         """The weight of projection ``name`` ("qkv": wq, wk, wv concatenated; "gate_up": w_gate, w_up; "down";
         "o") in the matmul dtype, detached and cached until one of its parts or the matmul dtype changes."""
         weights = [getattr(self, lin).weight for lin in self._projections[name]]
-        key = (self.matmul_dtype, *((w._version, w.data_ptr(), w.dtype, w.device) for w in weights))
-        cached = self._fused.get(name)
-        if cached is None or cached[0] != key:
-            cached = (key, self._in_matmul_dtype(torch.cat([w.detach() for w in weights])))
-            self._fused[name] = cached
-        return cached[1]
-
-    def _in_matmul_dtype(self, w: torch.Tensor) -> torch.Tensor:
-        return w if self.matmul_dtype is None else w.to(self.matmul_dtype).contiguous()
+        return cached_weight(self._fused, name, weights, self.matmul_dtype)
 
     def _weight(self, name: str) -> torch.Tensor:
         """The weight of projection ``name``: with autograd the model's own parameters (the parts separate
@@ -171,7 +175,7 @@ class Block(nn.Module):
         """(d, d) W_o C, the quantizer's correction folded with the output projection; None without one."""
         assert self.quantizer is not None
         return self._fold("correction", self.quantizer.correction_factors(),
-                          lambda W, *factors: self._in_matmul_dtype(functools.reduce(torch.matmul, factors, W)))
+                          lambda W, *factors: functools.reduce(torch.matmul, factors, W).to(self.matmul_dtype or W.dtype))
 
     def correct(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """A lookup output ``out`` (m, d) plus the quantizer's correction of the rows' inputs x (m, d), if any."""
@@ -271,8 +275,6 @@ def apply_delta(base: dict[str, torch.Tensor], delta: dict[str, torch.Tensor]) -
 class VQTModel(nn.Module):
     """Token embedding, ``n_layers`` blocks, final RMSNorm, LM head, optional pooled classifier."""
 
-    _matmul: Optional[torch.dtype] = None  # set_matmul_dtype's choice (None: the model's dtype)
-
     def __init__(self, cfg: VQTConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -281,6 +283,7 @@ class VQTModel(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
         self.classifier = nn.Linear(cfg.d_model, cfg.n_classes) if cfg.n_classes > 0 else None
+        self._head: dict[str, tuple[tuple, torch.Tensor]] = {}  # the LM head in the matmul dtype (see logits)
         self.apply(self._init_weights)
 
     @staticmethod
@@ -302,7 +305,7 @@ class VQTModel(nn.Module):
     def matmul_dtype(self) -> torch.dtype:
         """The dtype the projections, the MLP and the LM head multiply in at inference (the model's own
         unless ``set_matmul_dtype`` chose bfloat16)."""
-        return self._matmul or self.dtype
+        return self.blocks[0].matmul_dtype or self.dtype
 
     def set_matmul_dtype(self, dtype: Optional[torch.dtype]) -> "VQTModel":
         """Multiply the q/k/v, output, correction, MLP and LM-head weights in ``dtype`` at inference:
@@ -314,7 +317,6 @@ class VQTModel(nn.Module):
             dtype = None
         if dtype not in (None, torch.bfloat16):
             raise ValueError(f"matmul dtype must be torch.bfloat16 or the model's {self.dtype}, got {dtype}")
-        self._matmul = dtype
         for b in self.blocks:
             b.matmul_dtype = dtype
         return self
@@ -325,10 +327,7 @@ class VQTModel(nn.Module):
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         if self.matmul_dtype == self.dtype or (torch.is_grad_enabled() and w.requires_grad):
             return hidden @ w.T
-        key = (self.matmul_dtype, w._version, w.data_ptr())
-        if getattr(self, "_head", (None,))[0] != key:
-            self._head = (key, w.detach().to(self.matmul_dtype))
-        return layer.linear(hidden, self._head[1])
+        return layer.linear(hidden, cached_weight(self._head, "head", [w], self.matmul_dtype))
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         if self.classifier is None:
