@@ -375,9 +375,10 @@ def test_document_edits_cpu_match_reference(fused, name, data):
         s = data.draw(st.integers(0, n))
         e = data.draw(st.integers(s, min(n, s + 4)))
         new = data.draw(tokens)[: MAX_TOKENS - n + (e - s)]
-        for doc in docs:
-            doc.replace(s, e, new)
+        stats = [doc.replace(s, e, new) for doc in docs]
         assert torch.equal(docs[1].codes, docs[0].codes)
+        # the same rows took the delta update and the same ones full rows (vqt/ops/composite.py's rule)
+        assert stats[1].macs_by_kind.get("attention_delta") == stats[0].macs_by_kind.get("attention_delta")
         torch.testing.assert_close(docs[1].hidden, docs[0].hidden, atol=1e-9, rtol=0)
 
 

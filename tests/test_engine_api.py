@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import vqt.ops
+from vqt.ops import layer
 
 from helpers import assert_matches_dense, tiny_model
 from vqt import Document, VQTConfig, VQTModel
@@ -66,6 +67,21 @@ def test_bf16_products_stay_within_the_contract_of_the_bf16_dense_forward(backen
         h = doc.hidden[:4]
         torch.testing.assert_close(doc.logits(range(4)), F.linear(h.bfloat16(), model.embed.weight.bfloat16()).float(),
                                    atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("shape", [(96, 32), (960, 576)])
+def test_bf16_products_pad_rows_to_buckets_without_changing_a_bit(shape):
+    """bfloat16 products run at a few row counts (vqt.ops.layer.product_rows: oneDNN compiles a kernel per
+    shape), the rows padded with zeros. That is exact only because a row's bfloat16 product does not depend
+    on the rows beside it: each m-row product must equal the same rows of one 300-row product, bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    x = torch.randn(300, shape[1], generator=gen)
+    whole = F.linear(x.to(torch.bfloat16), w).float()
+    for m in [*range(1, 70), 100, 129, 255, 257, 300]:
+        assert m <= layer.product_rows(m) < m + 64
+        assert torch.equal(layer.linear(x[:m], w), whole[:m]), m
+    assert len({layer.product_rows(m) for m in range(1, 257)}) < 30  # few shapes to compile
 
 
 def test_matmul_dtype_changes_rebuild_documents_and_bad_ones_are_refused():

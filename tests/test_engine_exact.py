@@ -8,6 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from helpers import assert_codes_certified, assert_matches_dense, tiny_model
+import vqt.ops
 from vqt import Document
 from vqt.engine.positions import plan_positions
 
@@ -161,6 +162,31 @@ def test_append_costs_no_more_than_prefix_reuse():
             stats = doc.replace(len(doc), len(doc), [7] * m)
             assert stats.macs <= stats.prefix_macs, (name, stats.macs, stats.prefix_macs)
             assert stats.dirty_per_layer == [m] * MODELS[name].config.n_layers
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_queries_seeing_more_changed_keys_than_keys_get_full_rows(backend):
+    """A delta update costs one (query, key) pair per changed key a clean query sees, a full row one per key
+    it sees: where the delta costs more the row is recomputed in full. The delta pairs of a one-layer
+    windowed model are worked out here from the positions alone; the result still equals the dense forward."""
+    if vqt.ops.unavailable_reason(backend):
+        pytest.skip(vqt.ops.unavailable_reason(backend))
+    model, w = tiny_model(seed=5, n_layers=1, window=6.0), 6.0
+    doc = Document(model, list(range(1, 31)), backend=backend)
+    old = doc.positions.tolist()
+    stats = doc.replace(10, 15, [40, 41, 42, 43, 44])
+    new = doc.positions.tolist()
+    sees = lambda p, keys: sum(p - w < k <= p for k in keys)  # noqa: E731
+    delta_pairs, cheaper = 0, 0
+    for i in [*range(10), *range(15, 30)]:  # the clean queries (same index before and after)
+        hits = sees(old[i], old[10:15]) + sees(new[i], new[10:15])
+        if hits > sees(new[i], new):
+            cheaper += 1
+        else:
+            delta_pairs += hits
+    assert cheaper > 0, "no query saw more changed keys than keys: the case does not test the rule"
+    assert stats.macs_by_kind.get("attention_delta", 0) == delta_pairs * 2 * model.config.n_heads * model.config.head_dim
+    assert_matches_dense(doc)
 
 
 def test_from_and_to_empty_document():

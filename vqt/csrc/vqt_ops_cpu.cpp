@@ -289,14 +289,18 @@ struct KeyBlock {
 };
 
 // Runs body(i, scratch) for i in [0, n) on torch's number of OpenMP threads with one scratch per
-// thread; stays on one thread when the whole job is too small to pay for waking the others.
+// thread; stays on one thread when the whole job is too small to pay for waking the others. Rows are
+// handed out in chunks of about 4k work units as threads free up: the rows of one call can differ
+// greatly in cost (the queries nearest an edit see all its changed keys, the farthest none), and
+// halving the range statically left one thread with most of the work.
 template <typename MakeScratch, typename Body>
 void for_each_row(int64_t n, int64_t work_per_row, MakeScratch make_scratch, Body body) {
   const bool parallel = n > 1 && n * work_per_row >= (int64_t{1} << 16);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(1, work_per_row));
 #pragma omp parallel if (parallel) num_threads(at::get_num_threads())
   {
     auto scratch = make_scratch();
-#pragma omp for schedule(static)
+#pragma omp for schedule(dynamic, chunk)
     for (int64_t i = 0; i < n; ++i) body(i, scratch);
   }
 }
@@ -804,7 +808,10 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     } else {
       reach.emplace_back(0, n_order);
     }
-    std::vector<int64_t> aff;
+    // A delta update costs one (query, key) pair per removed or added key the query sees, a full row
+    // one per key it sees now: a query that sees more changed keys than keys is recomputed in full
+    // (the cheaper path; both are exact). The others (upd) get the delta update.
+    std::vector<int64_t> aff, upd, cheaper;
     int64_t delta_pairs = 0;
     for_each_covered(std::move(reach), [&](int64_t c) {
       const int64_t s = order_at(c);
@@ -814,10 +821,16 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       const int64_t hits = (rhi - rlo) + (ahi - alo);
       if (hits > 0) {
         aff.push_back(s);
-        delta_pairs += hits;
+        const int64_t sees = first_after(P[s]) - (w.on ? first_after(P[s] - w.width) : 0);
+        if (hits > sees) {
+          cheaper.push_back(s);
+        } else {
+          upd.push_back(s);
+          delta_pairs += hits;
+        }
       }
     });
-    const int64_t na = static_cast<int64_t>(aff.size());
+    const int64_t na = static_cast<int64_t>(upd.size()), n_aff = static_cast<int64_t>(aff.size());
 
     // The rows whose attention output changes (dirty ones, then the affected ones) and their output
     // a = U / Z, here before the change (the certified radii shrink by how far it moves) and at the end after.
@@ -841,11 +854,11 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     if (na) {
       std::vector<T> qa(na * qw), Ua(na * uw), Za(na * L.H), Ma(na * L.H);
       std::vector<double> pa(na), pa_old(na);
-      gather_rows(qp, aff, qw, qa.data());
-      gather_rows(Up, aff, uw, Ua.data());
-      gather_rows(Zp, aff, L.H, Za.data());
-      gather_rows(Mp, aff, L.H, Ma.data());
-      for (int64_t i = 0; i < na; ++i) pa[i] = P[aff[i]], pa_old[i] = P0[aff[i]];
+      gather_rows(qp, upd, qw, qa.data());
+      gather_rows(Up, upd, uw, Ua.data());
+      gather_rows(Zp, upd, L.H, Za.data());
+      gather_rows(Mp, upd, L.H, Ma.data());
+      for (int64_t i = 0; i < na; ++i) pa[i] = P[upd[i]], pa_old[i] = P0[upd[i]];
       DeltaInputs<T> in{qa.data(), Ua.data(), Za.data(), Ma.data(), pa_old.data(), pa.data(),
                         Keys<T>{nullptr, nullptr, nullptr, removed.n}, Keys<T>{nullptr, nullptr, nullptr, added.n},
                         L, w, scale, tau};
@@ -855,16 +868,16 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
           na, (removed.n + added.n) * L.H * (L.hd + L.hdv),
           [&] { return RowScratch(std::max(removed.n, added.n), L); },
           [&](int64_t i, RowScratch& S) { flags[i] = delta_row(i, in, removed, added, U2.data(), Z2.data(), M2.data(), S); });
-      scatter_rows(U2.data(), aff, uw, Up);
-      scatter_rows(Z2.data(), aff, L.H, Zp);
-      scatter_rows(M2.data(), aff, L.H, Mp);
+      scatter_rows(U2.data(), upd, uw, Up);
+      scatter_rows(Z2.data(), upd, L.H, Zp);
+      scatter_rows(M2.data(), upd, L.H, Mp);
       if (drift) {  // the rounding-error bound of each row (as vqt/ops/layer.py drift_after_delta)
         T* dp = drift->data_ptr<T>();
         const double eps = std::numeric_limits<T>::epsilon();
         for (int64_t i = 0; i < na; ++i) {
           for (int64_t h = 0; h < L.H; ++h) {
             const int64_t ih = i * L.H + h;
-            T& bound = dp[aff[i] * L.H + h];
+            T& bound = dp[upd[i] * L.H + h];
             const double carried = static_cast<double>(Za[ih]) * std::exp(static_cast<double>(Ma[ih]) -
                                                                            static_cast<double>(M2[ih])) /
                                    static_cast<double>(Z2[ih]);
@@ -874,13 +887,14 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
         }
       }
       for (int64_t i = 0; i < na; ++i) {
-        if (flags[i]) refresh.push_back(aff[i]);
+        if (flags[i]) refresh.push_back(upd[i]);
       }
     }
 
-    // Full rows (dirty queries and guarded refreshes) against the band of keys they can see.
+    // Full rows (dirty queries, guarded refreshes and the cheaper ones) against the band of keys they can see.
     std::vector<int64_t> full(dirty.p, dirty.p + m);
     full.insert(full.end(), refresh.begin(), refresh.end());
+    full.insert(full.end(), cheaper.begin(), cheaper.end());
     const int64_t nf = static_cast<int64_t>(full.size());
     int64_t full_pairs = 0;
     if (nf) {
@@ -919,7 +933,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     std::vector<int64_t> post(dirty.p, dirty.p + m);
     if (!codebook) {  // a dense twin's layer: every updated output moved; they are returned for W_o
       post.insert(post.end(), aff.begin(), aff.end());
-      stats.flipped = stats.code_flips = na;
+      stats.flipped = stats.code_flips = n_aff;
       attn_out = at::empty({nr, uw}, q.options());
       std::copy(a.begin(), a.end(), attn_out.data_ptr<T>());
     } else {
@@ -947,7 +961,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
           skips += old_row && !searched[r * G + g];
         }
       }
-      for (int64_t i = 0; i < na; ++i) {
+      for (int64_t i = 0; i < n_aff; ++i) {
         int64_t changed = 0;
         for (int64_t g = 0; g < G; ++g) changed += codes2[(m + i) * G + g] != codes_r[(m + i) * G + g];
         code_flips += changed;
@@ -964,7 +978,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
         lookup_row(0, tp, cp + post[i] * G, G, K, d, op + i * d);
       }
     }
-    stats.dirty = m, stats.affected = na, stats.refreshes = static_cast<int64_t>(refresh.size());
+    stats.dirty = m, stats.affected = n_aff, stats.refreshes = static_cast<int64_t>(refresh.size());
     stats.delta_pairs = delta_pairs, stats.full_pairs = full_pairs, stats.full_rows = nf;
     post_t = at::empty({static_cast<int64_t>(post.size())}, dirty_t.options());
     std::copy(post.begin(), post.end(), post_t.data_ptr<int64_t>());
@@ -1106,10 +1120,15 @@ void gather_add(const T* a, const int64_t* rows, const T* b, int64_t n, int64_t 
   }
 }
 
-// As vqt.ops.layer.linear: the product in w's dtype (bfloat16 weights: x rounded to it, the result returned in x's).
+// As vqt.ops.layer.linear: the product in w's dtype (bfloat16 weights: x rounded to it, its rows padded with
+// zeros to vqt.ops.layer.product_rows, the result returned in x's dtype).
 Tensor project(const Tensor& x, const Tensor& w) {
   if (w.scalar_type() == x.scalar_type()) return at::linear(x, w);
-  return at::linear(x.to(w.scalar_type()), w).to(x.scalar_type());
+  Tensor rows = x.to(w.scalar_type());
+  const int64_t m = rows.size(0), step = m <= 64 ? 8 : m <= 256 ? 16 : 64;
+  const int64_t padded = m <= 8 ? m : (m + step - 1) / step * step;
+  if (padded != m) rows = at::cat({rows, at::zeros({padded - m, rows.size(1)}, rows.options())});
+  return at::linear(rows, w).narrow(0, 0, m).to(x.scalar_type());
 }
 
 // layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block

@@ -319,7 +319,30 @@ class VQTModel(nn.Module):
             raise ValueError(f"matmul dtype must be torch.bfloat16 or the model's {self.dtype}, got {dtype}")
         for b in self.blocks:
             b.matmul_dtype = dtype
+        if dtype is not None:
+            self.warm_products()
         return self
+
+    @torch.no_grad()
+    def warm_products(self, max_rows: int = 256) -> None:
+        """Run each reduced-precision product shape of the model (projections, MLP, correction, LM head) once
+        at every row bucket (``vqt.ops.layer.product_rows``) up to ``max_rows``, so that oneDNN compiles its
+        kernels here (about 1 ms per shape, a few tenths of a second in all for SmolLM2) and not during a
+        document's first edits. Called by ``set_matmul_dtype``; a no-op without reduced-precision products."""
+        if self.matmul_dtype == self.dtype:
+            return
+        weights = {}
+        for b in self.blocks:
+            lw = b.layer_weights()
+            for w in (lw.w_qkv, lw.w_gate_up, lw.w_down, lw.w_o, lw.w_corr):
+                if w is not None and w.dtype != self.dtype:
+                    weights.setdefault(tuple(w.shape), w)
+        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        weights.setdefault(("head",), cached_weight(self._head, "head", [head], self.matmul_dtype))
+        buckets = sorted({layer.product_rows(m) for m in range(1, max_rows + 1)})
+        for w in weights.values():
+            for m in buckets:
+                layer.linear(torch.zeros(m, w.shape[1], dtype=self.dtype, device=w.device), w)
 
     # ----------------------------------------------------------------- heads
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

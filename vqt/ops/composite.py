@@ -49,22 +49,27 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     pos_rem_sorted, pos_add_sorted = torch.sort(pos_rem).values, torch.sort(pos_add).values
     hits = visible_counts(old_pos[clean], pos_rem_sorted, window) + visible_counts(pos[clean], pos_add_sorted, window)
     aff = clean[hits > 0]
-    refresh = aff[:0]
+    # A delta update costs one (query, key) pair per changed key the query sees, a full row one per key it
+    # sees now: queries that see more changed keys than keys are recomputed in full (both are exact).
+    hits = hits[hits > 0]
+    cheaper = hits > visible_counts(pos[aff], pos[order], window)
+    upd, hits = aff[~cheaper], hits[~cheaper]
+    refresh = upd[:0]
     rows = torch.cat([dirty, aff])  # every row whose attention output changes; its output before the change:
     a_old = None if w.codebook is None else output_groups(t.U[rows], t.Z[rows], t.radius.shape[1])
-    if aff.numel():
-        z_old, m_old = t.Z[aff], t.M[aff]
-        t.U[aff], t.Z[aff], t.M[aff], ref_mask = ops.attention_delta(
-            t.q[aff], old_pos[aff], pos[aff], t.U[aff], t.Z[aff], t.M[aff], k_rem, v_rem, pos_rem, k_new, v_new,
+    if upd.numel():
+        z_old, m_old = t.Z[upd], t.M[upd]
+        t.U[upd], t.Z[upd], t.M[upd], ref_mask = ops.attention_delta(
+            t.q[upd], old_pos[upd], pos[upd], t.U[upd], t.Z[upd], t.M[upd], k_rem, v_rem, pos_rem, k_new, v_new,
             pos_add, window, w.scale, plan.tau)
         if t.drift is not None:  # rows whose rounding-error budget is spent are recomputed in full
-            drift = layer.drift_after_delta(t.drift[aff], z_old, m_old, t.Z[aff], t.M[aff])
-            t.drift[aff] = drift
+            drift = layer.drift_after_delta(t.drift[upd], z_old, m_old, t.Z[upd], t.M[upd])
+            t.drift[upd] = drift
             ref_mask = ref_mask | ~(drift <= plan.drift_budget).all(-1)
-        refresh = aff[ref_mask]
+        refresh = upd[ref_mask]
 
-    # Full rows: dirty queries and guarded refreshes, against every key they can see (and the sink).
-    full = torch.cat([dirty, refresh])
+    # Full rows: dirty queries, guarded refreshes and the cheaper ones, against every key they can see (and the sink).
+    full = torch.cat([dirty, refresh, aff[cheaper]])
     full_pairs = 0
     if full.numel():
         pf = pos[full]

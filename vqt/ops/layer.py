@@ -17,13 +17,30 @@ import torch.nn.functional as F
 Angles = Optional[tuple[torch.Tensor, torch.Tensor]]
 
 
+def product_rows(m: int) -> int:
+    """The row count a bfloat16 product of ``m`` rows runs at: m up to 8, else m rounded up to a multiple of
+    8 (up to 64 rows), 16 (up to 256) or 64. oneDNN compiles a kernel for every new shape (about 1 ms); an
+    edit's row counts vary from layer to layer, so without buckets the first use of each count paid that.
+    The zero rows padded in change nothing: bfloat16 products are row-independent, bitwise
+    (``experiments/products.py`` and ``tests/test_engine_api.py`` check it). The C++ layer step pads alike."""
+    if m <= 8:
+        return m
+    step = 8 if m <= 64 else 16 if m <= 256 else 64
+    return -(-m // step) * step
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, w)`` computed in w's dtype: with bfloat16 weights (``VQTModel.set_matmul_dtype``) x is
-    rounded to bfloat16 and the product returned in x's dtype (DESIGN.md section 8). Every projection of the
-    model, dense or incremental, goes through this (the C++ layer step runs the same operators)."""
+    rounded to bfloat16 (its rows padded to ``product_rows``) and the product returned in x's dtype (DESIGN.md
+    section 8). Every projection of the model, dense or incremental, goes through this (the C++ layer step
+    runs the same operators)."""
     if w.dtype == x.dtype:
         return F.linear(x, w)
-    return F.linear(x.to(w.dtype), w).to(x.dtype)
+    rows = x.to(w.dtype).reshape(-1, x.shape[-1])
+    m = rows.shape[0]
+    if product_rows(m) != m:
+        rows = torch.cat([rows, rows.new_zeros(product_rows(m) - m, rows.shape[1])])
+    return F.linear(rows, w)[:m].to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
 @functools.lru_cache(maxsize=16)

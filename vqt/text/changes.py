@@ -37,6 +37,19 @@ def _units(ch: str, encoding: str) -> int:
     return 2 if o < 0x800 else 3 if o < 0x10000 else 4
 
 
+_CODECS = {"utf-16": ("utf-16-le", 2), "utf-8": ("utf-8", 1)}
+
+
+def _width(piece: str, encoding: str) -> int:
+    """Code units of a string in ``encoding`` (the sum of ``_units`` over its code points, at C speed:
+    a diagnostic's range on a long line must not walk the line in Python; lone surrogates count as
+    ``_units`` counts them)."""
+    if encoding == "utf-32" or piece.isascii():
+        return len(piece)
+    codec, size = _CODECS[encoding]
+    return len(piece.encode(codec, "surrogatepass")) // size
+
+
 def _count(value: object, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{what} must be an int, got {value!r}")
@@ -91,9 +104,7 @@ class LineIndex:
             raise ValueError(f"offset {offset} is outside the text [0, {len(self.text)}]")
         line = bisect.bisect_right(self.starts, offset) - 1
         piece = self.text[self.starts[line]:min(offset, self.ends[line])]
-        if encoding == "utf-32" or piece.isascii():
-            return line, len(piece)
-        return line, sum(_units(ch, encoding) for ch in piece)
+        return line, _width(piece, encoding)
 
     def lsp_range(self, start: int, end: int, encoding: str = "utf-16") -> dict[str, dict[str, int]]:
         """An LSP Range dict for the code-point span [start, end)."""

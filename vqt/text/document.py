@@ -244,11 +244,11 @@ class TextDocument:
         return float(self._bits(np.asarray([index]))[0])
 
     def _bits(self, rows: np.ndarray) -> np.ndarray:
-        # -log p = logsumexp(logits) - logit of the token: the normalizer in the logits' dtype (no float64 copy
-        # of the (rows, vocab) logits), the difference in float64
+        # -log p from log_softmax in the logits' dtype (no float64 copy of the (rows, vocab) logits; torch's
+        # fused log_softmax is about twice as fast as logsumexp here)
         logits = self.doc.logits((rows - 1).tolist())
         ids = torch.from_numpy(self._ids[rows]).to(logits.device)
-        nats = torch.logsumexp(logits, -1).double() - logits.gather(1, ids[:, None])[:, 0].double()
+        nats = -torch.log_softmax(logits, -1).gather(1, ids[:, None])[:, 0].double()
         return (nats / math.log(2)).cpu().numpy()
 
     # --------------------------------------------------------------- editor API
