@@ -13,6 +13,9 @@ didChange, (a) the publishDiagnostics for that version and (b) the completion at
 requested right after the change. The same keystrokes are replayed against `vqt lsp --dense`,
 which recomputes the whole document after each change. Both servers run one after the other
 on this machine with pygls' LanguageClient; timings are wall-clock and noisy on a shared CPU.
+With --in-process the same keystrokes are also applied to a ``TextDocument`` in this process (the
+change and the surprisal, what the server does before it publishes), which separates the engine's
+time from the server's, and the result is checked against a dense forward of the final text.
 """
 
 from __future__ import annotations
@@ -112,6 +115,33 @@ async def replay(args: argparse.Namespace, text: str, edits: list[tuple[int, int
     return {"published": published_ms, "completion": completion_ms, "ratios": ratios, "tokens": len(info["tokens"])}
 
 
+def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits: list[tuple[int, int, str]]) -> dict:
+    """The keystrokes applied to a TextDocument here (change + surprisal, timed), then the dense check."""
+    import torch
+
+    from vqt.engine.options import DocumentOptions
+    from vqt.ops import get_backend
+    from vqt.text.changes import LineIndex
+    from vqt.text.document import TextDocument
+
+    torch.set_num_threads(args.threads)
+    doc = TextDocument(model, tok, text, DocumentOptions(backend=get_backend("auto", model.device).name))
+    doc.surprisal()
+    times = []
+    for version, (s, e, new) in enumerate(edits, start=2):
+        change = {"range": LineIndex(doc.text).lsp_range(s, e, "utf-16"), "text": new}
+        t0 = time.perf_counter()
+        doc.apply_changes([change], version)
+        doc.surprisal()
+        if version - 2 >= args.warmup:
+            times.append((time.perf_counter() - t0) * 1e3)
+    with torch.no_grad():
+        dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions)
+    same = dense.codes is None or torch.equal(dense.codes, doc.doc.codes)
+    return {"published": times, "tokens": len(doc.doc), "codes_identical": same,
+            "hidden_diff": float((dense.hidden - doc.doc.hidden).abs().max())}
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -130,6 +160,9 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=5, help="first keystrokes not timed")
     p.add_argument("--threads", type=int, default=1, help="torch threads per server (1 keeps many small ops "
                    "from waiting on OpenMP barriers when the CPU is shared)")
+    p.add_argument("--in-process", action="store_true",
+                   help="also apply the keystrokes to a TextDocument in this process (no server) and check the "
+                        "final state against a dense forward")
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "vqt-lsp-latency.log"),
                    help="the servers' log file")
     args = p.parse_args()
@@ -139,6 +172,7 @@ def main() -> None:
           f"  MAC ratio")
     print(f"{'':>7} {'':<12} {'':>5} {'p50 ms':>10} {'p95':>10} {'max':>10} {'p50 ms':>10} {'p95':>10} {'max':>10}"
           f"  median")
+    local = None  # the model loaded here for --in-process
     for n in args.tokens:
         text = document(tok, n)
         for dense in (False, True):
@@ -150,6 +184,16 @@ def main() -> None:
             print(f"{r['tokens']:>7} {'dense' if dense else 'incremental':<12} {len(pub):>5} {pct(pub, .5):>10.1f} "
                   f"{pct(pub, .95):>10.1f} {max(pub):>10.1f} {pct(com, .5):>10.1f} {pct(com, .95):>10.1f} "
                   f"{max(com):>10.1f}  {ratio}", flush=True)
+        if args.in_process:
+            if local is None:
+                from vqt.apps.loading import load_model
+                local = load_model(args.model, args.dtype)
+            r = in_process(args, local[0], local[2], text, keystrokes(text, args.keystrokes + args.warmup))
+            pub = r["published"]
+            print(f"{r['tokens']:>7} {'in-process':<12} {len(pub):>5} {pct(pub, .5):>10.1f} {pct(pub, .95):>10.1f} "
+                  f"{max(pub):>10.1f} {'-':>10} {'-':>10} {'-':>10}  (change + surprisal; then the dense forward: "
+                  f"codes {'identical' if r['codes_identical'] else 'DIFFER'}, hidden states max |diff| "
+                  f"{r['hidden_diff']:.2g})", flush=True)
     print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server)")
 
 

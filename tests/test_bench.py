@@ -97,8 +97,8 @@ def test_bench_dtype_bf16_runs_the_model_and_its_length_children_in_bf16_product
 def test_lsp_latency_types_into_each_length_against_both_servers():
     """experiments/lsp_latency.py: one row per (length, server), timed keystrokes as asked."""
     proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "lsp_latency.py"), "--model", "demo",
-                           "--tokens", "120", "240", "--keystrokes", "3", "--dense-keystrokes", "2", "--warmup", "1"],
-                          capture_output=True, text=True, timeout=600)
+                           "--tokens", "120", "240", "--keystrokes", "3", "--dense-keystrokes", "2", "--warmup", "1",
+                           "--in-process"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [line.split() for line in proc.stdout.splitlines() if re.match(r"\s*\d+ (incremental|dense) ", line)]
     assert [(r[1], int(r[2])) for r in rows] == [("incremental", 3), ("dense", 2)] * 2, proc.stdout
@@ -109,6 +109,8 @@ def test_lsp_latency_types_into_each_length_against_both_servers():
         p50, p95, worst = (float(c) for c in r[3:6])
         assert 0 < p50 <= p95 <= worst, r
     assert float(rows[0][-1].rstrip("x")) > 1 and rows[1][-1] == "1.0x", rows
+    local = [line for line in proc.stdout.splitlines() if re.match(r"\s*\d+ in-process +3 ", line)]
+    assert len(local) == 2 and all("codes identical" in line for line in local), proc.stdout
 
 
 def test_products_compares_weight_formats_and_checks_row_independence():
