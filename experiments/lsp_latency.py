@@ -142,6 +142,21 @@ def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits
             "hidden_diff": float((dense.hidden - doc.doc.hidden).abs().max())}
 
 
+def machine_speed(threads: int) -> float:
+    """GFLOP/s of a 512 x 512 float64 matrix product on ``threads`` threads (median of 15): a fixed amount of
+    work timed beside the latencies, since a shared machine's speed moves by tens of percent within minutes."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a = torch.randn(512, 512, dtype=torch.float64)
+    times = []
+    for _ in range(15):
+        t0 = time.perf_counter()
+        a @ a
+        times.append(time.perf_counter() - t0)
+    return 2 * 512 ** 3 / statistics.median(times) / 1e9
+
+
 def pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, round(q * (len(s) - 1)))]
@@ -172,6 +187,7 @@ def main() -> None:
           f"  MAC ratio")
     print(f"{'':>7} {'':<12} {'':>5} {'p50 ms':>10} {'p95':>10} {'max':>10} {'p50 ms':>10} {'p95':>10} {'max':>10}"
           f"  median")
+    speed = [machine_speed(args.threads)]
     local = None  # the model loaded here for --in-process
     for n in args.tokens:
         text = document(tok, n)
@@ -194,7 +210,9 @@ def main() -> None:
                   f"{max(pub):>10.1f} {'-':>10} {'-':>10} {'-':>10}  (change + surprisal; then the dense forward: "
                   f"codes {'identical' if r['codes_identical'] else 'DIFFER'}, hidden states max |diff| "
                   f"{r['hidden_diff']:.2g})", flush=True)
-    print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server)")
+    speed.append(machine_speed(args.threads))
+    print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server; "
+          f"this machine's speed before / after: {speed[0]:.0f} / {speed[1]:.0f} GFLOP/s on a float64 GEMM)")
 
 
 if __name__ == "__main__":
