@@ -142,19 +142,25 @@ def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits
             "hidden_diff": float((dense.hidden - doc.doc.hidden).abs().max())}
 
 
-def machine_speed(threads: int) -> float:
-    """GFLOP/s of a 512 x 512 float64 matrix product on ``threads`` threads (median of 15): a fixed amount of
-    work timed beside the latencies, since a shared machine's speed moves by tens of percent within minutes."""
+def machine_speed(threads: int) -> tuple[float, float]:
+    """(GFLOP/s of a 512 x 512 float64 matrix product, GB/s of copying 256 MB) on ``threads`` threads, medians:
+    fixed work timed beside the latencies, since a shared machine's speed moves by tens of percent within
+    minutes (the memory-bound copy follows the dense forward's swings better than the product)."""
     import torch
 
     torch.set_num_threads(threads)
     a = torch.randn(512, 512, dtype=torch.float64)
-    times = []
-    for _ in range(15):
-        t0 = time.perf_counter()
-        a @ a
-        times.append(time.perf_counter() - t0)
-    return 2 * 512 ** 3 / statistics.median(times) / 1e9
+    src, dst = torch.ones(1 << 26), torch.empty(1 << 26)
+
+    def timed(fn, n):
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return 2 * 512 ** 3 / timed(lambda: a @ a, 15) / 1e9, 2 * src.numel() * 4 / timed(lambda: dst.copy_(src), 5) / 1e9
 
 
 def pct(values: list[float], q: float) -> float:
@@ -212,7 +218,8 @@ def main() -> None:
                   f"{r['hidden_diff']:.2g})", flush=True)
     speed.append(machine_speed(args.threads))
     print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server; "
-          f"this machine's speed before / after: {speed[0]:.0f} / {speed[1]:.0f} GFLOP/s on a float64 GEMM)")
+          f"this machine before / after: {speed[0][0]:.0f} / {speed[1][0]:.0f} GFLOP/s on a float64 GEMM, "
+          f"{speed[0][1]:.0f} / {speed[1][1]:.0f} GB/s copying 256 MB)")
 
 
 if __name__ == "__main__":
