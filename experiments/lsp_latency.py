@@ -15,7 +15,8 @@ which recomputes the whole document after each change. Both servers run one afte
 on this machine with pygls' LanguageClient; timings are wall-clock and noisy on a shared CPU.
 With --in-process the same keystrokes are also applied to a ``TextDocument`` in this process (the
 change and the surprisal, what the server does before it publishes), which separates the engine's
-time from the server's, and the result is checked against a dense forward of the final text.
+time from the server's, and the result is checked against a dense forward of the final text
+(``dense_check``: the float32 contract, as ``vqt replay --verify`` applies it).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits
     import torch
 
     from vqt.engine.options import DocumentOptions
+    from vqt.histories.replay import dense_check
     from vqt.ops import get_backend
     from vqt.text.changes import LineIndex
     from vqt.text.document import TextDocument
@@ -136,10 +138,8 @@ def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits
         if version - 2 >= args.warmup:
             times.append((time.perf_counter() - t0) * 1e3)
     with torch.no_grad():
-        dense = model.forward_dense(doc.doc.token_ids, doc.doc.positions)
-    same = dense.codes is None or torch.equal(dense.codes, doc.doc.codes)
-    return {"published": times, "tokens": len(doc.doc), "codes_identical": same,
-            "hidden_diff": float((dense.hidden - doc.doc.hidden).abs().max())}
+        ok, differ, diff = dense_check(model, doc)
+    return {"published": times, "tokens": len(doc.doc), "ok": ok, "codes_differ": differ, "hidden_diff": diff}
 
 
 def machine_speed(threads: int) -> tuple[float, float]:
@@ -214,8 +214,9 @@ def main() -> None:
             pub = r["published"]
             print(f"{r['tokens']:>7} {'in-process':<12} {len(pub):>5} {pct(pub, .5):>10.1f} {pct(pub, .95):>10.1f} "
                   f"{max(pub):>10.1f} {'-':>10} {'-':>10} {'-':>10}  (change + surprisal; then the dense forward: "
-                  f"codes {'identical' if r['codes_identical'] else 'DIFFER'}, hidden states max |diff| "
-                  f"{r['hidden_diff']:.2g})", flush=True)
+                  f"codes {'identical' if not r['codes_differ'] else str(r['codes_differ']) + ' differ'}, hidden "
+                  f"states max |diff| {r['hidden_diff']:.2g}: {'within' if r['ok'] else 'OUTSIDE'} the contract)",
+                  flush=True)
     speed.append(machine_speed(args.threads))
     print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server; "
           f"this machine before / after: {speed[0][0]:.0f} / {speed[1][0]:.0f} GFLOP/s on a float64 GEMM, "

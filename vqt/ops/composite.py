@@ -52,7 +52,8 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     # A delta update costs one (query, key) pair per changed key the query sees, a full row one per key it
     # sees now: queries that see more changed keys than keys are recomputed in full (both are exact).
     hits = hits[hits > 0]
-    cheaper = hits > visible_counts(pos[aff], pos[order], window)
+    pos_order = pos[order]  # sorted: the keys every query may see, for the counts here and the full rows' band
+    cheaper = hits > visible_counts(pos[aff], pos_order, window)
     upd, hits = aff[~cheaper], hits[~cheaper]
     refresh = upd[:0]
     rows = torch.cat([dirty, aff])  # every row whose attention output changes; its output before the change:
@@ -73,7 +74,7 @@ def layer_attend(ops: "Backend", w: LayerWeights, t: LayerTables, q_new: torch.T
     full_pairs = 0
     if full.numel():
         pf = pos[full]
-        seen, full_pairs = visible_to_any(pf, pos[order], window)
+        seen, full_pairs = visible_to_any(pf, pos_order, window)
         band = order[seen]
         sink = (t.sink[full], w.sink_v) if w.has_sink else (None, None)
         t.U[full], t.Z[full], t.M[full] = ops.attention_rows(t.q[full], pf, t.k[band], t.v[band], pos[band], window,

@@ -37,9 +37,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if w.dtype == x.dtype:
         return F.linear(x, w)
     rows = x.to(w.dtype).reshape(-1, x.shape[-1])
-    m = rows.shape[0]
-    if product_rows(m) != m:
-        rows = torch.cat([rows, rows.new_zeros(product_rows(m) - m, rows.shape[1])])
+    m, padded = rows.shape[0], product_rows(rows.shape[0])
+    if padded != m:
+        rows = torch.cat([rows, rows.new_zeros(padded - m, rows.shape[1])])
     return F.linear(rows, w)[:m].to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
 
 
