@@ -34,7 +34,9 @@ from vqt.ops.search import nearest
 CSRC = Path(vqt.ops.__file__).resolve().parents[1] / "csrc"
 F64, F32 = torch.float64, torch.float32
 EPS32 = torch.finfo(F32).eps
-HEADS = {"gqa": (4, 2), "mha": (4, 4), "mqa": (6, 1)}
+# Query heads per key/value head 2, 1, 6, 3 (SmolLM2) and 4: the fused CPU kernels run a kv head's query
+# heads in groups of up to three, so 4 splits 3 + 1 and 6 runs two groups.
+HEADS = {"gqa": (4, 2), "mha": (4, 4), "mqa": (6, 1), "gqa3": (9, 3), "gqa4": (8, 2)}
 
 
 @pytest.fixture(scope="module", params=[

@@ -98,20 +98,26 @@ inline void with_vectors(int64_t count, F&& f) {
   }
 }
 
-// out[b] = scale * sum_t term(w[t], rows[t * stride + b]) for b < width, over n rows, in register
-// blocks across b (rows must be readable up to the next multiple of kLanes past width). Even and odd
-// rows go to separate accumulators, so that narrow blocks are not bound by the add latency.
-template <typename Term>
-void sum_rows(const double* w, int64_t n, const double* rows, int64_t stride, int64_t width, double scale,
-              double* out, Term term) {
+// out[r][b] = scale * sum_t term(w[r][t], rows[t * stride + b]) for b < width and each of R weight
+// vectors, over n rows, in register blocks across b (rows must be readable up to the next multiple of
+// kLanes past width). Even and odd rows go to separate accumulators, so that narrow blocks are not bound
+// by the add latency. The R weight vectors share each row's loads (the query heads of one key/value
+// head read the same keys and values); each out[r] is computed exactly as it would be alone.
+template <int R, typename Term>
+void sum_rows(const double* const (&w)[R], int64_t n, const double* rows, int64_t stride, int64_t width,
+              double scale, double* const (&out)[R], Term term) {
   for (int64_t b0 = 0; b0 < width; b0 += kBlock) {
     with_vectors(width - b0, [&](auto nv) {
       constexpr int64_t NV = decltype(nv)::value;
-      Vec even[NV] = {}, odd[NV] = {};
-      const auto add_row = [&](Vec(&acc)[NV], int64_t t) {
-        const Vec wt = broadcast(w[t]);
+      Vec even[R][NV] = {}, odd[R][NV] = {};
+      const auto add_row = [&](Vec(&acc)[R][NV], int64_t t) {
         const double* row = rows + t * stride + b0;
-        for (int64_t j = 0; j < NV; ++j) acc[j] += term(wt, load(row + j * kLanes));
+        Vec x[NV];
+        for (int64_t j = 0; j < NV; ++j) x[j] = load(row + j * kLanes);
+        for (int r = 0; r < R; ++r) {
+          const Vec wt = broadcast(w[r][t]);
+          for (int64_t j = 0; j < NV; ++j) acc[r][j] += term(wt, x[j]);
+        }
       };
       int64_t t = 0;
       for (; t + 1 < n; t += 2) {
@@ -119,12 +125,14 @@ void sum_rows(const double* w, int64_t n, const double* rows, int64_t stride, in
         add_row(odd, t + 1);
       }
       if (t < n) add_row(even, t);
-      double block[NV * kLanes];
-      for (int64_t j = 0; j < NV; ++j) {
-        const Vec total = (even[j] + odd[j]) * scale;
-        std::memcpy(block + j * kLanes, &total, sizeof total);
+      for (int r = 0; r < R; ++r) {
+        double block[NV * kLanes];
+        for (int64_t j = 0; j < NV; ++j) {
+          const Vec total = (even[r][j] + odd[r][j]) * scale;
+          std::memcpy(block + j * kLanes, &total, sizeof total);
+        }
+        std::copy_n(block, std::min(NV * kLanes, width - b0), out[r] + b0);
       }
-      std::copy_n(block, std::min(NV * kLanes, width - b0), out + b0);
     });
   }
 }
@@ -193,10 +201,43 @@ inline double stored(double x) {
   return static_cast<double>(static_cast<T>(x));
 }
 
-// Per-thread scratch of one query row: its query, scores, softmax weights and two value sums.
+// The query heads that share a key/value head are processed together, up to kGroup at a time, so that
+// each key and value loaded serves all of them (GQA; SmolLM2 has three query heads per kv head).
+constexpr int kGroup = 3;
+
+// Calls f(std::integral_constant<int, R>{}, h0) for runs of R <= kGroup query heads h0 .. h0 + R - 1
+// that read the same key/value head, covering every head once, in order.
+template <typename F>
+inline void for_head_groups(const Heads& L, F&& f) {
+  const int64_t rep = L.H / L.Hkv;
+  for (int64_t h0 = 0; h0 < L.H;) {
+    switch (std::min<int64_t>(kGroup, rep - h0 % rep)) {
+      case 1:
+        f(std::integral_constant<int, 1>{}, h0);
+        h0 += 1;
+        break;
+      case 2:
+        f(std::integral_constant<int, 2>{}, h0);
+        h0 += 2;
+        break;
+      default:
+        f(std::integral_constant<int, kGroup>{}, h0);
+        h0 += kGroup;
+    }
+  }
+}
+
+// Per-thread scratch of one query row: its query, and per head of a group its scores (softmax weights)
+// and two value sums.
 struct RowScratch {
+  int64_t keys, hdv;
   std::vector<double> q, s, u, u2;
-  RowScratch(int64_t max_keys, const Heads& L) : q(L.H * L.hd), s(max_keys), u(L.hdv), u2(L.hdv) {}
+  RowScratch(int64_t max_keys, const Heads& L)
+      : keys(std::max<int64_t>(max_keys, 1)), hdv(L.hdv), q(L.H * L.hd), s(kGroup * keys), u(kGroup * hdv),
+        u2(kGroup * hdv) {}
+  double* scores(int r) { return s.data() + r * keys; }
+  double* sum(int r) { return u.data() + r * hdv; }
+  double* sum2(int r) { return u2.data() + r * hdv; }
 };
 
 // The keys idx (indices into pos) at non-NaN positions (a NaN position is never visible), stably
@@ -295,24 +336,34 @@ struct KeyBlock {
     return {lo, std::max(lo, hi)};
   }
 
-  // s[c] = (q . k_{lo + c}) * scale for the count keys of kv head h starting at lo.
-  void scores(const double* q, int64_t h, int64_t lo, int64_t count, double scale, double* s) const {
-    sum_rows(q, hd, kt.data() + h * hd * n_pad + lo, n_pad, count, scale, s,
-             [](const Vec& qd, const Vec& k) { return qd * k; });
+  // s[r][c] = (q[r] . k_{lo + c}) * scale for the count keys of kv head h starting at lo, for R queries.
+  template <int R>
+  void scores(const double* const (&q)[R], int64_t h, int64_t lo, int64_t count, double scale,
+              double* const (&s)[R]) const {
+    sum_rows<R>(q, hd, kt.data() + h * hd * n_pad + lo, n_pad, count, scale, s,
+                [](const Vec& qd, const Vec& k) { return qd * k; });
   }
 
-  // Softmax weights at stabilizer m over the count keys of kv head h starting at lo, given their
-  // scores s (overwritten with the weights): u = sum_c p_c v_c; returns sum_c p_c.
-  double accumulate(double* s, double m, int64_t h, int64_t lo, int64_t count, double* u) const {
+  // For R queries: softmax weights at stabilizer m[r] over the count keys of kv head h starting at lo,
+  // given their scores s[r] (overwritten with the weights): u[r] = sum_c p_c v_c and z[r] = sum_c p_c.
+  template <int R>
+  void accumulate(double* const (&s)[R], const double (&m)[R], int64_t h, int64_t lo, int64_t count,
+                  double* const (&u)[R], double (&z)[R]) const {
+    const double* p[R];
+    for (int r = 0; r < R; ++r) {
+      double* x = s[r];
+      const double mr = m[r];
 #pragma omp simd
-    for (int64_t c = 0; c < count; ++c) s[c] -= m;
-    exp_inplace(s, count);
-    double z = 0;
-#pragma omp simd reduction(+ : z)
-    for (int64_t c = 0; c < count; ++c) z += s[c];
-    sum_rows(s, count, v.data() + (h * n + lo) * hdv_pad, hdv_pad, hdv, 1.0, u,
-             [](const Vec& p, const Vec& x) { return p * x; });
-    return z;
+      for (int64_t c = 0; c < count; ++c) x[c] -= mr;
+      exp_inplace(x, count);
+      double total = 0;
+#pragma omp simd reduction(+ : total)
+      for (int64_t c = 0; c < count; ++c) total += x[c];
+      z[r] = total;
+      p[r] = x;
+    }
+    sum_rows<R>(p, count, v.data() + (h * n + lo) * hdv_pad, hdv_pad, hdv, 1.0, u,
+                [](const Vec& w, const Vec& x) { return w * x; });
   }
 };
 
@@ -339,24 +390,33 @@ void attention_row(int64_t i, const RowsInputs<T>& in, const KeyBlock& B, T* U, 
   const Heads& L = in.L;
   const auto [lo, hi] = B.visible(in.pos_q[i], in.w);
   convert(in.q + i * L.H * L.hd, L.H * L.hd, S.q.data());
-  for (int64_t h = 0; h < L.H; ++h) {
-    const int64_t ih = i * L.H + h, kv = L.kv(h);
-    B.scores(S.q.data() + h * L.hd, kv, lo, hi - lo, in.scale, S.s.data());
-    const double sink = in.sink_s ? static_cast<double>(in.sink_s[ih]) : -kInf;
-    const double m = stored<T>(nan_max_of(S.s.data(), hi - lo, sink));
-    double z = B.accumulate(S.s.data(), m, kv, lo, hi - lo, S.u.data());
-    if (in.sink_s) {  // the sink: one more always-visible key
-      const double p = std::exp(sink - m);
-      z += p;
-      for (int64_t d = 0; d < L.hdv; ++d) S.u[d] += p * static_cast<double>(in.sink_v[h * L.hdv + d]);
+  for_head_groups(L, [&](auto group, int64_t h0) {
+    constexpr int R = decltype(group)::value;
+    const double* q[R];
+    double *s[R], *u[R], m[R], z[R], sink[R];
+    for (int r = 0; r < R; ++r) q[r] = S.q.data() + (h0 + r) * L.hd, s[r] = S.scores(r), u[r] = S.sum(r);
+    const int64_t kv = L.kv(h0);
+    B.scores<R>(q, kv, lo, hi - lo, in.scale, s);
+    for (int r = 0; r < R; ++r) {
+      sink[r] = in.sink_s ? static_cast<double>(in.sink_s[i * L.H + h0 + r]) : -kInf;
+      m[r] = stored<T>(nan_max_of(s[r], hi - lo, sink[r]));
     }
-    // Without a finite score the reference's softmax is exp(-inf - (-inf)) = NaN; so is ours.
-    const bool none = m == -kInf;
-    if (none) std::fill(S.u.begin(), S.u.end(), kNaN);
-    convert(S.u.data(), L.hdv, U + ih * L.hdv);
-    Z[ih] = static_cast<T>(none ? kNaN : z);
-    M[ih] = static_cast<T>(m);
-  }
+    B.accumulate<R>(s, m, kv, lo, hi - lo, u, z);
+    for (int r = 0; r < R; ++r) {
+      const int64_t h = h0 + r, ih = i * L.H + h;
+      if (in.sink_s) {  // the sink: one more always-visible key
+        const double p = std::exp(sink[r] - m[r]);
+        z[r] += p;
+        for (int64_t d = 0; d < L.hdv; ++d) u[r][d] += p * static_cast<double>(in.sink_v[h * L.hdv + d]);
+      }
+      // Without a finite score the reference's softmax is exp(-inf - (-inf)) = NaN; so is ours.
+      const bool none = m[r] == -kInf;
+      if (none) std::fill_n(u[r], L.hdv, kNaN);
+      convert(u[r], L.hdv, U + ih * L.hdv);
+      Z[ih] = static_cast<T>(none ? kNaN : z[r]);
+      M[ih] = static_cast<T>(m[r]);
+    }
+  });
 }
 
 // Delta update of row i: subtract removed keys at the current stabilizer, flag a cancellation,
@@ -369,31 +429,50 @@ bool delta_row(int64_t i, const DeltaInputs<T>& in, const KeyBlock& R, const Key
   const auto [alo, ahi] = A.visible(in.pos_q[i], in.w);
   convert(in.q + i * L.H * L.hd, L.H * L.hd, S.q.data());
   bool refresh = false;
-  for (int64_t h = 0; h < L.H; ++h) {
-    const int64_t ih = i * L.H + h, kv = L.kv(h);
-    const double* q = S.q.data() + h * L.hd;
-    double* u = S.u.data();
-    double m = static_cast<double>(in.M[ih]);
-    R.scores(q, kv, rlo, rhi - rlo, in.scale, S.s.data());
-    double z = static_cast<double>(in.Z[ih]) - R.accumulate(S.s.data(), m, kv, rlo, rhi - rlo, u);
-    const T* u_in = in.U + ih * L.hdv;
-#pragma omp simd
-    for (int64_t d = 0; d < L.hdv; ++d) u[d] = static_cast<double>(u_in[d]) - u[d];
-    refresh |= static_cast<T>(z) < static_cast<T>(in.tau) * in.Z[ih];
-    if (in.add.n > 0) {
-      A.scores(q, kv, alo, ahi - alo, in.scale, S.s.data());
-      const double m_new = stored<T>(nan_max_of(S.s.data(), ahi - alo, m));
-      const double rescale = std::exp(m - m_new);
-      z = z * rescale + A.accumulate(S.s.data(), m_new, kv, alo, ahi - alo, S.u2.data());
-      const double* added = S.u2.data();
-#pragma omp simd
-      for (int64_t d = 0; d < L.hdv; ++d) u[d] = u[d] * rescale + added[d];
-      m = m_new;
+  for_head_groups(L, [&](auto group, int64_t h0) {
+    constexpr int G = decltype(group)::value;
+    const double* q[G];
+    double *s[G], *u[G], *u2[G], m[G], z[G], gone[G];
+    for (int r = 0; r < G; ++r) {
+      q[r] = S.q.data() + (h0 + r) * L.hd, s[r] = S.scores(r), u[r] = S.sum(r), u2[r] = S.sum2(r);
+      m[r] = static_cast<double>(in.M[i * L.H + h0 + r]);
     }
-    convert(u, L.hdv, U + ih * L.hdv);
-    Z[ih] = static_cast<T>(z);
-    M[ih] = static_cast<T>(m);
-  }
+    const int64_t kv = L.kv(h0);
+    R.scores<G>(q, kv, rlo, rhi - rlo, in.scale, s);
+    R.accumulate<G>(s, m, kv, rlo, rhi - rlo, u, gone);
+    for (int r = 0; r < G; ++r) {
+      const int64_t ih = i * L.H + h0 + r;
+      z[r] = static_cast<double>(in.Z[ih]) - gone[r];
+      const T* u_in = in.U + ih * L.hdv;
+      double* ur = u[r];
+#pragma omp simd
+      for (int64_t d = 0; d < L.hdv; ++d) ur[d] = static_cast<double>(u_in[d]) - ur[d];
+      refresh |= static_cast<T>(z[r]) < static_cast<T>(in.tau) * in.Z[ih];
+    }
+    if (in.add.n > 0) {
+      A.scores<G>(q, kv, alo, ahi - alo, in.scale, s);
+      double m_new[G], rescale[G], added[G];
+      for (int r = 0; r < G; ++r) {
+        m_new[r] = stored<T>(nan_max_of(s[r], ahi - alo, m[r]));
+        rescale[r] = std::exp(m[r] - m_new[r]);
+      }
+      A.accumulate<G>(s, m_new, kv, alo, ahi - alo, u2, added);
+      for (int r = 0; r < G; ++r) {
+        z[r] = z[r] * rescale[r] + added[r];
+        double* ur = u[r];
+        const double *add = u2[r], c = rescale[r];
+#pragma omp simd
+        for (int64_t d = 0; d < L.hdv; ++d) ur[d] = ur[d] * c + add[d];
+        m[r] = m_new[r];
+      }
+    }
+    for (int r = 0; r < G; ++r) {
+      const int64_t ih = i * L.H + h0 + r;
+      convert(u[r], L.hdv, U + ih * L.hdv);
+      Z[ih] = static_cast<T>(z[r]);
+      M[ih] = static_cast<T>(m[r]);
+    }
+  });
   return refresh;
 }
 
