@@ -946,53 +946,50 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     const int64_t nr = static_cast<int64_t>(rows.size());
     const auto outputs = [&] {
       Buffer<T> a(nr * uw);
-      for (int64_t r = 0; r < nr; ++r) {
+      for_each_row(nr, uw, [] { return 0; }, [&](int64_t r, int) {
         const int64_t s = rows[r];
         for (int64_t h = 0; h < L.H; ++h) {
           for (int64_t d = 0; d < L.hdv; ++d) a[(r * L.H + h) * L.hdv + d] = Up[(s * L.H + h) * L.hdv + d] / Zp[s * L.H + h];
         }
-      }
+      });
       return a;
     };
     const Buffer<T> a_old = codebook ? outputs() : Buffer<T>();
 
-    // Exact delta updates of the affected rows.
+    // Exact delta updates of the affected rows, in place in the slot tables: row i's inputs and outputs are
+    // the slot's own (delta_row reads each head's accumulators before it writes them), so nothing is
+    // gathered or scattered. The drift bound of each row (as vqt/ops/layer.py drift_after_delta) is formed
+    // from its old (Z, M), kept in the row's scratch, and its new ones.
     std::vector<int64_t> refresh;
     if (na) {
-      Buffer<T> qa(na * qw), Ua(na * uw), Za(na * L.H), Ma(na * L.H);
-      Buffer<double> pa(na), pa_old(na);
-      gather_rows(qp, upd, qw, qa.data());
-      gather_rows(Up, upd, uw, Ua.data());
-      gather_rows(Zp, upd, L.H, Za.data());
-      gather_rows(Mp, upd, L.H, Ma.data());
-      for (int64_t i = 0; i < na; ++i) pa[i] = P[upd[i]], pa_old[i] = P0[upd[i]];
-      DeltaInputs<T> in{qa.data(), Ua.data(), Za.data(), Ma.data(), pa_old.data(), pa.data(),
-                        Keys<T>{nullptr, nullptr, nullptr, removed.n}, Keys<T>{nullptr, nullptr, nullptr, added.n},
-                        L, w, scale, tau};
-      Buffer<T> U2(na * uw), Z2(na * L.H), M2(na * L.H);
       std::vector<char> flags(na);
+      T* dp = drift ? drift->data_ptr<T>() : nullptr;
+      const double eps = std::numeric_limits<T>::epsilon();
       for_each_row(
           na, (removed.n + added.n) * L.H * (L.hd + L.hdv),
-          [&] { return RowScratch(std::max(removed.n, added.n), L); },
-          [&](int64_t i, RowScratch& S) { flags[i] = delta_row(i, in, removed, added, U2.data(), Z2.data(), M2.data(), S); });
-      scatter_rows(U2.data(), upd, uw, Up);
-      scatter_rows(Z2.data(), upd, L.H, Zp);
-      scatter_rows(M2.data(), upd, L.H, Mp);
-      if (drift) {  // the rounding-error bound of each row (as vqt/ops/layer.py drift_after_delta)
-        T* dp = drift->data_ptr<T>();
-        const double eps = std::numeric_limits<T>::epsilon();
-        for (int64_t i = 0; i < na; ++i) {
-          for (int64_t h = 0; h < L.H; ++h) {
-            const int64_t ih = i * L.H + h;
-            T& bound = dp[upd[i] * L.H + h];
-            const double carried = static_cast<double>(Za[ih]) * std::exp(static_cast<double>(Ma[ih]) -
-                                                                           static_cast<double>(M2[ih])) /
-                                   static_cast<double>(Z2[ih]);
-            bound = static_cast<T>(static_cast<double>(bound) * std::abs(carried) + eps);
-            if (!(static_cast<double>(bound) <= drift_budget)) flags[i] = 1;
-          }
-        }
-      }
+          [&] { return std::pair{RowScratch(std::max(removed.n, added.n), L), std::vector<T>(2 * L.H)}; },
+          [&](int64_t i, auto& scratch) {
+            const int64_t s = upd[i];
+            T *Us = Up + s * uw, *Zs = Zp + s * L.H, *Ms = Mp + s * L.H;
+            T* old = scratch.second.data();
+            std::copy_n(Zs, L.H, old);
+            std::copy_n(Ms, L.H, old + L.H);
+            const DeltaInputs<T> in{qp + s * qw, Us, Zs, Ms, P0 + s, P + s,
+                                    Keys<T>{nullptr, nullptr, nullptr, removed.n},
+                                    Keys<T>{nullptr, nullptr, nullptr, added.n}, L, w, scale, tau};
+            bool flag = delta_row(0, in, removed, added, Us, Zs, Ms, scratch.first);
+            if (dp) {
+              for (int64_t h = 0; h < L.H; ++h) {
+                T& bound = dp[s * L.H + h];
+                const double carried = static_cast<double>(old[h]) *
+                                       std::exp(static_cast<double>(old[L.H + h]) - static_cast<double>(Ms[h])) /
+                                       static_cast<double>(Zs[h]);
+                bound = static_cast<T>(static_cast<double>(bound) * std::abs(carried) + eps);
+                if (!(static_cast<double>(bound) <= drift_budget)) flag = true;
+              }
+            }
+            flags[i] = flag;
+          });
       for (int64_t i = 0; i < na; ++i) {
         if (flags[i]) refresh.push_back(upd[i]);
       }
@@ -1005,10 +1002,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
     const int64_t nf = static_cast<int64_t>(full.size());
     int64_t full_pairs = 0;
     if (nf) {
-      Buffer<T> qf(nf * qw), sf(sink ? nf * L.H : 0);
       Buffer<double> pf(nf);
-      gather_rows(qp, full, qw, qf.data());
-      if (sink) gather_rows(sink->data_ptr<T>(), full, L.H, sf.data());
       for (int64_t i = 0; i < nf; ++i) pf[i] = P[full[i]];
       // The band of keys some full row can see: the union of their visible index spans along order.
       std::vector<std::pair<int64_t, int64_t>> seen;
@@ -1024,15 +1018,16 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       if (drift) {
         for (const int64_t s : full) std::fill_n(drift->data_ptr<T>() + s * L.H, L.H, T(0));
       }
-      const RowsInputs<T> in{qf.data(), pf.data(), Keys<T>{nullptr, nullptr, nullptr, band.n}, L, w, scale,
-                             sink ? sf.data() : nullptr, sink ? sink_v->data_ptr<T>() : nullptr};
-      Buffer<T> Uf(nf * uw), Zf(nf * L.H), Mf(nf * L.H);
+      // Each row reads its query (and sink scores) from its slot and writes its accumulators there.
+      const T* sp = sink ? sink->data_ptr<T>() : nullptr;
       for_each_row(
           nf, band.n * L.H * (L.hd + L.hdv), [&] { return RowScratch(band.n, L); },
-          [&](int64_t i, RowScratch& S) { attention_row(i, in, band, Uf.data(), Zf.data(), Mf.data(), S); });
-      scatter_rows(Uf.data(), full, uw, Up);
-      scatter_rows(Zf.data(), full, L.H, Zp);
-      scatter_rows(Mf.data(), full, L.H, Mp);
+          [&](int64_t i, RowScratch& S) {
+            const int64_t s = full[i];
+            const RowsInputs<T> in{qp + s * qw, pf.data() + i, Keys<T>{nullptr, nullptr, nullptr, band.n}, L, w,
+                                   scale, sp ? sp + s * L.H : nullptr, sink ? sink_v->data_ptr<T>() : nullptr};
+            attention_row(0, in, band, Up + s * uw, Zp + s * L.H, Mp + s * L.H, S);
+          });
     }
 
     // Re-quantize every row whose attention output changed.
