@@ -202,6 +202,8 @@ def test_typing_session_matches_dense(model, model_dir, tmp_path):
             nl = ed.texts[uri].index("crab")
             await ed.check(uri, ed.change(uri, [(nl, nl, "\n")]))
             await ed.check(uri, ed.change(uri, [(len(ed.texts[uri]), len(ed.texts[uri]), " ✓")]))
+            # The server froze what it had loaded (a full collection would walk it inside some keystroke).
+            assert (await ed.inspect(uri))["gc_frozen"] > 10_000
         finally:
             await ed.stop()
 
