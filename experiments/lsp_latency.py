@@ -17,6 +17,14 @@ With --in-process the same keystrokes are also applied to a ``TextDocument`` in 
 change and the surprisal, what the server does before it publishes), which separates the engine's
 time from the server's, and the result is checked against a dense forward of the final text
 (``dense_check``: the float32 contract, as ``vqt replay --verify`` applies it).
+
+Where the typing happens: with several lengths the documents are prefixes of one text, and by default
+(``--spots shared``) every length is typed into at the same spots, spread over the shortest document, so
+that the length is the only thing that differs between the rows (what an edit costs depends on its
+context: how many codes it flips, and so how many rows every later layer recomputes, varied up to
+twofold between the spots of one text with SmolLM2). ``--spots own`` spreads each length's spots over that
+document instead (different contexts per length). Each spot takes 26 keystrokes (the phrase typed, then
+deleted), so ``--keystrokes`` sets how many spots are visited.
 """
 
 from __future__ import annotations
@@ -184,6 +192,9 @@ def main() -> None:
     p.add_argument("--in-process", action="store_true",
                    help="also apply the keystrokes to a TextDocument in this process (no server) and check the "
                         "final state against a dense forward")
+    p.add_argument("--spots", choices=["shared", "own"], default="shared",
+                   help="shared: type at the same spots (spread over the shortest document) at every length; own: "
+                        "spread each length's spots over its own document")
     p.add_argument("--log", default=str(Path(tempfile.gettempdir()) / "vqt-lsp-latency.log"),
                    help="the servers' log file")
     args = p.parse_args()
@@ -195,11 +206,14 @@ def main() -> None:
           f"  median")
     speed = [machine_speed(args.threads)]
     local = None  # the model loaded here for --in-process
+    shortest = document(tok, min(args.tokens))
     for n in args.tokens:
         text = document(tok, n)
+        assert text.startswith(shortest), "the documents of several lengths are prefixes of one text"
+        spots_in = shortest if args.spots == "shared" else text
         for dense in (False, True):
             count = args.dense_keystrokes if dense and args.dense_keystrokes is not None else args.keystrokes
-            edits = keystrokes(text, count + args.warmup)
+            edits = keystrokes(spots_in, count + args.warmup)
             r = asyncio.run(replay(args, text, edits, dense))
             ratio = f"{statistics.median(r['ratios']):.1f}x" if r["ratios"] else "1.0x"
             pub, com = r["published"], r["completion"]
@@ -210,7 +224,7 @@ def main() -> None:
             if local is None:
                 from vqt.apps.loading import load_model
                 local = load_model(args.model, args.dtype)
-            r = in_process(args, local[0], local[2], text, keystrokes(text, args.keystrokes + args.warmup))
+            r = in_process(args, local[0], local[2], text, keystrokes(spots_in, args.keystrokes + args.warmup))
             pub = r["published"]
             print(f"{r['tokens']:>7} {'in-process':<12} {len(pub):>5} {pct(pub, .5):>10.1f} {pct(pub, .95):>10.1f} "
                   f"{max(pub):>10.1f} {'-':>10} {'-':>10} {'-':>10}  (change + surprisal; then the dense forward: "
@@ -218,7 +232,7 @@ def main() -> None:
                   f"states max |diff| {r['hidden_diff']:.2g}: {'within' if r['ok'] else 'OUTSIDE'} the contract)",
                   flush=True)
     speed.append(machine_speed(args.threads))
-    print(f"({args.warmup} warm-up keystrokes per run not timed; {args.dtype}, {args.threads} thread(s) per server; "
+    print(f"({args.warmup} warm-up keystrokes per run not timed; spots {args.spots}; {args.dtype}, {args.threads} thread(s) per server; "
           f"this machine before / after: {speed[0][0]:.0f} / {speed[1][0]:.0f} GFLOP/s on a float64 GEMM, "
           f"{speed[0][1]:.0f} / {speed[1][1]:.0f} GB/s copying 256 MB)")
 

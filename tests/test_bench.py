@@ -111,6 +111,7 @@ def test_lsp_latency_types_into_each_length_against_both_servers():
     assert float(rows[0][-1].rstrip("x")) > 1 and rows[1][-1] == "1.0x", rows
     local = [line for line in proc.stdout.splitlines() if re.match(r"\s*\d+ in-process +3 ", line)]
     assert len(local) == 2 and all("codes identical" in line for line in local), proc.stdout
+    assert "spots shared" in proc.stdout  # both lengths typed into at the same spots (the default)
 
 
 def test_products_compares_weight_formats_and_checks_row_independence():
