@@ -653,8 +653,9 @@ def main(args: argparse.Namespace) -> int:
     server = build_server(store, args.completions, level)
     handler.addFilter(server.log_filter)
     # What is loaded by now (torch, the model, the tokenizer: ~180k Python objects) lives as long as the
-    # server. A full collection walks all of them (~110 ms here), and one falls on some keystroke every few
-    # hundred; frozen, they are out of the collector's reach and a full collection walks only newer objects.
+    # server. A full collection walks all of them (~110 ms here), a stall for whichever keystroke it falls
+    # in (rare: they come once enough new objects have survived); frozen, they are out of the collector's
+    # reach and a full collection walks only the newer ones.
     gc.collect()
     gc.freeze()
     logger.info("vqt lsp: model %s: %s; backend %s", name, model.describe(), options.backend)
