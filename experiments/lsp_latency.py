@@ -206,9 +206,10 @@ def main() -> None:
           f"  median")
     speed = [machine_speed(args.threads)]
     local = None  # the model loaded here for --in-process
-    shortest = document(tok, min(args.tokens))
+    texts = {n: document(tok, n) for n in args.tokens}
+    shortest = texts[min(args.tokens)]
     for n in args.tokens:
-        text = document(tok, n)
+        text = texts[n]
         assert text.startswith(shortest), "the documents of several lengths are prefixes of one text"
         spots_in = shortest if args.spots == "shared" else text
         for dense in (False, True):

@@ -971,9 +971,8 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
           [&](int64_t i, auto& scratch) {
             const int64_t s = upd[i];
             T *Us = Up + s * uw, *Zs = Zp + s * L.H, *Ms = Mp + s * L.H;
-            T* old = scratch.second.data();
-            std::copy_n(Zs, L.H, old);
-            std::copy_n(Ms, L.H, old + L.H);
+            T* old = scratch.second.data();  // (Z, M) before the update: what the drift bound rescales
+            if (dp) std::copy_n(Zs, L.H, old), std::copy_n(Ms, L.H, old + L.H);
             const DeltaInputs<T> in{qp + s * qw, Us, Zs, Ms, P0 + s, P + s,
                                     Keys<T>{nullptr, nullptr, nullptr, removed.n},
                                     Keys<T>{nullptr, nullptr, nullptr, added.n}, L, w, scale, tau};
