@@ -80,7 +80,8 @@ inline Vec load(const double* p) {
   return v;
 }
 
-inline Vec broadcast(double x) { return Vec{} + x; }
+inline Vec broadcast(double x) { return Vec{x, x, x, x, x, x, x, x}; }
+static_assert(kLanes == 8, "broadcast lists kLanes copies");
 
 // Calls f(std::integral_constant<int64_t, NV>{}) with NV (1 to kVecs) the fewest vectors that cover
 // count lanes, so that a short last block (a few keys, a narrow head) does not pay for a full one.
@@ -125,13 +126,14 @@ void sum_rows(const double* const (&w)[R], int64_t n, const double* rows, int64_
         add_row(odd, t + 1);
       }
       if (t < n) add_row(even, t);
+      const bool whole = width - b0 >= NV * kLanes;  // the block's vectors all land inside out[r]
       for (int r = 0; r < R; ++r) {
         double block[NV * kLanes];
         for (int64_t j = 0; j < NV; ++j) {
           const Vec total = (even[r][j] + odd[r][j]) * scale;
-          std::memcpy(block + j * kLanes, &total, sizeof total);
+          std::memcpy((whole ? out[r] + b0 : block) + j * kLanes, &total, sizeof total);
         }
-        std::copy_n(block, std::min(NV * kLanes, width - b0), out[r] + b0);
+        if (!whole) std::copy_n(block, width - b0, out[r] + b0);
       }
     });
   }
@@ -290,6 +292,23 @@ inline std::vector<int64_t> visible_to_any(const double* key_pos, std::vector<in
   return order;
 }
 
+// Runs body(i, scratch) for i in [0, n) on torch's number of OpenMP threads with one scratch per
+// thread; stays on one thread when the whole job is too small to pay for waking the others. Rows are
+// handed out in chunks of about 4k work units as threads free up: the rows of one call can differ
+// greatly in cost (the queries nearest an edit see all its changed keys, the farthest none), and
+// halving the range statically left one thread with most of the work.
+template <typename MakeScratch, typename Body>
+void for_each_row(int64_t n, int64_t work_per_row, MakeScratch make_scratch, Body body) {
+  const bool parallel = n > 1 && n * work_per_row >= (int64_t{1} << 16);
+  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(1, work_per_row));
+#pragma omp parallel if (parallel) num_threads(at::get_num_threads())
+  {
+    auto scratch = make_scratch();
+#pragma omp for schedule(dynamic, chunk)
+    for (int64_t i = 0; i < n; ++i) body(i, scratch);
+  }
+}
+
 // One key set in float64, sorted by position (keys at NaN positions, never visible, are dropped):
 // kt (Hkv, hd, n_pad) holds the keys transposed and v (Hkv, n, hdv_pad) the values, zero padded so
 // that register blocks may read past the end.
@@ -312,15 +331,18 @@ struct KeyBlock {
     if (hdv_pad > hdv) {
       for (int64_t r = 0; r < L.Hkv * n; ++r) std::fill(v.begin() + r * hdv_pad + hdv, v.begin() + (r + 1) * hdv_pad, 0.0);
     }
-    for (int64_t c = 0; c < n; ++c) {
-      const int64_t j = order[c];
-      pos[c] = K.pos[j];
-      for (int64_t h = 0; h < L.Hkv; ++h) {
-        const T* kj = K.k + (j * L.Hkv + h) * hd;
-        for (int64_t d = 0; d < hd; ++d) kt[(h * hd + d) * n_pad + c] = static_cast<double>(kj[d]);
-        convert(K.v + (j * L.Hkv + h) * hdv, hdv, v.data() + (h * n + c) * hdv_pad);
+    // In blocks of kBlock keys on the threads (a band of a few hundred keys or more is megabytes to write).
+    for_each_row((n + kBlock - 1) / kBlock, kBlock * L.Hkv * (hd + hdv), [] { return 0; }, [&](int64_t b, int) {
+      for (int64_t c = b * kBlock; c < std::min(n, (b + 1) * kBlock); ++c) {
+        const int64_t j = order[c];
+        pos[c] = K.pos[j];
+        for (int64_t h = 0; h < L.Hkv; ++h) {
+          const T* kj = K.k + (j * L.Hkv + h) * hd;
+          for (int64_t d = 0; d < hd; ++d) kt[(h * hd + d) * n_pad + c] = static_cast<double>(kj[d]);
+          convert(K.v + (j * L.Hkv + h) * hdv, hdv, v.data() + (h * n + c) * hdv_pad);
+        }
       }
-    }
+    });
   }
 
   template <typename T>
@@ -366,23 +388,6 @@ struct KeyBlock {
                 [](const Vec& w, const Vec& x) { return w * x; });
   }
 };
-
-// Runs body(i, scratch) for i in [0, n) on torch's number of OpenMP threads with one scratch per
-// thread; stays on one thread when the whole job is too small to pay for waking the others. Rows are
-// handed out in chunks of about 4k work units as threads free up: the rows of one call can differ
-// greatly in cost (the queries nearest an edit see all its changed keys, the farthest none), and
-// halving the range statically left one thread with most of the work.
-template <typename MakeScratch, typename Body>
-void for_each_row(int64_t n, int64_t work_per_row, MakeScratch make_scratch, Body body) {
-  const bool parallel = n > 1 && n * work_per_row >= (int64_t{1} << 16);
-  const int64_t chunk = std::max<int64_t>(1, (int64_t{1} << 12) / std::max<int64_t>(1, work_per_row));
-#pragma omp parallel if (parallel) num_threads(at::get_num_threads())
-  {
-    auto scratch = make_scratch();
-#pragma omp for schedule(dynamic, chunk)
-    for (int64_t i = 0; i < n; ++i) body(i, scratch);
-  }
-}
 
 // One full attention row: (U, Z, M) of query i over every visible key.
 template <typename T>
@@ -512,6 +517,7 @@ bool must_search(int64_t ig, const RequantizeInputs<T>& in, int64_t* codes, T* r
   const T* old = in.a_old + ig * gd;
   const T* e = in.codebook + ((ig % in.G) * in.K + code) * gd;
   double moved = 0, old2 = 0, new2 = 0;
+#pragma omp simd reduction(+ : moved, old2, new2)
   for (int64_t d = 0; d < gd; ++d) {
     const double x = static_cast<double>(a[d]), o = static_cast<double>(old[d]), c = static_cast<double>(e[d]);
     moved += (x - o) * (x - o), old2 += (o - c) * (o - c), new2 += (x - c) * (x - c);
@@ -581,11 +587,12 @@ void search_groups(const std::vector<int64_t>& todo, const RequantizeInputs<T>& 
     double e2max = 0;
     for (int64_t k = 0; k < K; ++k) e2max = nan_max(e2max, e2[k]);
     for_each_row(
-        n, K * 4, [&] { return std::vector<double>(K); },
+        n, 4 * (K + gd), [&] { return std::vector<double>(K); },
         [&](int64_t t, std::vector<double>& dist) {
           const int64_t ig = mine[t];
           const T* a = in.a + ig * gd;
           double a2 = 0;
+#pragma omp simd reduction(+ : a2)
           for (int64_t d = 0; d < gd; ++d) a2 += static_cast<double>(a[d]) * static_cast<double>(a[d]);
           for (int64_t k = 0; k < K; ++k) dist[k] = a2 - 2 * static_cast<double>(dp[t * K + k]) + e2[k];
           Top2 best = nearest_two(dist.data(), K);
