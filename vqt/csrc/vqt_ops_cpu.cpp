@@ -1228,15 +1228,41 @@ void gather_add(const T* a, const int64_t* rows, const T* b, int64_t n, int64_t 
   }
 }
 
+// The row count a bfloat16 product of m rows runs at (vqt.ops.layer.product_rows: the same buckets).
+inline int64_t product_rows(int64_t m) {
+  const int64_t step = m <= 64 ? 8 : m <= 256 ? 16 : 64;
+  return m <= 8 ? m : (m + step - 1) / step * step;
+}
+
 // As vqt.ops.layer.linear: the product in w's dtype (bfloat16 weights: x rounded to it, its rows padded with
-// zeros to vqt.ops.layer.product_rows, the result returned in x's dtype).
+// zeros to product_rows, the result returned in x's dtype). For float32 rows and bfloat16 weights (the
+// shipped models) the two conversions run here, one pass each, with ATen's roundings (float to bfloat16 to
+// nearest even, bfloat16 to float exactly), in place of ATen's convert, pad, slice and convert operators.
 Tensor project(const Tensor& x, const Tensor& w) {
   if (w.scalar_type() == x.scalar_type()) return at::linear(x, w);
-  Tensor rows = x.to(w.scalar_type());
-  const int64_t m = rows.size(0), step = m <= 64 ? 8 : m <= 256 ? 16 : 64;
-  const int64_t padded = m <= 8 ? m : (m + step - 1) / step * step;
-  if (padded != m) rows = at::cat({rows, at::zeros({padded - m, rows.size(1)}, rows.options())});
-  return at::linear(rows, w).narrow(0, 0, m).to(x.scalar_type());
+  const int64_t m = x.size(0), padded = product_rows(m);
+  if (w.scalar_type() != torch::kBFloat16 || x.scalar_type() != torch::kFloat || x.dim() != 2) {
+    Tensor rows = x.to(w.scalar_type());
+    if (padded != m) rows = at::cat({rows, at::zeros({padded - m, rows.size(1)}, rows.options())});
+    return at::linear(rows, w).narrow(0, 0, m).to(x.scalar_type());
+  }
+  const Tensor xc = x.contiguous();
+  const int64_t k = xc.size(1);
+  Tensor rows = at::empty({padded, k}, xc.options().dtype(torch::kBFloat16));
+  const float* xp = xc.data_ptr<float>();
+  c10::BFloat16* rp = rows.data_ptr<c10::BFloat16>();
+  at::parallel_for(0, m * k, 1 << 15, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) rp[i] = c10::BFloat16(xp[i]);
+  });
+  std::fill(rp + m * k, rp + padded * k, c10::BFloat16(0.0f));
+  const Tensor product = at::linear(rows, w).contiguous();
+  Tensor out = at::empty({m, product.size(1)}, xc.options());
+  const c10::BFloat16* pp = product.data_ptr<c10::BFloat16>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, out.numel(), 1 << 15, [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) op[i] = static_cast<float>(pp[i]);
+  });
+  return out;
 }
 
 // layer_step: a whole quantized layer of an incremental update in one call, for the Llama-style block
