@@ -414,6 +414,36 @@ def test_cpu_layer_step_is_bitwise_the_composite_path(name, dtype, data):
             assert torch.equal(got, want[key]), key
 
 
+def test_cpu_phase_clock_times_layer_steps_only_while_on():
+    """set_phase_timing / phase_times: off, an edit records nothing; on, every layer step of an edit is
+    counted and its attention phases get time; layer_attend called alone (the composite step) is not timed."""
+    why = vqt.ops.unavailable_reason("cpu")
+    if why:
+        pytest.skip(why)
+    ext = vqt.ops.cpu.required(vqt.ops.cpu._build)
+    model = doc_model("gqa-rope-sink-window")
+    ids = [(7 * i) % VOCAB for i in range(MAX_TOKENS - 4)]
+    doc = Document(model, ids, backend="cpu")
+    ext.set_phase_timing(False)
+    doc.replace(10, 11, [3, 4])
+    assert ext.phase_times()["calls"] == 0 and not any(ext.phase_times().values())
+    ext.set_phase_timing(True)
+    try:
+        doc.replace(12, 13, [5])
+        times = ext.phase_times()
+        assert times.pop("calls") == len(model.blocks)
+        assert set(times) == {"qkv", "rope", "changed keys", "affected rows", "delta rows", "full rows", "requantize",
+                              "correction", "mlp", "commit"}
+        assert all(ms >= 0 for ms in times.values()) and times["full rows"] > 0 and times["qkv"] > 0
+        composite = Document(model, ids, backend="cpu")
+        composite.backend = ComposedCpu("cpu", vqt.ops.cpu._build)
+        before = ext.phase_times()
+        composite.replace(12, 13, [5])
+        assert ext.phase_times() == before
+    finally:
+        ext.set_phase_timing(False)
+
+
 class ComposedCpu(vqt.ops.cpu.CpuBackend):
     """The cpu operators with the Python layer step and commit (final norm included) around the fused layer_attend."""
 

@@ -125,3 +125,20 @@ def test_products_compares_weight_formats_and_checks_row_independence():
     assert [int(r[0]) for r in rows] == [1, 16] and all(len(r) == 6 and r[2].endswith("x") for r in rows), proc.stdout
     assert "bf16: a row's product does not depend on the rows multiplied with it" in proc.stdout
     assert "int8-dyn: a row's product DEPENDS" in proc.stdout
+
+
+def test_keystroke_phases_splits_a_keystroke_into_the_layer_steps_phases():
+    """experiments/keystroke_phases.py: a line per phase with its milliseconds per keystroke, the attention
+    phases timed, and the parts adding up to no more than the keystrokes took."""
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "keystroke_phases.py"), "--model", "demo",
+                           "--dtype", "float32", "--tokens", "200", "--keystrokes", "4", "--warmup", "1",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ms = {m.group(1): float(m.group(2)) for m in re.finditer(r"^([a-z][a-z ()]*?) +(\d+\.\d+) +\d+\.\d%$", proc.stdout,
+                                                                       re.M)}
+    assert set(ms) == {"qkv", "rope", "changed keys", "affected rows", "delta rows", "full rows", "requantize",
+                       "correction", "mlp", "commit", "between layer steps", "surprisal", "total (mean)"}, proc.stdout
+    assert ms["full rows"] > 0 and ms["qkv"] > 0 and ms["surprisal"] > 0, proc.stdout
+    parts = sum(v for k, v in ms.items() if k != "total (mean)")
+    assert parts <= ms["total (mean)"] * 1.001, proc.stdout
+    assert "4 keystrokes" in proc.stdout, proc.stdout

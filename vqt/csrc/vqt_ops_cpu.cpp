@@ -10,6 +10,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -65,6 +66,32 @@ struct DefaultInit : std::allocator<T> {
 };
 template <typename T>
 using Buffer = std::vector<T, DefaultInit<T>>;
+
+// Wall time of each phase of layer_step, summed over calls while switched on (set_phase_timing; read by
+// phase_times, shown by experiments/keystroke_phases.py). Off by default, when a mark is one untaken
+// branch. Marks are made on the calling thread only (the phases' own threads run inside them).
+enum Phase { kQkv, kRope, kChangedKeys, kAffectedRows, kDeltaRows, kFullRows, kRequantize, kCorrection, kMlp,
+             kCommit, kPhases };
+constexpr const char* kPhaseNames[kPhases] = {"qkv", "rope", "changed keys", "affected rows", "delta rows",
+                                             "full rows", "requantize", "correction", "mlp", "commit"};
+struct PhaseClock {
+  bool on = false, running = false;  // switched on; inside a layer_step (layer_attend alone is not timed)
+  int64_t calls = 0;
+  std::chrono::steady_clock::time_point last;
+  double ms[kPhases] = {};
+  void start() {
+    running = on;
+    if (on) last = std::chrono::steady_clock::now(), ++calls;
+  }
+  void mark(Phase phase, bool last_one = false) {  // the time since the previous mark (or start) goes to phase
+    if (!running) return;
+    const auto now = std::chrono::steady_clock::now();
+    ms[phase] += std::chrono::duration<double, std::milli>(now - last).count();
+    last = now;
+    running = !last_one;
+  }
+};
+PhaseClock phase_clock;
 
 template <typename To, typename From>
 inline To bits(From x) {
@@ -894,6 +921,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       pos_add[i] = P[s];
     }
     const KeyBlock added(Keys<T>{k_new.data_ptr<T>(), v_new.data_ptr<T>(), pos_add.data(), m}, L);
+    phase_clock.mark(kChangedKeys);
 
     // Clean queries whose visible key set changed, in document order. Positions along order are sorted
     // (the plan's pos_order; gathered here, O(n), when the plan has none). With a window, a query at p
@@ -945,6 +973,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       }
     });
     const int64_t na = static_cast<int64_t>(upd.size()), n_aff = static_cast<int64_t>(aff.size());
+    phase_clock.mark(kAffectedRows);
 
     // The rows whose attention output changes (dirty ones, then the affected ones) and their output
     // a = U / Z, here before the change (the certified radii shrink by how far it moves) and at the end after.
@@ -1001,6 +1030,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
       }
     }
 
+    phase_clock.mark(kDeltaRows);
     // Full rows (dirty queries, guarded refreshes and the cheaper ones) against the band of keys they can see.
     std::vector<int64_t> full(dirty.p, dirty.p + m);
     full.insert(full.end(), refresh.begin(), refresh.end());
@@ -1036,6 +1066,7 @@ std::tuple<Tensor, Tensor, Counts> attend_impl(
           });
     }
 
+    phase_clock.mark(kFullRows);
     // Re-quantize every row whose attention output changed.
     Buffer<T> a = outputs();
     std::vector<int64_t> post(dirty.p, dirty.p + m);
@@ -1274,6 +1305,7 @@ Tensor project(const Tensor& x, const Tensor& w) {
 // LayerTables, EditPlan (by field name). Returns (the next layer's dirty slots, counts by name).
 py::tuple layer_step(const py::object& w, const py::object& t, const py::object& target, const Tensor& dirty,
                      const py::object& plan) {
+  phase_clock.start();
   const Tensor x = field(t, "x");
   VQT_CHECK_CPU(x);
   const int64_t H = w.attr("n_heads").cast<int64_t>(), Hkv = w.attr("n_kv_heads").cast<int64_t>();
@@ -1296,6 +1328,7 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
     if (sink_k) {  // as vqt.ops.layer.sink_scores (one row per query head), from the raw queries
       s_new = ((qkv.slice(1, 0, H) * *sink_k).sum(-1) * scale + field(w, "sink_logit")).contiguous();
     }
+    phase_clock.mark(kQkv);
     Tensor c, s;
     const py::object rope = plan.attr("rope");
     if (!rope.is_none()) {  // the dirty rows' angles as vqt.ops.layer.rope_angles forms them (same operators)
@@ -1315,10 +1348,12 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
       for (int64_t i = 0; i < m; ++i) std::copy_n(src + i * qkv.stride(0) + (H + Hkv) * hd, Hkv * hd, vp + i * Hkv * hd);
     });
   }
+  phase_clock.mark(kRope);
   const py::tuple attended = layer_attend(w, t, q_new, k_new, v_new, s_new, dirty, plan);
   const Tensor post = attended[0].cast<Tensor>();
   Tensor attn_out = attended[1].cast<Tensor>();
   py::dict counts = attended[2];
+  phase_clock.mark(kRequantize);
   // y = x + attention output, x' = y + SwiGLU(RMSNorm(y)) of the rows it returned (none: no operator runs).
   const int64_t np = post.numel();
   Tensor out = at::empty({np, d}, opts);
@@ -1330,6 +1365,7 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
       const Tensor h = at::rms_norm(x.index_select(0, post), {d}, field(w, "attn_norm"), w.attr("attn_eps").cast<double>());
       attn_out = (attn_out + project(h, *w_corr)).contiguous();
     }
+    phase_clock.mark(kCorrection);
     Tensor y = at::empty({np, d}, opts);
     const Tensor mlp_norm = field(w, "mlp_norm");
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "vqt_residual_cpu", [&] {
@@ -1343,9 +1379,20 @@ py::tuple layer_step(const py::object& w, const py::object& t, const py::object&
       gather_add(y.data_ptr<scalar_t>(), nullptr, mlp.data_ptr<scalar_t>(), np, d, out.data_ptr<scalar_t>());
     });
   }
+  phase_clock.mark(kMlp);
   Tensor next = layer_commit(target, post, out, plan);
+  phase_clock.mark(kCommit, true);
   counts["mlp_rows"] = post.numel();
   return py::make_tuple(next, counts);
+}
+
+void set_phase_timing(bool on) { phase_clock = PhaseClock{on}; }  // and zeroes the times
+
+py::dict phase_times() {
+  py::dict d;
+  for (int p = 0; p < kPhases; ++p) d[kPhaseNames[p]] = phase_clock.ms[p];
+  d["calls"] = phase_clock.calls;
+  return d;
 }
 }  // namespace
 }  // namespace vqt
@@ -1354,4 +1401,6 @@ VQT_DEFINE_MODULE("vqt fused CPU operators (semantics: vqt/ops/reference.py)",
                   m.def("layer_attend", &vqt::layer_attend, "one layer's attention step (vqt/ops/composite.py)");
                   m.def("layer_commit", &vqt::layer_commit, "store recomputed rows (or the final norm), return the next dirty slots");
                   m.def("layer_step", &vqt::layer_step, "a whole layer of an incremental update");
-                  m.def("codebook_norms", &vqt::codebook_norms, "|e_k|^2 of every codeword, float64");)
+                  m.def("codebook_norms", &vqt::codebook_norms, "|e_k|^2 of every codeword, float64");
+                  m.def("set_phase_timing", &vqt::set_phase_timing, "switch layer_step's phase clock on or off (and zero it)");
+                  m.def("phase_times", &vqt::phase_times, "{phase: milliseconds} of layer_step while timed, and 'calls'");)
