@@ -2,7 +2,7 @@
 
     python experiments/keystroke_phases.py                                  # shipped SmolLM2, 4k tokens
     python experiments/keystroke_phases.py --model demo --tokens 1000 --keystrokes 26
-    python experiments/keystroke_phases.py --tokens 16000 --threads 1
+    python experiments/keystroke_phases.py --tokens 16000 --spots-in 1000   # typed where the 1k run types
 
 Types the keystrokes of ``experiments/lsp_latency.py`` (a phrase typed then backspaced at spots spread over
 held-out text) into a ``TextDocument`` in this process on the ``cpu`` backend, with the layer step's phase
@@ -46,10 +46,16 @@ def main() -> None:
     p.add_argument("--keystrokes", type=int, default=52, help="timed keystrokes (default 52: two spots)")
     p.add_argument("--warmup", type=int, default=3, help="untimed keystrokes first (default 3)")
     p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    p.add_argument("--spots-in", type=int, default=None, metavar="TOKENS",
+                   help="type at spots spread over the first TOKENS tokens (as lsp_latency.py --spots shared does "
+                        "for its shortest length), so that runs at several --tokens type into the same text; "
+                        "default: spots spread over the whole document")
     args = p.parse_args()
     for name in ("tokens", "keystrokes", "threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.spots_in is not None and not 1 <= args.spots_in <= args.tokens:
+        p.error(f"--spots-in must be between 1 and --tokens ({args.tokens}), got {args.spots_in}")
     if args.warmup < 0:
         p.error(f"--warmup must be at least 0, got {args.warmup}")
 
@@ -82,7 +88,8 @@ def main() -> None:
 
     doc.doc.backend.layer_step = timed_step
     totals, outside, lm_head = [], [], []
-    edits = keystrokes(text, args.keystrokes + args.warmup)
+    spots = text if args.spots_in is None else document(tok, args.spots_in)  # (a prefix of text)
+    edits = keystrokes(spots, args.keystrokes + args.warmup)
     for version, (s, e, new) in enumerate(edits, start=2):
         timed = version - 2 >= args.warmup
         if version - 2 == args.warmup:
@@ -106,8 +113,9 @@ def main() -> None:
     rows = [(name, ms / n) for name, ms in phases.items()]
     rows += [("between layer steps", statistics.fmean(outside)), ("surprisal", statistics.fmean(lm_head))]
     total = statistics.fmean(totals)
-    print(f"{args.model}, {len(doc.doc)} tokens, {n} keystrokes, {args.threads} thread(s), {args.dtype} products; "
-          f"{calls / n:.0f} layer steps per keystroke")
+    where = "the whole document" if args.spots_in is None else f"its first {args.spots_in} tokens"
+    print(f"{args.model}, {len(doc.doc)} tokens, {n} keystrokes at spots spread over {where}, {args.threads} "
+          f"thread(s), {args.dtype} products; {calls / n:.0f} layer steps per keystroke")
     print(f"{'phase':<22} {'ms/keystroke':>12} {'share':>7}")
     for name, ms in rows:
         print(f"{name:<22} {ms:>12.2f} {ms / total:>7.1%}")
