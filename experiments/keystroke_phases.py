@@ -63,15 +63,14 @@ def main() -> None:
 
     from vqt.apps.loading import load_model
     from vqt.engine.options import DocumentOptions
-    from vqt.ops import cpu
     from vqt.text.changes import LineIndex
     from vqt.text.document import TextDocument
 
     torch.set_num_threads(args.threads)
-    ext = cpu.required(cpu._build)
     model, _, tok = load_model(args.model, args.dtype)[:3]
     text = document(tok, args.tokens)
     doc = TextDocument(model, tok, text, DocumentOptions(backend="cpu"))
+    ext = doc.doc.backend.ext  # the fused CPU extension (its phase clock)
     doc.surprisal()
     gc.collect()
     gc.freeze()  # as `vqt lsp` does: no full collection of the loaded objects in the middle of a keystroke
