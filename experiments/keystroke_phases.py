@@ -25,7 +25,6 @@ clock costs a clock read per mark (a dozen per layer), nothing when off.
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from lsp_latency import document, keystrokes  # noqa: E402
+from lsp_latency import document, keystrokes, open_document, type_into  # noqa: E402
 
 
 def main() -> None:
@@ -62,20 +61,16 @@ def main() -> None:
     import torch
 
     from vqt.apps.loading import load_model
-    from vqt.engine.options import DocumentOptions
-    from vqt.text.changes import LineIndex
-    from vqt.text.document import TextDocument
 
     torch.set_num_threads(args.threads)
     model, _, tok = load_model(args.model, args.dtype)[:3]
     text = document(tok, args.tokens)
-    doc = TextDocument(model, tok, text, DocumentOptions(backend="cpu"))
+    doc = open_document(model, tok, text)
+    if doc.doc.backend.name != "cpu":
+        sys.exit(f"the phase clock is the fused cpu backend's; this document runs on {doc.doc.backend.name!r}")
     ext = doc.doc.backend.ext  # the fused CPU extension (its phase clock)
-    doc.surprisal()
-    gc.collect()
-    gc.freeze()  # as `vqt lsp` does: no full collection of the loaded objects in the middle of a keystroke
 
-    steps = []
+    in_steps = [0.0]  # seconds in layer steps during the current keystroke
     original = doc.doc.backend.layer_step
 
     def timed_step(*a, **k):
@@ -83,27 +78,20 @@ def main() -> None:
         try:
             return original(*a, **k)
         finally:
-            steps[-1] += time.perf_counter() - t0
+            in_steps[0] += time.perf_counter() - t0
 
     doc.doc.backend.layer_step = timed_step
     totals, outside, lm_head = [], [], []
     spots = text if args.spots_in is None else document(tok, args.spots_in)  # (a prefix of text)
-    edits = keystrokes(spots, args.keystrokes + args.warmup)
-    for version, (s, e, new) in enumerate(edits, start=2):
-        timed = version - 2 >= args.warmup
-        if version - 2 == args.warmup:
-            ext.set_phase_timing(True)
-        change = {"range": LineIndex(doc.text).lsp_range(s, e, "utf-16"), "text": new}
-        steps.append(0.0)
-        t0 = time.perf_counter()
-        doc.apply_changes([change], version)
-        t1 = time.perf_counter()
-        doc.surprisal()
-        t2 = time.perf_counter()
-        if timed:
-            totals.append((t2 - t0) * 1e3)
-            outside.append((t1 - t0 - steps[-1]) * 1e3)
-            lm_head.append((t2 - t1) * 1e3)
+    ext.set_phase_timing(args.warmup == 0)
+    for i, (change_ms, surprisal_ms) in enumerate(type_into(doc, keystrokes(spots, args.keystrokes + args.warmup))):
+        if i >= args.warmup:
+            totals.append(change_ms + surprisal_ms)
+            outside.append(change_ms - in_steps[0] * 1e3)
+            lm_head.append(surprisal_ms)
+        in_steps[0] = 0.0
+        if i + 1 == args.warmup:
+            ext.set_phase_timing(True)  # from the next keystroke on
     phases = ext.phase_times()
     ext.set_phase_timing(False)
     n, calls = len(totals), phases.pop("calls")

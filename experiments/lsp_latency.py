@@ -125,29 +125,43 @@ async def replay(args: argparse.Namespace, text: str, edits: list[tuple[int, int
     return {"published": published_ms, "completion": completion_ms, "ratios": ratios, "tokens": len(info["tokens"])}
 
 
-def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits: list[tuple[int, int, str]]) -> dict:
-    """The keystrokes applied to a TextDocument here (change + surprisal, timed), then the dense check."""
-    import torch
-
+def open_document(model, tok: Tokenizer, text: str):
+    """A TextDocument of ``text`` as `vqt lsp` holds one: its surprisals computed, and everything loaded so far
+    frozen, as the server freezes what it loaded (no full collection walks it inside a keystroke)."""
     from vqt.engine.options import DocumentOptions
-    from vqt.histories.replay import dense_check
     from vqt.ops import get_backend
-    from vqt.text.changes import LineIndex
     from vqt.text.document import TextDocument
 
-    torch.set_num_threads(args.threads)
     doc = TextDocument(model, tok, text, DocumentOptions(backend=get_backend("auto", model.device).name))
     doc.surprisal()
     gc.collect()
-    gc.freeze()  # as the server does after loading (vqt lsp): no full collection of it inside a keystroke
-    times = []
+    gc.freeze()
+    return doc
+
+
+def type_into(doc, edits: list[tuple[int, int, str]]):
+    """Applies each (start, end, new) code-point edit to ``doc`` as an LSP change (versions 2, 3, ...), then
+    the surprisal, as the server does before it publishes; yields (change ms, surprisal ms) per keystroke."""
+    from vqt.text.changes import LineIndex
+
     for version, (s, e, new) in enumerate(edits, start=2):
         change = {"range": LineIndex(doc.text).lsp_range(s, e, "utf-16"), "text": new}
         t0 = time.perf_counter()
         doc.apply_changes([change], version)
+        t1 = time.perf_counter()
         doc.surprisal()
-        if version - 2 >= args.warmup:
-            times.append((time.perf_counter() - t0) * 1e3)
+        yield (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+
+def in_process(args: argparse.Namespace, model, tok: Tokenizer, text: str, edits: list[tuple[int, int, str]]) -> dict:
+    """The keystrokes applied to a TextDocument here (change + surprisal, timed), then the dense check."""
+    import torch
+
+    from vqt.histories.replay import dense_check
+
+    torch.set_num_threads(args.threads)
+    doc = open_document(model, tok, text)
+    times = [change + surprisal for change, surprisal in type_into(doc, edits)][args.warmup:]
     with torch.no_grad():
         ok, differ, diff = dense_check(model, doc)
     return {"published": times, "tokens": len(doc.doc), "ok": ok, "codes_differ": differ, "hidden_diff": diff}

@@ -420,10 +420,10 @@ def test_cpu_phase_clock_times_layer_steps_only_while_on():
     why = vqt.ops.unavailable_reason("cpu")
     if why:
         pytest.skip(why)
-    ext = vqt.ops.cpu.required(vqt.ops.cpu._build)
     model = doc_model("gqa-rope-sink-window")
     ids = [(7 * i) % VOCAB for i in range(MAX_TOKENS - 4)]
     doc = Document(model, ids, backend="cpu")
+    ext = doc.backend.ext
     ext.set_phase_timing(False)
     doc.replace(10, 11, [3, 4])
     assert ext.phase_times()["calls"] == 0 and not any(ext.phase_times().values())
